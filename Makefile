@@ -1,0 +1,45 @@
+# Every target creates .venv when it is missing (see the `$(STAMP)` rule).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip
+# -n 2 uses both cores; the test suite is CPU-bound float64 math.
+PYTEST_ARGS ?= -n 2
+
+.PHONY: venv demo test test-slow test-all bench lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/torchdiffusion demo --out demo-output
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m slow
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m ''
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_2d.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache demo-output

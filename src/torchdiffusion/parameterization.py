@@ -1,0 +1,169 @@
+"""Conversions among the things a network can predict, and the denoiser they all become.
+
+With x = alpha x0 + sigma eps (seed 003; Tweedie's formula for the score):
+
+    eps   = (x - alpha x0) / sigma
+    score = grad log p_t(x) = (alpha x0_hat - x) / sigma^2 = -eps_hat / sigma
+    v     = alpha eps - sigma x0                (Salimans & Ho 2022, Eq. in Appendix D)
+            x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)
+    u     = dx/dt = alpha' x0 + sigma' eps      (flow velocity; for Flow, u = eps - x0)
+            x0 = (sigma' x - sigma u) / (sigma' alpha - sigma alpha')
+
+The currency between models and samplers is the denoiser ``D(x, t, **cond) -> x0_hat``;
+``as_denoiser`` turns a network predicting any of the above into one, once.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .process import NoiseProcess, _as_t, append_dims
+
+__all__ = [
+    "Denoiser",
+    "PREDICTIONS",
+    "as_denoiser",
+    "Preconditioned",
+    "x0_to",
+    "to_x0",
+    "score_from_x0",
+    "eps_from_x0",
+    "x0_error_scale",
+]
+
+PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+
+
+class Denoiser(Protocol):
+    """Anything callable as ``denoiser(x, t, **cond) -> x0_hat`` with x (B, ...) and t (B,)."""
+
+    def __call__(self, x: Tensor, t: Tensor, **cond) -> Tensor: ...
+
+
+def _check(predicts: str) -> None:
+    if predicts not in PREDICTIONS:
+        raise ValueError(f"unknown prediction target {predicts!r}; choose one of {list(PREDICTIONS)}")
+
+
+def _coeffs(process: NoiseProcess, t: Tensor, x: Tensor, *names: str) -> list[Tensor]:
+    """Process coefficients at t (float64), broadcast against x and cast to its dtype."""
+    t = _as_t(t)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    return [append_dims(getattr(process, n)(t), x.ndim).to(x) for n in names]
+
+
+def x0_to(predicts: str, process: NoiseProcess, x: Tensor, t: Tensor, x0: Tensor, eps: Tensor | None = None):
+    """The target of ``predicts`` given x_t, x0 (and eps, else inferred as (x - alpha x0)/sigma)."""
+    _check(predicts)
+    if predicts == "x0":
+        return x0
+    alpha, sigma = _coeffs(process, t, x, "alpha", "sigma")
+    if eps is None:
+        eps = (x - alpha * x0) / sigma
+    if predicts == "eps":
+        return eps
+    if predicts == "score":
+        return -eps / sigma
+    if predicts == "v":
+        return alpha * eps - sigma * x0
+    d_alpha, d_sigma = _coeffs(process, t, x, "d_alpha", "d_sigma")
+    return d_alpha * x0 + d_sigma * eps  # flow velocity u = dx_t/dt
+
+
+def to_x0(predicts: str, process: NoiseProcess, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
+    """x0_hat from a prediction ``out`` of kind ``predicts`` at (x, t); the inverse of ``x0_to``."""
+    _check(predicts)
+    if predicts == "x0":
+        return out
+    alpha, sigma = _coeffs(process, t, x, "alpha", "sigma")
+    if predicts == "eps":
+        return (x - sigma * out) / alpha
+    if predicts == "score":
+        return (x + sigma**2 * out) / alpha  # Tweedie's formula
+    if predicts == "v":
+        return (alpha * x - sigma * out) / (alpha**2 + sigma**2)
+    d_alpha, d_sigma = _coeffs(process, t, x, "d_alpha", "d_sigma")
+    return (d_sigma * x - sigma * out) / (d_sigma * alpha - sigma * d_alpha)
+
+
+def eps_from_x0(process: NoiseProcess, x: Tensor, t: Tensor, x0_hat: Tensor) -> Tensor:
+    """eps_hat = (x - alpha x0_hat) / sigma."""
+    return x0_to("eps", process, x, t, x0_hat)
+
+
+def score_from_x0(process: NoiseProcess, x: Tensor, t: Tensor, x0_hat: Tensor) -> Tensor:
+    """Tweedie: grad log p_t(x) = (alpha x0_hat - x) / sigma^2 (seed 003, "Tweedie's formula")."""
+    return x0_to("score", process, x, t, x0_hat)
+
+
+def x0_error_scale(predicts: str, process: NoiseProcess, t: Tensor) -> Tensor:
+    """(d x0 / d out)^2: |x0_hat - x0|^2 = scale * |out - target|^2 at time t (float64, shape of t).
+
+    Used to express every loss weighting in x0 units (seed 003, "Final objective function").
+    """
+    _check(predicts)
+    t = _as_t(t)
+    alpha, sigma = process.alpha(t), process.sigma(t)
+    if predicts == "x0":
+        return torch.ones_like(t)
+    if predicts == "eps":
+        return (sigma / alpha) ** 2
+    if predicts == "score":
+        return (sigma**2 / alpha) ** 2
+    if predicts == "v":
+        return (sigma / (alpha**2 + sigma**2)) ** 2
+    return (sigma / (process.d_sigma(t) * alpha - sigma * process.d_alpha(t))) ** 2
+
+
+class Preconditioned(nn.Module):
+    """Wrap a raw network so its inputs have unit scale whatever the process.
+
+    The network sees ``c_in x`` with c_in = 1 / sqrt(alpha^2 sigma_data^2 + sigma^2), which has
+    unit variance when the data do (Karras et al. 2022, Eq. 7 / Table 1, c_in), and the time as
+    ``c_noise = -lam(t) / 4`` (a bounded, process-independent noise level; EDM uses log(sigma)/4,
+    which is the same for alpha = 1). It returns the raw output, in the units of ``predicts``.
+    """
+
+    def __init__(self, net: nn.Module, process: NoiseProcess, sigma_data: float = 1.0):
+        super().__init__()
+        self.net, self.process, self.sigma_data = net, process, sigma_data
+
+    def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
+        t = _as_t(t).to(x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        alpha, sigma = _coeffs(self.process, t, x, "alpha", "sigma")
+        c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2)
+        c_noise = (-self.process.lam(t) / 4).to(x.dtype)
+        return self.net(c_in * x, c_noise, **cond)
+
+
+class _NetDenoiser(nn.Module):
+    """A network predicting ``predicts``, seen as a denoiser (x, t, **cond) -> x0_hat."""
+
+    def __init__(self, model: nn.Module, process: NoiseProcess, predicts: str):
+        super().__init__()
+        self.model, self.process, self.predicts = model, process, predicts
+
+    def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
+        t = _as_t(t).to(x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return to_x0(self.predicts, self.process, x, t, self.model(x, t, **cond))
+
+
+def as_denoiser(net, process: NoiseProcess, predicts: str = "eps") -> _NetDenoiser:
+    """Turn a network ``net(x, t, **cond)`` predicting eps, x0, v, score or flow into a denoiser.
+
+    Args:
+        net: callable (x (B, ...), t (B,), **cond) -> prediction shaped like x. Wrap a raw
+            network in ``Preconditioned`` first if it expects unit-scale inputs.
+        process: the ``NoiseProcess`` the network was trained with.
+        predicts: one of ``PREDICTIONS``.
+    """
+    _check(predicts)
+    return _NetDenoiser(net, process, predicts)

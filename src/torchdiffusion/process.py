@@ -1,0 +1,203 @@
+"""The noise process: one class, two curves, everything else derived.
+
+Every diffusion model of the lecture notes (seed 003) corrupts data the same way,
+
+    x_t = alpha(t) * x0 + sigma(t) * eps,      eps ~ N(0, I),
+
+so a process is defined by ``alpha(t)`` and ``sigma(t)`` alone. From them, once, here:
+
+    lam(t)  = log(alpha / sigma)                   half log-SNR, strictly decreasing
+    snr(t)  = alpha^2 / sigma^2
+    f(t)    = d log alpha / dt                     drift of dx = f x dt + g dW
+    g2(t)   = d sigma^2 / dt - 2 f sigma^2         squared diffusion (Song et al. 2021, Eq. 5/11)
+    q(x_s | x_t, x0) = N(mean, var)                Gaussian posterior for any s < t
+
+Subclasses (``processes.py``) may override ``f``, ``g2``, ``lam`` and ``t_from_lam`` with
+closed forms; the base-class versions (autograd and bisection) stay callable as
+``NoiseProcess.f(process, t)`` so tests can check the closed forms against them.
+
+No code outside this file and ``processes.py`` asks which process it holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["NoiseProcess", "append_dims"]
+
+
+def append_dims(v: Tensor, ndim: int) -> Tensor:
+    """Append trailing singleton dims so a per-example tensor (B,) broadcasts against (B, ...)."""
+    if v.ndim > ndim:
+        raise ValueError(f"cannot broadcast a {v.ndim}-d tensor to {ndim} dims")
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def _as_t(t: Tensor | float) -> Tensor:
+    """Times as a float64 tensor: coefficients are computed in float64 (DESIGN.md, numerics)."""
+    if isinstance(t, Tensor):
+        return t.to(torch.float64)
+    return torch.tensor(float(t), dtype=torch.float64)
+
+
+class NoiseProcess:
+    """Base class: a forward process x_t = alpha(t) x0 + sigma(t) eps on t in [t_min, t_max].
+
+    Subclasses implement ``alpha`` and ``sigma`` (float64 in, float64 out) and set
+    ``t_min``, ``t_max``. ``n_steps`` is the number T of discrete steps for a discrete-time
+    process (training then draws integer t in 1..T), and ``None`` for continuous time.
+    """
+
+    t_min: float = 0.0
+    t_max: float = 1.0
+    n_steps: int | None = None
+
+    # -- the two curves -------------------------------------------------------------
+    def alpha(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sigma(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- derived quantities ---------------------------------------------------------
+    def lam(self, t: Tensor) -> Tensor:
+        """Half log-SNR lam(t) = log alpha(t) - log sigma(t); strictly decreasing in t."""
+        t = _as_t(t)
+        return torch.log(self.alpha(t)) - torch.log(self.sigma(t))
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio alpha^2 / sigma^2 = exp(2 lam)."""
+        t = _as_t(t)
+        return (self.alpha(t) / self.sigma(t)) ** 2
+
+    def f(self, t: Tensor) -> Tensor:
+        """Drift coefficient f(t) = d log alpha / dt (autograd default)."""
+        return _derivative(lambda u: torch.log(self.alpha(u)), t)
+
+    def g2(self, t: Tensor) -> Tensor:
+        """Squared diffusion g(t)^2 = d sigma^2/dt - 2 f(t) sigma^2 (autograd default)."""
+        t = _as_t(t)
+        return _derivative(lambda u: self.sigma(u) ** 2, t) - 2 * self.f(t) * self.sigma(t) ** 2
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        """alpha'(t) = f alpha."""
+        t = _as_t(t)
+        return self.f(t) * self.alpha(t)
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        """sigma'(t) = (g^2 + 2 f sigma^2) / (2 sigma), from the definition of g^2."""
+        t = _as_t(t)
+        s = self.sigma(t)
+        return (self.g2(t) + 2 * self.f(t) * s**2) / (2 * s)
+
+    def t_from_lam(self, lam: Tensor) -> Tensor:
+        """Inverse of ``lam``: the time t in [t_min, t_max] with lam(t) = lam (bisection default).
+
+        Values of lam outside [lam(t_max), lam(t_min)] are clamped to the interval's ends.
+        """
+        lam = _as_t(lam)
+        lo = torch.full_like(lam, self.t_min)
+        hi = torch.full_like(lam, self.t_max)
+        # lam decreases in t: where lam(mid) > target, the root lies to the right of mid.
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            right = self.lam(mid) > lam
+            lo = torch.where(right, mid, lo)
+            hi = torch.where(right, hi, mid)
+        return (lo + hi) / 2
+
+    # -- sampling the forward process -----------------------------------------------
+    def perturb(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = alpha(t) x0 + sigma(t) noise (seed 003, the closed-form forward marginal).
+
+        Args:
+            x0: clean data (B, ...). t: times (B,) or scalar. noise: standard normal, like x0.
+        """
+        a, s = self._coeffs(t, x0)
+        return a * x0 + s * noise
+
+    def posterior(self, x0: Tensor, xt: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of q(x_s | x_t, x0) for s < t (Gaussian; Ho et al. 2020, Eq. 6-7).
+
+        With alpha_ts = alpha_t / alpha_s and sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2,
+
+            mean = alpha_ts sigma_s^2 / sigma_t^2 * x_t + alpha_s sigma_ts^2 / sigma_t^2 * x0
+            var  = sigma_ts^2 sigma_s^2 / sigma_t^2
+
+        On a DDPM grid (s = t - 1) this is mu_q and sigma_q^2(t) of seed 003.
+        Returns mean shaped like ``xt`` and var broadcastable to it.
+        """
+        c_x, c_0, var = self.posterior_coeffs(s, t)
+        c_x, c_0, var = (append_dims(c, xt.ndim).to(xt) for c in (c_x, c_0, var))
+        return c_x * xt + c_0 * x0, var
+
+    def posterior_coeffs(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Float64 coefficients (c_xt, c_x0, var) of ``posterior`` for times s < t."""
+        s, t = _as_t(s), _as_t(t)
+        a_s, sig_s = self.alpha(s), self.sigma(s)
+        a_t, sig_t = self.alpha(t), self.sigma(t)
+        a_ts = a_t / a_s
+        var_ts = self.transition_var(s, t)
+        return a_ts * sig_s**2 / sig_t**2, a_s * var_ts / sig_t**2, var_ts * sig_s**2 / sig_t**2
+
+    def transition_var(self, s: Tensor, t: Tensor) -> Tensor:
+        """sigma_ts^2 = sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2, variance of q(x_t | x_s).
+
+        Written as sigma_t^2 (1 - snr_t / snr_s) ... = sigma_t^2 - alpha_t^2 / snr_s, which is
+        exact when sigma_s = 0 and never cancels to a negative number.
+        """
+        s, t = _as_t(s), _as_t(t)
+        a_t, sig_t = self.alpha(t), self.sigma(t)
+        return (sig_t**2 - (a_t**2) * (self.sigma(s) / self.alpha(s)) ** 2).clamp_min(0.0)
+
+    # -- the prior ------------------------------------------------------------------
+    @property
+    def prior_std(self) -> float:
+        """Std of the prior N(0, sigma(t_max)^2 I); assumes alpha(t_max) x0 is negligible."""
+        return float(self.sigma(_as_t(self.t_max)))
+
+    def prior_sample(
+        self,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Draw x_T ~ N(0, sigma(t_max)^2 I) of the given shape."""
+        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return self.prior_std * z
+
+    def prior_logp(self, x: Tensor) -> Tensor:
+        """log N(x; 0, sigma(t_max)^2 I), summed over all but the first dim."""
+        s = self.prior_std
+        d = x[0].numel()
+        return -0.5 * (x.flatten(1) ** 2).sum(1) / s**2 - d * (math.log(s) + 0.5 * math.log(2 * math.pi))
+
+    # -- helpers --------------------------------------------------------------------
+    def _coeffs(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha(t), sigma(t) broadcast against x and cast to its dtype."""
+        t = _as_t(t)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        a = append_dims(self.alpha(t), x.ndim).to(x)
+        s = append_dims(self.sigma(t), x.ndim).to(x)
+        return a, s
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+def _derivative(fn, t: Tensor | float) -> Tensor:
+    """d fn / dt elementwise by autograd, in float64."""
+    with torch.enable_grad():
+        u = _as_t(t).detach().clone().requires_grad_(True)
+        y = fn(u)
+        if not y.requires_grad:  # a constant curve (alpha = 1 on VE and EDM)
+            return torch.zeros_like(u.detach())
+        (grad,) = torch.autograd.grad(y.sum(), u)
+    return grad

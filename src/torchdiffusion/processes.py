@@ -1,0 +1,345 @@
+"""The processes of the notes, each a pair of curves alpha(t), sigma(t).
+
+Each class gives closed forms of what it can (f, g2, t_from_lam); the rest comes from
+``NoiseProcess``. Defaults are the papers' values.
+
+    VP       Song et al. 2021, Eq. 11 (linear beta(t)); DDPM's continuous limit
+    SubVP    Song et al. 2021, Eq. 12
+    VE       Song et al. 2021, Eq. 9 (NCSN's geometric sigmas, Song & Ermon 2019)
+    Cosine   Nichol & Dhariwal 2021, Eq. 17
+    EDM      Karras et al. 2022, Table 1 (alpha = 1, sigma = t)
+    Flow     rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2022)
+    Discrete Ho et al. 2020: betas on an integer grid t = 0..T, alpha_bar_t = prod(1 - beta)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .process import NoiseProcess, _as_t
+
+__all__ = ["VP", "SubVP", "VE", "Cosine", "EDM", "Flow", "Discrete", "BETA_SCHEDULES", "make_betas"]
+
+
+def _sigma_vp(log_alpha: Tensor) -> Tensor:
+    """sigma = sqrt(1 - alpha^2), accurate for alpha near 1 (small t)."""
+    return torch.sqrt(-torch.expm1(2 * log_alpha))
+
+
+def _lam_vp(log_alpha: Tensor) -> Tensor:
+    return log_alpha - 0.5 * torch.log(-torch.expm1(2 * log_alpha))
+
+
+@dataclass(frozen=True, repr=True)
+class VP(NoiseProcess):
+    """Variance-preserving SDE with beta(t) = beta_min + t (beta_max - beta_min).
+
+    log alpha(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2,  sigma^2 = 1 - alpha^2.
+    f = -beta(t)/2, g^2 = beta(t)  (Song et al. 2021, Eq. 11).
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t_min: float = 1e-3
+    t_max: float = 1.0
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        t = _as_t(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def alpha(self, t):
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t):
+        return _sigma_vp(self.log_alpha(t))
+
+    def lam(self, t):
+        return _lam_vp(self.log_alpha(t))
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + _as_t(t) * (self.beta_max - self.beta_min)
+
+    def f(self, t):
+        return -0.5 * self.beta(t)
+
+    def g2(self, t):
+        return self.beta(t)
+
+    def t_from_lam(self, lam):
+        # alpha^2 = sigmoid(2 lam), so -log alpha^2 = softplus(-2 lam) =: S and t solves
+        # (beta_max - beta_min) t^2 / 2 + beta_min t = S; the root below avoids cancellation.
+        S = torch.nn.functional.softplus(-2 * _as_t(lam))
+        d = self.beta_max - self.beta_min
+        return 2 * S / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * d * S))
+
+
+@dataclass(frozen=True, repr=True)
+class SubVP(VP):
+    """Sub-VP SDE: alpha as in VP, sigma = 1 - alpha^2 (Song et al. 2021, Eq. 12).
+
+    g^2 = beta(t) (1 - alpha^4); t_from_lam falls back to bisection.
+    """
+
+    def sigma(self, t):
+        return -torch.expm1(2 * self.log_alpha(t))
+
+    def lam(self, t):
+        la = self.log_alpha(t)
+        return la - torch.log(-torch.expm1(2 * la))
+
+    def g2(self, t):
+        return self.beta(t) * -torch.expm1(4 * self.log_alpha(t))
+
+    t_from_lam = NoiseProcess.t_from_lam
+
+
+@dataclass(frozen=True, repr=True)
+class VE(NoiseProcess):
+    """Variance-exploding SDE: alpha = 1, sigma(t) = sigma_min (sigma_max / sigma_min)^t.
+
+    f = 0, g^2 = 2 sigma^2 log(sigma_max / sigma_min)  (Song et al. 2021, Eq. 9).
+    """
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def alpha(self, t):
+        return torch.ones_like(_as_t(t))
+
+    def sigma(self, t):
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** _as_t(t)
+
+    def lam(self, t):
+        return -math.log(self.sigma_min) - _as_t(t) * math.log(self.sigma_max / self.sigma_min)
+
+    def f(self, t):
+        return torch.zeros_like(_as_t(t))
+
+    def g2(self, t):
+        return 2 * self.sigma(t) ** 2 * math.log(self.sigma_max / self.sigma_min)
+
+    def t_from_lam(self, lam):
+        t = (-_as_t(lam) - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
+        return t.clamp(self.t_min, self.t_max)
+
+
+@dataclass(frozen=True, repr=True)
+class Cosine(NoiseProcess):
+    """Cosine schedule: alpha^2(t) = cos^2(theta(t)) / cos^2(theta(0)), theta = (t + s)/(1 + s) pi/2.
+
+    Nichol & Dhariwal 2021, Eq. 17, in continuous time. t_max < 1 keeps alpha > 0 (as in
+    DPM-Solver's implementation, 0.9946 keeps lam above about -5).
+    """
+
+    s: float = 0.008
+    t_min: float = 1e-3
+    t_max: float = 0.9946
+
+    def _theta(self, t):
+        return (_as_t(t) + self.s) / (1 + self.s) * (math.pi / 2)
+
+    def log_alpha(self, t):
+        return torch.log(torch.cos(self._theta(t))) - math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+
+    def alpha(self, t):
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t):
+        return _sigma_vp(self.log_alpha(t))
+
+    def lam(self, t):
+        return _lam_vp(self.log_alpha(t))
+
+    def f(self, t):
+        return -torch.tan(self._theta(t)) * (math.pi / 2) / (1 + self.s)
+
+    def g2(self, t):
+        return -2 * self.f(t)  # alpha^2 + sigma^2 = 1
+
+    def t_from_lam(self, lam):
+        log_alpha = -0.5 * torch.nn.functional.softplus(-2 * _as_t(lam))
+        cos_theta = torch.exp(log_alpha) * math.cos(self.s / (1 + self.s) * math.pi / 2)
+        return torch.arccos(cos_theta) * 2 * (1 + self.s) / math.pi - self.s
+
+
+@dataclass(frozen=True, repr=True)
+class EDM(NoiseProcess):
+    """alpha = 1, sigma = t (Karras et al. 2022, Table 1): the probability-flow ODE is dx/dt = (x - x0_hat)/t."""
+
+    t_min: float = 0.002
+    t_max: float = 80.0
+
+    def alpha(self, t):
+        return torch.ones_like(_as_t(t))
+
+    def sigma(self, t):
+        return _as_t(t)
+
+    def lam(self, t):
+        return -torch.log(_as_t(t))
+
+    def f(self, t):
+        return torch.zeros_like(_as_t(t))
+
+    def g2(self, t):
+        return 2 * _as_t(t)
+
+    def t_from_lam(self, lam):
+        return torch.exp(-_as_t(lam))
+
+
+@dataclass(frozen=True, repr=True)
+class Flow(NoiseProcess):
+    """Linear interpolation alpha = 1 - t, sigma = t (rectified flow; Liu et al. 2022).
+
+    The flow velocity is dx/dt = eps - x0. At t = 1, alpha = 0 and the prior N(0, I) is exact;
+    f = -1/(1-t) is infinite there, so ODE/SDE samplers must not evaluate f at t = 1.
+    """
+
+    t_min: float = 1e-3
+    t_max: float = 1.0
+
+    def alpha(self, t):
+        return 1 - _as_t(t)
+
+    def sigma(self, t):
+        return _as_t(t)
+
+    def f(self, t):
+        return -1 / (1 - _as_t(t))
+
+    def g2(self, t):
+        t = _as_t(t)
+        return 2 * t + 2 * t**2 / (1 - t)
+
+    def t_from_lam(self, lam):
+        return torch.sigmoid(-_as_t(lam))  # alpha/sigma = e^lam  =>  t = 1 / (1 + e^lam)
+
+
+# -- discrete time (DDPM) ---------------------------------------------------------------
+
+
+def _beta_linear(T: int) -> Tensor:
+    # Ho et al. 2020: 1e-4 .. 0.02 for T = 1000, rescaled so other T keep the same alpha_bar_T.
+    scale = 1000 / T
+    return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+
+
+def _beta_quadratic(T: int) -> Tensor:
+    scale = 1000 / T
+    return torch.linspace(math.sqrt(scale * 1e-4), math.sqrt(scale * 0.02), T, dtype=torch.float64) ** 2
+
+
+def _beta_sigmoid(T: int) -> Tensor:
+    # GeoDiff (Xu et al. 2022): a sigmoid between the linear schedule's ends.
+    scale = 1000 / T
+    lo, hi = scale * 1e-4, scale * 0.02
+    return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (hi - lo) + lo
+
+
+def _beta_cosine(T: int, s: float = 0.008) -> Tensor:
+    # Nichol & Dhariwal 2021, Eq. 17, with betas clipped at 0.999 to avoid a singularity at t = T.
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    ab = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - ab[1:] / ab[:-1]).clamp(max=0.999)
+
+
+BETA_SCHEDULES = {
+    "linear": _beta_linear,
+    "cosine": _beta_cosine,
+    "sigmoid": _beta_sigmoid,
+    "quadratic": _beta_quadratic,
+}
+
+
+def make_betas(schedule: str, T: int) -> Tensor:
+    """The betas of a named DDPM schedule with T steps (float64)."""
+    if schedule not in BETA_SCHEDULES:
+        raise ValueError(f"unknown beta schedule {schedule!r}; choose one of {sorted(BETA_SCHEDULES)}")
+    if T < 2:
+        raise ValueError(f"T must be at least 2, got {T}")
+    return BETA_SCHEDULES[schedule](T)
+
+
+@dataclass(frozen=True, repr=False)
+class Discrete(NoiseProcess):
+    """DDPM (Ho et al. 2020): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t = 0..T.
+
+    Exact on the integer grid (alpha_bar_0 = 1 is the data). Between integers log alpha_bar is
+    interpolated linearly, which makes lam, f, g2 and t_from_lam defined for every t and lets
+    continuous-time samplers run on a DDPM model. ``alphas_cumprod`` lives only here.
+
+    Build with ``Discrete.from_schedule("linear", T=1000)`` or ``Discrete(betas)``.
+    """
+
+    betas: Tensor = field(default_factory=lambda: _beta_linear(1000))
+
+    def __post_init__(self):
+        betas = torch.as_tensor(self.betas, dtype=torch.float64).flatten()
+        if betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must be a 1-d sequence of at least 2 values in (0, 1)")
+        object.__setattr__(self, "betas", betas)
+        log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
+        object.__setattr__(self, "_log_alphas_cumprod", log_ab)  # index t = 0..T
+        object.__setattr__(self, "n_steps", betas.numel())
+        object.__setattr__(self, "t_min", 1.0)
+        object.__setattr__(self, "t_max", float(betas.numel()))
+
+    @classmethod
+    def from_schedule(cls, schedule: str = "linear", T: int = 1000) -> Discrete:
+        return cls(make_betas(schedule, T))
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """alpha_bar_t for t = 0..T (alpha_bar_0 = 1)."""
+        return self._log_alphas_cumprod.exp()
+
+    def _index(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        t = _as_t(t).clamp(0, self.n_steps)
+        i = torch.floor(t).clamp(max=self.n_steps - 1)
+        return i.long(), t - i
+
+    def log_alpha(self, t):
+        i, frac = self._index(t)
+        table = self._log_alphas_cumprod.to(frac.device)
+        return 0.5 * (table[i] * (1 - frac) + table[i + 1] * frac)
+
+    def alpha(self, t):
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t):
+        return _sigma_vp(self.log_alpha(t))
+
+    def lam(self, t):
+        return _lam_vp(self.log_alpha(t))
+
+    def f(self, t):
+        i, _ = self._index(t)
+        table = self._log_alphas_cumprod.to(i.device)
+        return 0.5 * (table[i + 1] - table[i])  # slope of log alpha on the segment [i, i + 1]
+
+    def g2(self, t):
+        return -2 * self.f(t)
+
+    def t_from_lam(self, lam):
+        # log alpha is piecewise linear in t; invert it by locating the segment.
+        target = -0.5 * torch.nn.functional.softplus(-2 * _as_t(lam))
+        table = 0.5 * self._log_alphas_cumprod.to(target.device)  # decreasing in t
+        i = torch.searchsorted(-table, -target.contiguous(), right=True).clamp(1, self.n_steps) - 1
+        lo, hi = table[i], table[i + 1]
+        return (i + (target - lo) / (hi - lo)).clamp(0, self.n_steps)
+
+    def __repr__(self) -> str:
+        return f"Discrete(T={self.n_steps}, beta_1={float(self.betas[0]):.3g}, beta_T={float(self.betas[-1]):.3g})"
+
+    def __eq__(self, other):
+        return isinstance(other, Discrete) and torch.equal(self.betas, other.betas)
+
+    def __hash__(self):
+        return hash(tuple(self.betas.tolist()))
