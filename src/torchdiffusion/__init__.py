@@ -9,7 +9,15 @@ Notation (one table for the whole library; seed 003 and DESIGN.md):
     x0_hat      denoiser output E[x0|x_t]  eps_hat      (x - alpha x0_hat) / sigma
 """
 
-from .parameterization import PREDICTIONS, Preconditioned, as_denoiser, eps_from_x0, score_from_x0, to_x0, x0_to
+from .parameterization import (
+    PREDICTIONS,
+    Preconditioned,
+    as_denoiser,
+    eps_from_x0,
+    score_from_x0,
+    to_x0,
+    x0_to,
+)
 from .process import NoiseProcess, append_dims
 from .processes import EDM, VE, VP, Cosine, Discrete, Flow, SubVP, make_betas
 from .samplers import count_nfe, langevin_dynamics, sample_annealed_langevin, sample_ddpm
@@ -19,10 +27,31 @@ from .timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, gri
 __version__ = "0.1.0"
 
 __all__ = [
-    "NoiseProcess", "append_dims",
-    "VP", "SubVP", "VE", "Cosine", "EDM", "Flow", "Discrete", "make_betas",
-    "PREDICTIONS", "Preconditioned", "as_denoiser", "to_x0", "x0_to", "eps_from_x0", "score_from_x0",
-    "grid_t", "grid_lam", "grid_karras", "grid_quadratic", "grid_discrete",
-    "sample_ddpm", "sample_annealed_langevin", "langevin_dynamics", "count_nfe",
+    "NoiseProcess",
+    "append_dims",
+    "VP",
+    "SubVP",
+    "VE",
+    "Cosine",
+    "EDM",
+    "Flow",
+    "Discrete",
+    "make_betas",
+    "PREDICTIONS",
+    "Preconditioned",
+    "as_denoiser",
+    "to_x0",
+    "x0_to",
+    "eps_from_x0",
+    "score_from_x0",
+    "grid_t",
+    "grid_lam",
+    "grid_karras",
+    "grid_quadratic",
+    "grid_discrete",
+    "sample_ddpm",
+    "sample_annealed_langevin",
+    "langevin_dynamics",
+    "count_nfe",
     "GaussianMixture",
 ]

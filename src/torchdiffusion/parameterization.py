@@ -56,12 +56,27 @@ def _coeffs(process: NoiseProcess, t: Tensor, x: Tensor, *names: str) -> list[Te
     return [append_dims(getattr(process, n)(t), x.ndim).to(x) for n in names]
 
 
+def _alpha_sigma(process: NoiseProcess, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha(t), sigma(t) in one call, broadcast against x and cast to its dtype."""
+    t = _as_t(t)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    a, s = process.alpha_sigma(t)
+    return append_dims(a, x.ndim).to(x), append_dims(s, x.ndim).to(x)
+
+
+def _batch(t, x: Tensor) -> Tensor:
+    """Times as a float64 (B,) tensor on x's device."""
+    t = _as_t(t).to(x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
 def x0_to(predicts: str, process: NoiseProcess, x: Tensor, t: Tensor, x0: Tensor, eps: Tensor | None = None):
     """The target of ``predicts`` given x_t, x0 (and eps, else inferred as (x - alpha x0)/sigma)."""
     _check(predicts)
     if predicts == "x0":
         return x0
-    alpha, sigma = _coeffs(process, t, x, "alpha", "sigma")
+    alpha, sigma = _alpha_sigma(process, t, x)
     if eps is None:
         eps = (x - alpha * x0) / sigma
     if predicts == "eps":
@@ -74,12 +89,15 @@ def x0_to(predicts: str, process: NoiseProcess, x: Tensor, t: Tensor, x0: Tensor
     return d_alpha * x0 + d_sigma * eps  # flow velocity u = dx_t/dt
 
 
-def to_x0(predicts: str, process: NoiseProcess, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
-    """x0_hat from a prediction ``out`` of kind ``predicts`` at (x, t); the inverse of ``x0_to``."""
+def to_x0(predicts: str, process: NoiseProcess, x: Tensor, t: Tensor, out: Tensor, alpha_sigma=None) -> Tensor:
+    """x0_hat from a prediction ``out`` of kind ``predicts`` at (x, t); the inverse of ``x0_to``.
+
+    ``alpha_sigma``: the pair (alpha, sigma) already broadcast against x, when the caller has it.
+    """
     _check(predicts)
     if predicts == "x0":
         return out
-    alpha, sigma = _coeffs(process, t, x, "alpha", "sigma")
+    alpha, sigma = alpha_sigma if alpha_sigma is not None else _alpha_sigma(process, t, x)
     if predicts == "eps":
         return (x - sigma * out) / alpha
     if predicts == "score":
@@ -133,12 +151,12 @@ class Preconditioned(nn.Module):
         self.net, self.process, self.sigma_data = net, process, sigma_data
 
     def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        t = _as_t(t).to(x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        alpha, sigma = _coeffs(self.process, t, x, "alpha", "sigma")
+        return self.forward_with(x, *_alpha_sigma(self.process, _batch(t, x), x), **cond)
+
+    def forward_with(self, x: Tensor, alpha: Tensor, sigma: Tensor, **cond) -> Tensor:
+        """The same, given alpha(t), sigma(t) broadcast against x (saves recomputing them)."""
         c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2)
-        c_noise = (-self.process.lam(t) / 4).to(x.dtype)
+        c_noise = (torch.log(sigma) - torch.log(alpha)).flatten() / 4  # -lam / 4
         return self.net(c_in * x, c_noise, **cond)
 
 
@@ -150,9 +168,10 @@ class _NetDenoiser(nn.Module):
         self.model, self.process, self.predicts = model, process, predicts
 
     def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        t = _as_t(t).to(x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        t = _batch(t, x)
+        if isinstance(self.model, Preconditioned):  # share alpha, sigma between the two halves
+            ab = _alpha_sigma(self.process, t, x)
+            return to_x0(self.predicts, self.process, x, t, self.model.forward_with(x, *ab, **cond), ab)
         return to_x0(self.predicts, self.process, x, t, self.model(x, t, **cond))
 
 

@@ -62,6 +62,11 @@ class NoiseProcess:
     def sigma(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Both curves at once (subclasses share work between them; networks call this per step)."""
+        t = _as_t(t)
+        return self.alpha(t), self.sigma(t)
+
     # -- derived quantities ---------------------------------------------------------
     def lam(self, t: Tensor) -> Tensor:
         """Half log-SNR lam(t) = log alpha(t) - log sigma(t); strictly decreasing in t."""
@@ -96,7 +101,8 @@ class NoiseProcess:
     def t_from_lam(self, lam: Tensor) -> Tensor:
         """Inverse of ``lam``: the time t in [t_min, t_max] with lam(t) = lam (bisection default).
 
-        Values of lam outside [lam(t_max), lam(t_min)] are clamped to the interval's ends.
+        Here values of lam outside [lam(t_max), lam(t_min)] give the nearer end; closed forms in
+        subclasses may extrapolate instead.
         """
         lam = _as_t(lam)
         lo = torch.full_like(lam, self.t_min)
@@ -183,9 +189,8 @@ class NoiseProcess:
         t = _as_t(t)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        a = append_dims(self.alpha(t), x.ndim).to(x)
-        s = append_dims(self.sigma(t), x.ndim).to(x)
-        return a, s
+        a, s = self.alpha_sigma(t)
+        return append_dims(a, x.ndim).to(x), append_dims(s, x.ndim).to(x)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

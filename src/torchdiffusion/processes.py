@@ -30,6 +30,10 @@ def _sigma_vp(log_alpha: Tensor) -> Tensor:
     return torch.sqrt(-torch.expm1(2 * log_alpha))
 
 
+def _alpha_sigma_vp(log_alpha: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.exp(log_alpha), _sigma_vp(log_alpha)
+
+
 def _lam_vp(log_alpha: Tensor) -> Tensor:
     return log_alpha - 0.5 * torch.log(-torch.expm1(2 * log_alpha))
 
@@ -56,6 +60,9 @@ class VP(NoiseProcess):
 
     def sigma(self, t):
         return _sigma_vp(self.log_alpha(t))
+
+    def alpha_sigma(self, t):
+        return _alpha_sigma_vp(self.log_alpha(t))
 
     def lam(self, t):
         return _lam_vp(self.log_alpha(t))
@@ -86,6 +93,10 @@ class SubVP(VP):
 
     def sigma(self, t):
         return -torch.expm1(2 * self.log_alpha(t))
+
+    def alpha_sigma(self, t):
+        la = self.log_alpha(t)
+        return torch.exp(la), -torch.expm1(2 * la)
 
     def lam(self, t):
         la = self.log_alpha(t)
@@ -152,6 +163,9 @@ class Cosine(NoiseProcess):
 
     def sigma(self, t):
         return _sigma_vp(self.log_alpha(t))
+
+    def alpha_sigma(self, t):
+        return _alpha_sigma_vp(self.log_alpha(t))
 
     def lam(self, t):
         return _lam_vp(self.log_alpha(t))
@@ -315,6 +329,9 @@ class Discrete(NoiseProcess):
 
     def sigma(self, t):
         return _sigma_vp(self.log_alpha(t))
+
+    def alpha_sigma(self, t):
+        return _alpha_sigma_vp(self.log_alpha(t))
 
     def lam(self, t):
         return _lam_vp(self.log_alpha(t))

@@ -7,6 +7,8 @@ Every grid has n + 1 points for n steps, starts at ``process.t_max`` and ends at
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -43,11 +45,22 @@ def grid_quadratic(process: NoiseProcess, n: int, *, t_start=None, t_end=None) -
     return b + (a - b) * u**2
 
 
+# Where alpha(t_start) = 0 (Flow at t = 1) lam is -inf and a grid uniform in lam cannot start there.
+# Such grids then run uniformly from LAM_MIN = -log(80) (sigma/alpha = 80, EDM's sigma_max) and
+# keep t_start as their first point: one first step from pure noise to sigma/alpha = 80.
+LAM_MIN = -math.log(80.0)
+
+
+def _lam_start(process: NoiseProcess, a: float) -> float:
+    lam = float(process.lam(_as_t(a)))
+    return lam if math.isfinite(lam) else LAM_MIN
+
+
 def grid_lam(process: NoiseProcess, n: int, *, t_start=None, t_end=None) -> Tensor:
     """n steps uniform in half log-SNR lam (DPM-Solver's "logSNR" grid; geometric sigmas on VE)."""
     _check_n(n)
     a, b = _ends(process, t_start, t_end)
-    lams = torch.linspace(float(process.lam(_as_t(a))), float(process.lam(_as_t(b))), n + 1, dtype=torch.float64)
+    lams = torch.linspace(_lam_start(process, a), float(process.lam(_as_t(b))), n + 1, dtype=torch.float64)
     ts = process.t_from_lam(lams)
     ts[0], ts[-1] = a, b  # exact ends despite the inverse's rounding
     return ts
@@ -58,7 +71,7 @@ def grid_karras(process: NoiseProcess, n: int, *, rho: float = 7.0, t_start=None
     _check_n(n)
     a, b = _ends(process, t_start, t_end)
     # sigma/alpha = exp(-lam) is the noise level of the equivalent alpha = 1 process.
-    s_max, s_min = torch.exp(-process.lam(_as_t(a))), torch.exp(-process.lam(_as_t(b)))
+    s_max, s_min = math.exp(-_lam_start(process, a)), float(torch.exp(-process.lam(_as_t(b))))
     u = torch.linspace(0, 1, n + 1, dtype=torch.float64)
     s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     ts = process.t_from_lam(-torch.log(s))

@@ -24,9 +24,7 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (".npy", ".csv")
 
 def _suffix_error(path: Path) -> ValueError:
     got = path.suffix or "no suffix"
-    return ValueError(
-        f"{path}: unsupported file type ({got}); valid choices: {', '.join(SUPPORTED_SUFFIXES)}"
-    )
+    return ValueError(f"{path}: unsupported file type ({got}); valid choices: {', '.join(SUPPORTED_SUFFIXES)}")
 
 
 def load_array(path: str | os.PathLike) -> Tensor:
@@ -60,8 +58,10 @@ def load_array(path: str | os.PathLike) -> Tensor:
 
     _check_shape(path, array)
     _check_finite(path, array, where)
-    tensor = torch.from_numpy(array.astype(np.float32))
-    # float64 values beyond ~3.4e38 become inf in float32: report them rather than train on inf.
+    # float64 values beyond ~3.4e38 become inf in float32: let the cast overflow quietly, then report
+    # those cells below rather than train on inf.
+    with np.errstate(over="ignore"):
+        tensor = torch.from_numpy(array.astype(np.float32))
     _check_finite(path, tensor.numpy(), where, note=" after conversion to float32 (magnitude above 3.4e38)")
     return tensor
 
@@ -108,16 +108,12 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[int]]:
             for j, v in enumerate(values):
                 if v is None:
                     name = f" ({header[j]!r})" if header is not None and j < len(header) else ""
-                    raise ValueError(
-                        f"{path}: row {line}, column {j + 1}{name}: cannot parse {cells[j]!r} as a number"
-                    )
+                    raise ValueError(f"{path}: row {line}, column {j + 1}{name}: cannot parse {cells[j]!r} as a number")
             expected, source = (len(rows[0]), f"row {lines[0]}") if rows else (None, "")
             if expected is None and header is not None:
                 expected, source = len(header), "the header"
             if expected is not None and len(values) != expected:
-                raise ValueError(
-                    f"{path}: row {line} has {len(values)} columns, expected {expected} (as in {source})"
-                )
+                raise ValueError(f"{path}: row {line} has {len(values)} columns, expected {expected} (as in {source})")
             rows.append(values)  # type: ignore[arg-type]  # no None left after the loop above
             lines.append(line)
     if not rows:
@@ -134,9 +130,7 @@ def _check_shape(path: Path, array: np.ndarray) -> None:
         raise ValueError(f"{path}: expected shape (N, D) with N >= 2 and D >= 1, got shape {shape}")
 
 
-def _check_finite(
-    path: Path, array: np.ndarray, where: Callable[[int, int], tuple[str, str]], note: str = ""
-) -> None:
+def _check_finite(path: Path, array: np.ndarray, where: Callable[[int, int], tuple[str, str]], note: str = "") -> None:
     bad = ~np.isfinite(array)
     if bad.any():
         i, j = (int(k) for k in np.argwhere(bad)[0])  # argwhere is row-major: first bad row first

@@ -80,9 +80,7 @@ _SR_MU = (
 _SR_SCALE = math.sqrt((_sr_mean(lambda t: t**3 / 3) + 2 * _SR_NOISE**2 - _SR_MU[0] ** 2 - _SR_MU[1] ** 2) / 2)
 
 
-def swiss_roll(
-    n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def swiss_roll(n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """2-D Swiss roll ``(t cos t, t sin t) + N(0, 1)``, ``t ~ U[1.5 pi, 4.5 pi]`` (sklearn / FFJORD).
 
     Centred by mu = (2, 2 / (3 pi)) and divided by s ~= 6.86 (``_SR_SCALE``, closed form).
@@ -135,9 +133,7 @@ def eight_gaussians_mixture_params() -> tuple[Tensor, Tensor, Tensor]:
     return weights, means, variances
 
 
-def eight_gaussians(
-    n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def eight_gaussians(n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Samples of the mixture returned by :func:`eight_gaussians_mixture_params` (FFJORD "8gaussians")."""
     n, kw = _setup(n, generator)
     weights, means, variances = (p.to(kw["device"]) for p in eight_gaussians_mixture_params())
@@ -150,9 +146,7 @@ def eight_gaussians(
 _CB_SCALE = math.sqrt(4 / 3)  # both coordinates are marginally U[-2, 2): variance 16 / 12
 
 
-def checkerboard(
-    n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def checkerboard(n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform on the 8 dark squares of a 4 x 4 board on [-2, 2)^2 (FFJORD), divided by s = sqrt(4/3)."""
     n, kw = _setup(n, generator)
     x1 = _uniform(n, -2.0, 2.0, kw)
@@ -167,9 +161,7 @@ _CI_NOISE = 0.08  # FFJORD uses make_circles(factor=0.5, noise=0.08)
 _CI_SCALE = math.sqrt(((_CI_RADII[0] ** 2 + _CI_RADII[1] ** 2) / 2 + 2 * _CI_NOISE**2) / 2)
 
 
-def circles(
-    n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def circles(n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Concentric circles of radii 1 and 0.5 (prob. 1/2 each) plus N(0, 0.08^2) noise (sklearn / FFJORD).
 
     Divided by s ~= 0.565 (``_CI_SCALE``).
@@ -188,9 +180,7 @@ _PW_ARMS, _PW_RADIAL_STD, _PW_TANGENTIAL_STD, _PW_RATE = 5, 0.3, 0.1, 0.25  # FF
 _PW_SCALE = math.sqrt((1 + _PW_RADIAL_STD**2 + _PW_TANGENTIAL_STD**2) / 2)
 
 
-def pinwheel(
-    n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def pinwheel(n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Five spiral arms (FFJORD "pinwheel"): a point (r, tau) rotated by 2 pi k / 5 + 0.25 exp(r).
 
     Divided by s = sqrt(0.55) (``_PW_SCALE``) instead of FFJORD's factor 2.
@@ -222,7 +212,5 @@ def make_2d(
     try:
         fn = TOY_DATASETS[name]
     except (KeyError, TypeError):  # TypeError: unhashable name such as a list
-        raise ValueError(
-            f"unknown 2-D dataset {name!r}; valid choices: {', '.join(sorted(TOY_DATASETS))}"
-        ) from None
+        raise ValueError(f"unknown 2-D dataset {name!r}; valid choices: {', '.join(sorted(TOY_DATASETS))}") from None
     return fn(n, generator=generator, dtype=dtype)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..parameterization import eps_from_x0
-from ..process import NoiseProcess, append_dims
+from ..process import NoiseProcess
 from . import _loop
 
 __all__ = ["sample_ddpm"]
@@ -56,20 +55,27 @@ def sample_ddpm(
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; choose one of {list(FORMS)}")
     x, ts = _loop.prepare(x, ts)
+    t, s = ts[:-1], ts[1:]
+    # All coefficients for the whole grid at once, in float64, then as Python floats: the
+    # loop itself does only tensor arithmetic on x (this is what keeps per-step overhead low).
+    c_x, c_0, var = process.posterior_coeffs(s, t)
+    if variance == "beta":
+        # Ho et al.'s sigma_t^2 = beta_t, but no noise on a step that lands on the data (z = 0 at t = 1).
+        var = torch.where(process.sigma(s) > 0, process.transition_var(s, t), 0.0)
+    if form == "eps" and not bool((process.alpha(t) > 0).all()):
+        raise ValueError("form='eps' divides by alpha(t), which is 0 on this grid (e.g. Flow at t = 1); use form='x0'")
+    a_t, s_t = process.alpha(t), process.sigma(t)
+    a_ts, k = a_t / process.alpha(s), process.transition_var(s, t) / s_t
+    c_x, c_0, std, a_t, s_t, a_ts, k = (v.tolist() for v in (c_x, c_0, var.sqrt(), a_t, s_t, a_ts, k))
+    t_in = ts.to(x.dtype)
     for i in range(len(ts) - 1):
-        t, s = ts[i], ts[i + 1]
-        x0_hat = denoiser(x, _loop.batch_t(t, x), **cond)
-        c_x, c_0, var = process.posterior_coeffs(s, t)
-        if variance == "beta":
-            var = process.transition_var(s, t)
+        x0_hat = denoiser(x, t_in[i].expand(x.shape[0]), **cond)
         if form == "x0":
-            mean = c_x.to(x) * x + c_0.to(x) * x0_hat
+            mean = c_x[i] * x + c_0[i] * x0_hat
         else:
-            a_ts = process.alpha(t) / process.alpha(s)
-            eps_hat = eps_from_x0(process, x, _loop.batch_t(t, x), x0_hat)
-            k = (process.transition_var(s, t) / process.sigma(t)).to(x)
-            mean = (x - k * eps_hat) / a_ts.to(x)
-        # No noise is added on a step that lands on sigma = 0 (the data): Algorithm 2, line 3.
-        x = mean + append_dims(var.sqrt().to(x), x.ndim) * _loop.noise_like(x, generator)
-        _loop.report(callback, i, t, x, x0_hat, i + 1)
+            eps_hat = (x - a_t[i] * x0_hat) / s_t[i]
+            mean = (x - k[i] * eps_hat) / a_ts[i]
+        # No noise on a step that lands on sigma = 0 (the data): Algorithm 2, line 3.
+        x = mean + std[i] * _loop.noise_like(x, generator) if std[i] > 0 else mean
+        _loop.report(callback, i, ts[i], x, x0_hat, i + 1)
     return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)

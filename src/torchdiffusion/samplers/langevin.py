@@ -7,7 +7,6 @@ import math
 import torch
 from torch import Tensor
 
-from ..parameterization import score_from_x0
 from ..process import NoiseProcess
 from . import _loop
 
@@ -69,17 +68,17 @@ def sample_annealed_langevin(
     if step_eps <= 0 or n_steps_each < 1:
         raise ValueError(f"need step_eps > 0 and n_steps_each >= 1, got {step_eps} and {n_steps_each}")
     x, ts = _loop.prepare(x, ts)
-    sigma_L = float(process.sigma(ts[-1]))
-    if sigma_L <= 0:
+    alphas, sigmas = process.alpha(ts).tolist(), process.sigma(ts).tolist()
+    if sigmas[-1] <= 0:
         raise ValueError("annealed Langevin needs sigma(ts[-1]) > 0; end the grid at process.t_min")
-    nfe = 0
-    for i, t in enumerate(ts):
-        a_i = step_eps * float(process.sigma(t)) ** 2 / sigma_L**2
-        tb = _loop.batch_t(t, x)
+    t_in, nfe = ts.to(x.dtype), 0
+    for i, (a, s) in enumerate(zip(alphas, sigmas)):
+        step = step_eps * s**2 / sigmas[-1] ** 2  # a_i = eps sigma_i^2 / sigma_L^2
+        tb = t_in[i].expand(x.shape[0])
         for _ in range(n_steps_each):
             x0_hat = denoiser(x, tb, **cond)
             nfe += 1
-            score = score_from_x0(process, x, tb, x0_hat)
-            x = x + (a_i / 2) * score + math.sqrt(a_i) * _loop.noise_like(x, generator)
-        _loop.report(callback, i, t, x, x0_hat, nfe)
+            score = (a * x0_hat - x) / s**2  # Tweedie's formula (parameterization.score_from_x0)
+            x = x + (step / 2) * score + math.sqrt(step) * _loop.noise_like(x, generator)
+        _loop.report(callback, i, ts[i], x, x0_hat, nfe)
     return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)

@@ -1,0 +1,254 @@
+"""Checkpoints: one directory of plain files, written atomically, read back with clear errors.
+
+Layout of ``<run_dir>/checkpoint/``::
+
+    model.safetensors   raw network weights (``net.state_dict()``)
+    ema.safetensors     EMA weights, the ones to sample with
+    config.json         the resolved training config (with "process", "net", "target",
+                        "sigma_data"), plus "step" and "format_version"
+    state.pt            optimizer state, step, RNG states, data order (``torch.save``)
+
+``state.pt`` holds only tensors, numbers, strings, lists, tuples and dicts, so it is read with
+``torch.load(weights_only=True)``: loading a checkpoint never unpickles arbitrary objects.
+
+Writes are atomic. The files go into a fresh ``<run_dir>/.checkpoint-tmp-<pid>`` and are fsynced;
+then ``checkpoint`` is renamed to ``checkpoint.old``, the temp dir to ``checkpoint``, and
+``checkpoint.old`` is deleted. A crash at any point leaves a complete checkpoint: the previous one
+(as ``checkpoint``, or as ``checkpoint.old`` if the crash fell between the two renames, which
+``find_checkpoint`` falls back to) or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .parameterization import PREDICTIONS, Preconditioned, as_denoiser
+from .process import NoiseProcess
+from .specs import build_net, build_process
+
+__all__ = [
+    "FORMAT_VERSION",
+    "FILES",
+    "Checkpoint",
+    "CheckpointError",
+    "find_checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_denoiser",
+]
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR, OLD_DIR, TMP_PREFIX = "checkpoint", "checkpoint.old", ".checkpoint-tmp-"
+MODEL, EMA, CONFIG, STATE = "model.safetensors", "ema.safetensors", "config.json", "state.pt"
+FILES = (MODEL, EMA, CONFIG, STATE)
+_REQUIRED_KEYS = ("process", "net", "target", "step")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt, or does not match its own config."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: ``net`` and ``ema_net`` are rebuilt from ``config`` and hold its weights."""
+
+    path: Path
+    config: dict[str, Any]
+    net: nn.Module
+    ema_net: nn.Module
+    process: NoiseProcess
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.config["step"])
+
+
+def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """``<run_dir>/checkpoint``, else ``<run_dir>/checkpoint.old`` (crash between renames), else None."""
+    for name in (CHECKPOINT_DIR, OLD_DIR):
+        if (Path(run_dir) / name).is_dir():
+            return Path(run_dir) / name
+    return None
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or, on POSIX, a directory entry) to disk so a rename never exposes empty files."""
+    if path.is_dir() and os.name != "posix":
+        return  # directories cannot be opened for fsync on Windows
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _weights(net: nn.Module) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share storage (tied weights, views).
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike, *, net: nn.Module, ema_net: nn.Module, config: dict, state: dict
+) -> Path:
+    """Atomically write ``<run_dir>/checkpoint/`` and return its path.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        net, ema_net: raw networks (not wrapped in ``Preconditioned``).
+        config: JSON-able dict that rebuilds them: "process" and "net" specs, "target", ...
+        state: must contain "step" (int); tensors, numbers, strings, lists and dicts only.
+    """
+    if "step" not in state:
+        raise ValueError("state must contain 'step' (the number of completed optimizer steps)")
+    run_dir = Path(run_dir)
+    meta = {**config, "step": int(state["step"]), "format_version": FORMAT_VERSION}
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)  # fail before touching disk
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp, final, old = run_dir / f"{TMP_PREFIX}{os.getpid()}", run_dir / CHECKPOINT_DIR, run_dir / OLD_DIR
+    shutil.rmtree(tmp, ignore_errors=True)  # left over by an earlier crash of a process with our pid
+    try:
+        tmp.mkdir()
+        save_file(_weights(net), str(tmp / MODEL), metadata={"format": "pt"})
+        save_file(_weights(ema_net), str(tmp / EMA), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(text + "\n", encoding="utf-8")
+        with open(tmp / STATE, "wb") as fh:
+            torch.save(state, fh)
+        for name in FILES:
+            _fsync(tmp / name)
+        _fsync(tmp)
+        if final.is_dir():
+            shutil.rmtree(old, ignore_errors=True)  # stale: a complete `checkpoint` exists
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(run_dir)
+    except BaseException:  # also KeyboardInterrupt: never leave a half-written temp dir behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def _locate(path: Path) -> Path:
+    """The checkpoint directory for ``path`` (a run dir or a checkpoint dir), with all its files."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; expected a run or checkpoint directory")
+    if not any((path / name).exists() for name in FILES):
+        found = find_checkpoint(path)
+        if found is None:
+            raise CheckpointError(
+                f"{path}: not a checkpoint: it holds none of {', '.join(FILES)} and no "
+                f"{CHECKPOINT_DIR}/ (or {OLD_DIR}/) subdirectory"
+            )
+        path = found
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    return path
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable JSON, the file may be truncated or corrupt ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file}: checkpoint format_version {version!r} is not supported "
+            f"(this torchdiffusion reads version {FORMAT_VERSION})"
+        )
+    missing = [k for k in _REQUIRED_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(f"{file}: config lacks required keys {missing}")
+    if config["target"] not in PREDICTIONS:
+        raise CheckpointError(f"{file}: unknown target {config['target']!r}; expected one of {list(PREDICTIONS)}")
+    return config
+
+
+def _load_weights(net: nn.Module, file: Path) -> None:
+    """Load ``file`` into ``net``, first checking that keys and shapes match exactly."""
+    try:
+        weights = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types (and OSError) on bad files
+        raise CheckpointError(f"{file}: unreadable safetensors file, it may be truncated or corrupt ({e})") from None
+    expected = net.state_dict()
+    problem = f"{file}: weights do not match the network described in config.json"
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing:
+        raise CheckpointError(f"{problem}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{problem}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all)")
+    for key, value in expected.items():
+        if weights[key].shape != value.shape:
+            raise CheckpointError(
+                f"{problem}: key {key!r} has shape {tuple(weights[key].shape)}, "
+                f"the network expects {tuple(value.shape)}"
+            )
+    net.load_state_dict(weights)
+
+
+def _read_state(file: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, unpickling refused, ...
+        raise CheckpointError(f"{file}: unreadable training state, it may be truncated or corrupt ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a dict, got {type(state).__name__}")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint from a run directory or from the checkpoint directory itself.
+
+    The networks are rebuilt with ``specs.build_net(config["net"])`` and moved to ``device``; the
+    process with ``specs.build_process(config["process"])``. Raises ``CheckpointError`` naming the
+    path and the problem when anything is missing, corrupt or inconsistent.
+    """
+    ckpt = _locate(Path(path))
+    config = _read_config(ckpt / CONFIG)
+    try:
+        process = build_process(config["process"])
+        # fork_rng: the random initialisation (overwritten below) must not disturb the caller's RNG.
+        with torch.random.fork_rng(devices=[]):
+            net, ema_net = build_net(config["net"]), build_net(config["net"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{ckpt / CONFIG}: cannot rebuild the process or network: {e}") from None
+    _load_weights(net, ckpt / MODEL)
+    _load_weights(ema_net, ckpt / EMA)
+    state = _read_state(ckpt / STATE)
+    return Checkpoint(ckpt, config, net.to(device), ema_net.to(device), process, state)
+
+
+def load_denoiser(path: str | os.PathLike, ema: bool = True, *, device: str | torch.device = "cpu"):
+    """``(denoiser, process, config)`` from a checkpoint, ready for any sampler (eval mode).
+
+    The denoiser is ``as_denoiser(Preconditioned(net, process, sigma_data), process, target)``:
+    the same wrapping as in training. ``ema=True`` uses the EMA weights (Ho et al. 2020, Sec. 4;
+    Song & Ermon 2020, Sec. 3.5), which sample better than the raw ones.
+    """
+    ckpt = load_checkpoint(path, device=device)
+    if not isinstance(ckpt.config.get("sigma_data"), (int, float)):
+        raise CheckpointError(f"{ckpt.path / CONFIG}: config lacks a numeric 'sigma_data'")
+    model = Preconditioned(ckpt.ema_net if ema else ckpt.net, ckpt.process, float(ckpt.config["sigma_data"]))
+    denoiser = as_denoiser(model, ckpt.process, predicts=ckpt.config["target"]).eval()
+    return denoiser, ckpt.process, ckpt.config
