@@ -46,7 +46,7 @@ def _x0_weight(weighting: str, process: NoiseProcess, t: Tensor, gamma: float) -
         return 0.5 * a**2 * process.g2(t) / s**4 * (process.t_max - process.t_min)
     # elbo on a discrete process: the sum over t = 1..T, estimated with uniform integer t.
     snr_t, snr_prev = process.snr(t), process.snr(t - 1)
-    decoder = 0.5 / (1 - process.alpha(t) ** 2)  # 1 / (2 beta_1): at t = 1, alpha_bar_1 = 1 - beta_1
+    decoder = 0.5 / process.sigma(t) ** 2  # 1 / (2 beta_1): at t = 1, alpha_bar_1 = 1 - beta_1
     per_step = torch.where(t <= 1, decoder, 0.5 * (snr_prev - snr_t))
     return per_step * process.n_steps
 

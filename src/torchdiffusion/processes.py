@@ -278,7 +278,9 @@ def make_betas(schedule: str, T: int) -> Tensor:
         raise ValueError(f"unknown beta schedule {schedule!r}; choose one of {sorted(BETA_SCHEDULES)}")
     if T < 2:
         raise ValueError(f"T must be at least 2, got {T}")
-    return BETA_SCHEDULES[schedule](T)
+    # The 1000/T rescaling of the linear-type schedules passes beta = 1 for T <= 20; clip as
+    # Nichol & Dhariwal do for the cosine schedule, so every T gives a valid process.
+    return BETA_SCHEDULES[schedule](T).clamp(max=0.999)
 
 
 @dataclass(frozen=True, repr=False)

@@ -138,6 +138,16 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay at 0-based step k: min(decay, (1 + k) / (10 + k)).
+
+    The warm-up keeps a short run's EMA from being mostly the random initialisation (with
+    decay 0.999, after 800 steps 0.999^800 = 45% of the EMA would still be the init); it is the
+    num_updates rule of TensorFlow's ExponentialMovingAverage, also used by diffusers' EMAModel.
+    """
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema_net: nn.Module, net: nn.Module, decay: float) -> None:
     """ema <- decay ema + (1 - decay) param, in place (lerp); buffers are copied as they are."""
@@ -350,7 +360,7 @@ class _Loop:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        ema_update(self.ema_net, self.net, self.cfg.ema_decay)
+        ema_update(self.ema_net, self.net, ema_decay_at(self.step, self.cfg.ema_decay))
         self.step += 1
         self.updating = False
         return info
