@@ -26,7 +26,7 @@ from .data import TOY_DATASETS, eight_gaussians_mixture_params, make_2d
 from .io import atomic_write
 from .metrics import noise_floor, sw_against
 from .parameterization import score_from_x0
-from .samplers import sample_annealed_langevin, sample_ddpm
+from .samplers import progress_callback, sample_annealed_langevin, sample_ddpm
 from .testing import GaussianMixture
 from .timesteps import grid_lam, grid_t
 from .train import TrainConfig, train
@@ -75,11 +75,21 @@ def run_demo(
 
     t1 = time.perf_counter()
     with torch.no_grad():
-        x_ddpm = sample_ddpm(denoiser, process, x_T, grid_t(process, ddpm_steps), generator=gen)
+        cb, bar = progress_callback(ddpm_steps, "DDPM ancestral", disable=not progress)
+        x_ddpm = sample_ddpm(denoiser, process, x_T, grid_t(process, ddpm_steps), generator=gen, callback=cb)
+        bar.close()
         t2 = time.perf_counter()
+        cb, bar = progress_callback(ald_levels + 1, "annealed Langevin", disable=not progress)
         x_ald = sample_annealed_langevin(
-            denoiser, process, x_T, grid_lam(process, ald_levels), n_steps_each=ald_steps_each, generator=gen
+            denoiser,
+            process,
+            x_T,
+            grid_lam(process, ald_levels),
+            n_steps_each=ald_steps_each,
+            generator=gen,
+            callback=cb,
         )
+        bar.close()
     t3 = time.perf_counter()
 
     metrics = {

@@ -4,7 +4,7 @@ They are stateless, compute coefficients in float64, draw noise only from ``gene
 mutate their inputs and work for any tensor shape. The policy at the data end is in ``_loop``.
 """
 
-from ._loop import CountingDenoiser, count_nfe
+from ._loop import CountingDenoiser, count_nfe, progress_callback
 from .ancestral import sample_ddpm
 from .langevin import langevin_dynamics, sample_annealed_langevin
 
@@ -13,4 +13,12 @@ SAMPLERS = {
     "ald": sample_annealed_langevin,
 }
 
-__all__ = ["CountingDenoiser", "count_nfe", "sample_ddpm", "sample_annealed_langevin", "langevin_dynamics", "SAMPLERS"]
+__all__ = [
+    "CountingDenoiser",
+    "progress_callback",
+    "count_nfe",
+    "sample_ddpm",
+    "sample_annealed_langevin",
+    "langevin_dynamics",
+    "SAMPLERS",
+]

@@ -58,3 +58,14 @@ def finish(denoiser, process: NoiseProcess, x: Tensor, t_last: Tensor, final_den
     if final_denoise and float(process.sigma(t_last)) > 0:
         return denoiser(x, batch_t(t_last, x), **cond)
     return x
+
+
+def progress_callback(total: int, desc: str, disable: bool = False):
+    """A tqdm bar and a sampler callback that advances it once per reported step.
+
+    Usage: ``cb, bar = progress_callback(len(ts) - 1, "DDPM"); sample_ddpm(..., callback=cb); bar.close()``.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, disable=disable, unit="step", dynamic_ncols=True, leave=False)
+    return (lambda info: bar.update()), bar
