@@ -34,6 +34,7 @@ COMPARE := $(VENV)/.compare-installed
 
 $(COMPARE): $(STAMP)
 	$(PIP) install --quiet -c constraints.txt -e '.[dev,compare]'
+	$(PIP) install --quiet -c constraints.txt --no-deps k-diffusion
 	touch $(COMPARE)
 
 # Benchmarks run next to the libraries people use today (the `compare` extra).

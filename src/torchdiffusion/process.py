@@ -88,15 +88,12 @@ class NoiseProcess:
         return _derivative(lambda u: self.sigma(u) ** 2, t) - 2 * self.f(t) * self.sigma(t) ** 2
 
     def d_alpha(self, t: Tensor) -> Tensor:
-        """alpha'(t) = f alpha."""
-        t = _as_t(t)
-        return self.f(t) * self.alpha(t)
+        """alpha'(t) (autograd of alpha itself: finite where f = alpha'/alpha is not, e.g. Flow at t = 1)."""
+        return _derivative(self.alpha, t)
 
     def d_sigma(self, t: Tensor) -> Tensor:
-        """sigma'(t) = (g^2 + 2 f sigma^2) / (2 sigma), from the definition of g^2."""
-        t = _as_t(t)
-        s = self.sigma(t)
-        return (self.g2(t) + 2 * self.f(t) * s**2) / (2 * s)
+        """sigma'(t) (autograd of sigma)."""
+        return _derivative(self.sigma, t)
 
     def t_from_lam(self, lam: Tensor) -> Tensor:
         """Inverse of ``lam``: the time t in [t_min, t_max] with lam(t) = lam (bisection default).

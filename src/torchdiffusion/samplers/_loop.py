@@ -1,9 +1,16 @@
 """What every sampler shares: grid checks, per-example times, noise, callbacks, NFE, the last step.
 
-Policy at the data end (documented once, here): a sampler walks the pairs (ts[i], ts[i+1]) and,
-when ``final_denoise`` is true and sigma(ts[-1]) > 0, returns the denoiser's x0_hat at ts[-1]
-(one extra network evaluation). This is Algorithm 2's last step of Ho et al. 2020 and the
-"noise removal" of Song et al. 2021.
+Policy at the ends of the interval (documented once, here; every sampler follows it):
+
+- Data end. A sampler walks the pairs (ts[i], ts[i+1]) and, when ``final_denoise`` is true and
+  sigma(ts[-1]) > 0, returns the denoiser's x0_hat at ts[-1] (one extra network evaluation):
+  Algorithm 2's last step of Ho et al. 2020, the "noise removal" of Song et al. 2021. A step
+  that lands exactly on sigma(s) = 0 (Discrete t = 0, EDM or Flow t = 0) returns x0_hat at its
+  start t, the limit of every sampler's update (``lands_on_data``), so no formula divides by 0.
+- Noise end. Where alpha(t_max) = 0 (Flow at t = 1), lam is -inf: samplers never divide by
+  alpha; ODE velocities use alpha' x0_hat + sigma' eps_hat, which is finite there, and
+  lam-based solvers start from the time whose lam is ``timesteps.LAM_MIN`` (the grid functions
+  already do, see ``timesteps``).
 """
 
 from __future__ import annotations
@@ -58,6 +65,11 @@ def finish(denoiser, process: NoiseProcess, x: Tensor, t_last: Tensor, final_den
     if final_denoise and float(process.sigma(t_last)) > 0:
         return denoiser(x, batch_t(t_last, x), **cond)
     return x
+
+
+def lands_on_data(process: NoiseProcess, s: Tensor) -> bool:
+    """Whether a step to time s lands on the data (sigma(s) = 0): then x_s = x0_hat(x_t, t)."""
+    return float(process.sigma(s)) == 0.0
 
 
 def progress_callback(total: int, desc: str, disable: bool = False):
