@@ -7,7 +7,7 @@ PIP    := $(BIN)/python -m pip
 # -n 2 uses both cores; the test suite is CPU-bound float64 math.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv demo test test-slow test-all bench lint format clean
+.PHONY: venv demo test test-slow test-all bench bench-samplers lint format clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ $(COMPARE): $(STAMP)
 # Benchmarks run next to the libraries people use today (the `compare` extra).
 bench: $(COMPARE)
 	$(BIN)/python benchmarks/bench_2d.py
+
+# Sample quality per NFE against exact Gaussian mixtures, next to diffusers and k-diffusion.
+bench-samplers: $(COMPARE)
+	$(BIN)/python benchmarks/bench_samplers.py --out bench-output
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
