@@ -133,3 +133,10 @@ def test_samplers_lists_the_registry():
     assert r.exit_code == 0
     for name in SAMPLERS:
         assert name in r.output
+
+
+def test_sample_draws_the_reverse_process(trained, tmp_path):
+    fig = tmp_path / "reverse.png"
+    r = run("sample", "--checkpoint", trained, "--steps", 6, "--n", 40, "--out", tmp_path / "s.npy", "--figure", fig)
+    assert r.exit_code == 0, r.output
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

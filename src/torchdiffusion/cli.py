@@ -137,7 +137,13 @@ def _check_data(data: str) -> None:
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of their EMA.")
 @click.option("--device", default="cpu", help="torch device.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def sample(ckpt, sampler, steps, grid, n, n_steps_each, seed, out, png, no_ema, device, no_progress):
+@click.option(
+    "--figure",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw the reverse process and trajectories (PNG).",
+)
+def sample(ckpt, sampler, steps, grid, n, n_steps_each, seed, out, png, no_ema, device, no_progress, figure):
     """Draw samples from a trained checkpoint; write them as .npy and a PNG."""
     from . import timesteps
     from .checkpoint import load_denoiser
@@ -158,12 +164,23 @@ def sample(ckpt, sampler, steps, grid, n, n_steps_each, seed, out, png, no_ema, 
     gen = torch.Generator(device).manual_seed(seed)
     shape = (n, int(cfg["net"]["dim"]))
     x = process.prior_sample(shape, generator=gen, device=device)
+    from .plotting import TrajectoryRecorder, reverse_process_figure
     from .samplers import progress_callback
 
-    cb, bar = progress_callback(len(ts) if sampler == "ald" else len(ts) - 1, sampler, disable=no_progress)
+    tick, bar = progress_callback(len(ts) if sampler == "ald" else len(ts) - 1, sampler, disable=no_progress)
+    rec = TrajectoryRecorder(x) if figure else None
+
+    def cb(info):
+        tick(info)
+        if rec is not None:
+            rec(info)
+
     with torch.no_grad():
         xs = get_sampler(sampler)(denoiser, process, x, ts, generator=gen, callback=cb, **kwargs).cpu()
     bar.close()
+    if figure:
+        reverse_process_figure(rec, xs, None, figure, f"reverse process: {sampler}, {process!r}")
+        click.echo(f"wrote the reverse-process figure to {figure}")
     atomic_write(out, lambda p: np.save(p, xs.numpy()))
     png = png or str(Path(out).with_suffix(".png"))
     save_samples_png(xs, png, f"{sampler}, {len(ts)} levels, {process!r}")

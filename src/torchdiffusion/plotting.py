@@ -62,3 +62,58 @@ def save_samples_png(x: Tensor, path, title: str = "samples") -> None:
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=120))
     plt.close(fig)
+
+
+class TrajectoryRecorder:
+    """A sampler callback that keeps x after every step (for the first ``n_paths`` examples too).
+
+    ``rec = TrajectoryRecorder(x_T)``, pass ``callback=rec`` to any sampler, then draw
+    ``reverse_process_figure(rec, ...)``.
+    """
+
+    def __init__(self, x_start: Tensor, n_paths: int = 24):
+        self.n_paths = n_paths
+        self.ts: list[float] = [float("nan")]
+        self.states: list[Tensor] = [x_start.detach().cpu().reshape(x_start.shape[0], -1).clone()]
+
+    def __call__(self, info: dict) -> None:
+        self.ts.append(info["t"])
+        self.states.append(info["x"].detach().cpu().reshape(info["x"].shape[0], -1).clone())
+
+    def paths(self) -> Tensor:
+        """(steps + 1, n_paths, D) positions of the first examples along the way."""
+        return torch.stack([s[: self.n_paths] for s in self.states])
+
+
+def reverse_process_figure(rec: TrajectoryRecorder, final: Tensor, data: Tensor | None, path, title: str) -> None:
+    """Snapshots of the reverse process at six moments and the trajectories of a few samples (2-D)."""
+    from .io import atomic_write
+
+    n = len(rec.states)
+    picks = sorted({round(i * (n - 1) / 5) for i in range(6)})
+    fig = plt.figure(figsize=(3 * len(picks), 7.2))
+    grid = fig.add_gridspec(2, len(picks), height_ratios=[1, 1.25])
+    lim = max(LIM, float(rec.states[0][:, :2].abs().quantile(0.99)) * 1.05)
+    for j, i in enumerate(picks):
+        label = "start x_T" if i == 0 else f"after step {i}, t={rec.ts[i]:.3g}"
+        scatter(fig.add_subplot(grid[0, j]), rec.states[i], label, color="C0", lim=lim)
+    ax = fig.add_subplot(grid[1, : max(1, len(picks) // 2)])
+    p = rec.paths()
+    for k in range(p.shape[1]):
+        ax.plot(p[:, k, 0], p[:, k, 1], lw=0.6, alpha=0.6, color="C0")
+    ax.scatter(p[0, :, 0], p[0, :, 1], s=6, color="C7", label="start")
+    ax.scatter(p[-1, :, 0], p[-1, :, 1], s=6, color="C3", label="end of last step")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title("trajectories of the first samples", fontsize=9)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax2 = fig.add_subplot(grid[1, max(1, len(picks) // 2) :])
+    scatter(ax2, final, "final samples" + (" (grey: data)" if data is not None else ""), color="C3")
+    if data is not None:
+        d = data.detach().cpu().reshape(data.shape[0], -1)
+        ax2.scatter(d[:, 0], d[:, 1], s=1, color="C7", alpha=0.3, linewidths=0)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    atomic_write(path, lambda q: fig.savefig(q, dpi=100))
+    plt.close(fig)

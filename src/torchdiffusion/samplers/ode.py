@@ -1,0 +1,262 @@
+"""Probability-flow ODE samplers: Euler, Heun (Karras et al. 2022), RK4 and adaptive (torchdiffeq).
+
+The probability-flow ODE dx = [f x - g^2/2 score] dt (Song et al. 2021, Eq. 13), written with the
+denoiser (f = alpha'/alpha, g^2 = 2 sigma sigma' - 2 f sigma^2, score = -eps_hat / sigma), is
+
+    dx/dt = alpha'(t) x0_hat + sigma'(t) eps_hat = alpha' x0_hat + sigma'/sigma (x - alpha x0_hat),
+
+the flow velocity of ``parameterization.x0_to("flow", ...)``. It never divides by alpha, so it is
+finite at the noise end of Flow (t = 1: dx/dt = x - x0_hat). On EDM (alpha = 1, sigma = t) it is
+Karras et al.'s dx/dt = (x - x0_hat)/t (Eq. 4 with s = 1). The end policy is in ``_loop``: a step
+that lands on sigma(s) = 0 returns x0_hat(x_t, t) (1 NFE; on EDM exactly the Euler step to 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint
+
+from ..parameterization import x0_to
+from ..process import NoiseProcess
+from . import _loop
+
+__all__ = ["sample_euler", "sample_heun", "sample_rk4", "sample_ode_adaptive"]
+
+
+def _coeffs(process: NoiseProcess, t: Tensor) -> tuple[list, list, list]:
+    """alpha, alpha' and sigma'/sigma at the float64 times t, as lists (inf/nan where sigma = 0: unused)."""
+    a, s = process.alpha_sigma(t)
+    return a.tolist(), process.d_alpha(t).tolist(), (process.d_sigma(t) / s).tolist()
+
+
+def _velocity(x: Tensor, x0_hat: Tensor, c: tuple[list, list, list], i: int) -> Tensor:
+    """dx/dt = alpha' x0_hat + sigma'/sigma (x - alpha x0_hat) with the coefficients c at index i."""
+    a, da, ds_s = c[0][i], c[1][i], c[2][i]
+    return da * x0_hat + ds_s * (x - a * x0_hat)
+
+
+def _landing(process: NoiseProcess, ts: Tensor) -> list[bool]:
+    """For each step (ts[i], ts[i+1]), whether it lands on the data (sigma = 0)."""
+    return [_loop.lands_on_data(process, s) for s in ts[1:]]
+
+
+def sample_euler(
+    denoiser,
+    process: NoiseProcess,
+    x: Tensor,
+    ts,
+    *,
+    final_denoise: bool = True,
+    generator: torch.Generator | None = None,
+    callback=None,
+    **cond,
+) -> Tensor:
+    """Euler's method on the probability-flow ODE (Song et al. 2021, Eq. 13, written with the denoiser).
+
+    x_s = x_t + (s - t) [alpha'(t) x0_hat + sigma'(t) eps_hat]. First order, 1 NFE per step. On EDM
+    with ts = k-diffusion's sigmas (without its final 0) it is k-diffusion's ``sample_euler``.
+
+    Args:
+        denoiser: (x, t (B,), **cond) -> x0_hat.
+        process: the noise process.
+        x: (B, ...) start at ts[0]; not modified.
+        ts: decreasing float64 times, n + 1 points for n steps.
+        final_denoise: return x0_hat at ts[-1] (see ``samplers._loop``).
+        generator: unused (deterministic); accepted for the common signature.
+        callback: called with {"i", "t", "x", "x0_hat", "nfe"} after each step.
+    Returns:
+        samples shaped like x. NFE = len(ts) - 1, plus 1 for the final denoising step.
+    """
+    x, ts = _loop.prepare(x, ts)
+    c, h, land = _coeffs(process, ts[:-1]), (ts[1:] - ts[:-1]).tolist(), _landing(process, ts)
+    t_in = ts.to(x.dtype)
+    for i in range(len(ts) - 1):
+        x0_hat = denoiser(x, t_in[i].expand(x.shape[0]), **cond)
+        x = x0_hat if land[i] else x + h[i] * _velocity(x, x0_hat, c, i)
+        _loop.report(callback, i, ts[i], x, x0_hat, i + 1)
+    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+
+
+def sample_heun(
+    denoiser,
+    process: NoiseProcess,
+    x: Tensor,
+    ts,
+    *,
+    churn: float = 0.0,
+    t_min_churn: float = 0.0,
+    t_max_churn: float = math.inf,
+    s_noise: float = 1.0,
+    final_denoise: bool = True,
+    generator: torch.Generator | None = None,
+    callback=None,
+    **cond,
+) -> Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1) with optional churn (Algorithm 2).
+
+    Algorithm 1 in general form, s(t) = alpha(t) and sigma_K(t) = sigma/alpha: an Euler step to s,
+    then the trapezoidal correction x_s = x_t + (s - t)/2 (d(x_t, t) + d(x_euler, s)). 2 NFE per
+    step; a step landing on sigma(s) = 0 is 1 NFE (Algorithm 1's Euler step to t_N = 0).
+
+    Churn (Algorithm 2, lines 4-6) runs in the scaled variable y = x/alpha with noise level
+    rho = sigma/alpha = exp(-lam), the alpha = 1 equivalent process (Karras Sec. 4): where
+    rho(t_i) lies in [t_min_churn, t_max_churn] (S_tmin, S_tmax, in units of rho, as EDM's sigma)
+    gamma_i = min(churn / N, sqrt(2) - 1), rho_hat = rho (1 + gamma_i), capped at rho(t_max),
+    y_hat = y + sqrt(rho_hat^2 - rho^2) s_noise z, t_hat = t_from_lam(-log rho_hat) and
+    x_hat = alpha(t_hat) y_hat; the step then runs from t_hat. N counts Karras' steps: len(ts) - 1,
+    plus the final denoise (his step to t_N = 0). As in Algorithm 2 (and EDM, k-diffusion) z is
+    drawn at every step once churn > 0; churn = 0 draws no noise. No churn where alpha(t) = 0.
+    On EDM with ts = k-diffusion's sigmas (without its 0) this is k-diffusion's ``sample_heun``.
+
+    Args:
+        churn, t_min_churn, t_max_churn, s_noise: S_churn, S_tmin, S_tmax, S_noise of Algorithm 2.
+        (others as in ``sample_euler``; ``generator`` is the only source of the churn noise.)
+    Returns:
+        samples shaped like x. NFE = 2 (len(ts) - 1), minus 1 if the last step lands on
+        sigma = 0, plus 1 for the final denoising step.
+    """
+    x, ts = _loop.prepare(x, ts)
+    n, land = len(ts) - 1, _landing(process, ts)
+    t, s = ts[:-1], ts[1:]
+    n_karras = n + int(final_denoise and float(process.sigma(ts[-1])) > 0)
+    a_t, sig_t = process.alpha_sigma(t)
+    rho = sig_t / a_t
+    inside = torch.isfinite(rho) & (rho >= t_min_churn) & (rho <= t_max_churn)
+    gamma = inside.to(rho) * min(churn / max(n_karras, 1), math.sqrt(2) - 1)  # float64, 0 outside
+    rho_hat = torch.minimum(rho * (1 + gamma), torch.exp(-process.lam(process.t_max)))
+    t_hat = torch.where(gamma > 0, process.t_from_lam(-torch.log(rho_hat)).clamp(max=process.t_max), t)
+    a_hat = process.alpha(t_hat)
+    churned = (gamma > 0).tolist()
+    scale = torch.where(gamma > 0, a_hat / a_t, 1.0).tolist()
+    std = torch.where(gamma > 0, a_hat * (rho_hat**2 - rho**2).clamp_min(0).sqrt() * s_noise, 0.0).tolist()
+    c_hat, c_s, h = _coeffs(process, t_hat), _coeffs(process, s), (s - t_hat).tolist()
+    t_hat_in, s_in, nfe = t_hat.to(x.dtype), s.to(x.dtype), 0
+    for i in range(n):
+        # Algorithm 2, lines 4-6: raise the noise level to t_hat.
+        z = _loop.noise_like(x, generator) if churn > 0 else None
+        x_hat = scale[i] * x + std[i] * z if churned[i] else x
+        x0_hat = denoiser(x_hat, t_hat_in[i].expand(x.shape[0]), **cond)
+        nfe += 1
+        if land[i]:
+            x = x0_hat
+        else:
+            # Euler step, then the 2nd-order correction (Algorithm 1, lines 5-8).
+            d = _velocity(x_hat, x0_hat, c_hat, i)
+            x_euler = x_hat + h[i] * d
+            d_2 = _velocity(x_euler, denoiser(x_euler, s_in[i].expand(x.shape[0]), **cond), c_s, i)
+            nfe += 1
+            x = x_hat + (h[i] / 2) * (d + d_2)
+        _loop.report(callback, i, ts[i], x, x0_hat, nfe)
+    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+
+
+def sample_rk4(
+    denoiser,
+    process: NoiseProcess,
+    x: Tensor,
+    ts,
+    *,
+    final_denoise: bool = True,
+    generator: torch.Generator | None = None,
+    callback=None,
+    **cond,
+) -> Tensor:
+    """Classical Runge-Kutta 4 on the probability-flow ODE (Song et al. 2021, Eq. 13) in t.
+
+    Stages at t, (t + s)/2 twice and s; x_s = x_t + (s - t)/6 (k1 + 2 k2 + 2 k3 + k4) (Kutta 1901;
+    Hairer, Norsett & Wanner, Table II.1.2). Fourth order, 4 NFE per step; a step landing on
+    sigma(s) = 0 returns x0_hat(x_t, t) (1 NFE). Arguments as in ``sample_euler``.
+
+    Returns:
+        samples shaped like x. NFE = 4 (len(ts) - 1), minus 3 if the last step lands on sigma = 0,
+        plus 1 for the final denoising step.
+    """
+    x, ts = _loop.prepare(x, ts)
+    t, s = ts[:-1], ts[1:]
+    m = (t + s) / 2
+    c_t, c_m, c_s, h = _coeffs(process, t), _coeffs(process, m), _coeffs(process, s), (s - t).tolist()
+    land = _landing(process, ts)
+    t_in, m_in, s_in, nfe = t.to(x.dtype), m.to(x.dtype), s.to(x.dtype), 0
+
+    def velocity(y: Tensor, tb: Tensor, c, i: int) -> Tensor:
+        return _velocity(y, denoiser(y, tb.expand(x.shape[0]), **cond), c, i)
+
+    for i in range(len(ts) - 1):
+        x0_hat = denoiser(x, t_in[i].expand(x.shape[0]), **cond)
+        if land[i]:
+            x, nfe = x0_hat, nfe + 1
+        else:
+            k1 = _velocity(x, x0_hat, c_t, i)
+            k2 = velocity(x + (h[i] / 2) * k1, m_in[i], c_m, i)
+            k3 = velocity(x + (h[i] / 2) * k2, m_in[i], c_m, i)
+            k4 = velocity(x + h[i] * k3, s_in[i], c_s, i)
+            x, nfe = x + (h[i] / 6) * (k1 + 2 * k2 + 2 * k3 + k4), nfe + 4
+        _loop.report(callback, i, ts[i], x, x0_hat, nfe)
+    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+
+
+def sample_ode_adaptive(
+    denoiser,
+    process: NoiseProcess,
+    x: Tensor,
+    ts,
+    *,
+    method: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    return_nfe: bool = False,
+    final_denoise: bool = True,
+    generator: torch.Generator | None = None,
+    callback=None,
+    **cond,
+) -> Tensor | tuple[Tensor, int]:
+    """The probability-flow ODE (Song et al. 2021, Eq. 13) by an adaptive Runge-Kutta solver.
+
+    torchdiffeq's ``odeint`` (Chen et al. 2018) with ``method`` "dopri5" (Dormand & Prince 1980,
+    order 5(4), 6 NFE per accepted or rejected step plus 2 to choose the first step), as Song et
+    al. 2021 (Sec. 4.3, RK45) do. Only the ends of ``ts`` matter: it integrates from ts[0] to ts[-1]
+    with steps of its own choosing (landing exactly on ts[-1], so the curves are never evaluated
+    beyond it). If sigma(ts[-1]) = 0, it integrates to ts[-2] and returns x0_hat there (``_loop``).
+    The state is integrated in float64 whatever x's dtype (rtol, atol are float64 tolerances); the
+    denoiser sees x's dtype and the result is cast back.
+
+    Args:
+        method: an adaptive torchdiffeq method ("dopri5", "dopri8", "bosh3", "adaptive_heun").
+        rtol, atol: the solver's relative and absolute tolerances.
+        return_nfe: also return the NFE (denoiser calls, final denoise included).
+        (others as in ``sample_euler``.) The callback is called once, as for one step from ts[0]
+        to ts[-1], with x at the end, x0_hat at ts[0] and the NFE of the integration.
+    Returns:
+        samples shaped like x, or (samples, nfe) if ``return_nfe``.
+    """
+    x, ts = _loop.prepare(x, ts)
+    land = len(ts) > 1 and _loop.lands_on_data(process, ts[-1])
+    t_end = ts[-2] if land else ts[-1]
+    nfe, first = 0, []
+
+    def velocity(t: Tensor, y: Tensor) -> Tensor:
+        nonlocal nfe
+        x0_hat = denoiser(y.to(x.dtype), _loop.batch_t(t, x), **cond)
+        nfe += 1
+        if not first:  # x0_hat at (x, ts[0]), for the callback
+            first.append(x0_hat)
+        return x0_to("flow", process, y, t, x0_hat.to(y.dtype))
+
+    y = x.to(torch.float64)
+    if float(ts[0]) > float(t_end):
+        t_span = torch.stack([ts[0], t_end])
+        y = odeint(velocity, y, t_span, rtol=rtol, atol=atol, method=method, options={"step_t": t_end[None]})[-1]
+    if land:  # the last step lands on the data: x0_hat at ts[-2] (at ts[0] for a 2-point grid)
+        y = denoiser(y.to(x.dtype), _loop.batch_t(t_end, x), **cond)
+        nfe += 1
+        if not first:
+            first.append(y)
+    out = y.to(x.dtype)
+    if len(ts) > 1:
+        _loop.report(callback, 0, ts[0], out, first[0], nfe)
+    out = _loop.finish(denoiser, process, out, ts[-1], final_denoise, cond)
+    nfe += int(final_denoise and float(process.sigma(ts[-1])) > 0)
+    return (out, nfe) if return_nfe else out
