@@ -156,7 +156,8 @@ class Cosine(NoiseProcess):
         return (_as_t(t) + self.s) / (1 + self.s) * (math.pi / 2)
 
     def log_alpha(self, t):
-        return torch.log(torch.cos(self._theta(t))) - math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+        la = torch.log(torch.cos(self._theta(t))) - math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+        return la.clamp(max=0.0)  # at t = 0 rounding can give +1e-17, and sigma = sqrt(-expm1(2 la)) NaN
 
     def alpha(self, t):
         return torch.exp(self.log_alpha(t))

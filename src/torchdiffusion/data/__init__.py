@@ -1,6 +1,14 @@
-"""Data: built-in 2-D toy distributions and loaders for user arrays (``.npy`` / ``.csv``)."""
+"""Data: built-in 2-D toy distributions, user arrays (``.npy`` / ``.csv``) and images.
+
+Images come as float32 (N, C, H, W) in [-1, 1]: the bundled 8x8 digits (no download), MNIST
+and Fashion-MNIST IDX files, CIFAR-10 python batches, image folders and ``.npz`` arrays.
+Nothing is downloaded unless ``download_images`` is called.
+"""
 
 from .arrays import SUPPORTED_SUFFIXES, load_array, load_dataset
+from .image_files import IMAGE_EXTENSIONS, load_cifar10, load_idx, load_idx_folder, load_image_folder, load_npz
+from .images import DOWNLOADABLE, IMAGE_DATASETS, load_digits, load_images, random_flip
+from .images import download as download_images
 from .toy import (
     TOY_DATASETS,
     checkerboard,
@@ -26,4 +34,16 @@ __all__ = [
     "moons",
     "pinwheel",
     "swiss_roll",
+    "IMAGE_DATASETS",
+    "IMAGE_EXTENSIONS",
+    "DOWNLOADABLE",
+    "download_images",
+    "load_digits",
+    "load_images",
+    "load_cifar10",
+    "load_idx",
+    "load_idx_folder",
+    "load_image_folder",
+    "load_npz",
+    "random_flip",
 ]

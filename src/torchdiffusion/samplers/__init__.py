@@ -1,17 +1,16 @@
 """Samplers: plain functions ``sample_xxx(denoiser, process, x, ts, *, ..., generator, callback, **cond)``.
 
 They are stateless, compute coefficients in float64, draw noise only from ``generator``, never
-mutate their inputs and work for any tensor shape. The policy at the data end is in ``_loop``.
+mutate their inputs and work for any tensor shape. The policy at the ends of the interval is
+in ``_loop``; the table of names, orders and papers in ``registry``.
 """
 
 from ._loop import CountingDenoiser, count_nfe, progress_callback
 from .ancestral import sample_ddpm
 from .langevin import langevin_dynamics, sample_annealed_langevin
-
-SAMPLERS = {
-    "ddpm": sample_ddpm,
-    "ald": sample_annealed_langevin,
-}
+from .ode import sample_euler, sample_heun, sample_ode_adaptive, sample_rk4
+from .registry import INFO, SAMPLERS, SamplerInfo
+from .sde import sample_pc, sample_reverse_sde
 
 __all__ = [
     "CountingDenoiser",
@@ -20,5 +19,13 @@ __all__ = [
     "sample_ddpm",
     "sample_annealed_langevin",
     "langevin_dynamics",
+    "sample_euler",
+    "sample_heun",
+    "sample_rk4",
+    "sample_ode_adaptive",
+    "sample_reverse_sde",
+    "sample_pc",
     "SAMPLERS",
+    "INFO",
+    "SamplerInfo",
 ]

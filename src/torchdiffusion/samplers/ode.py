@@ -118,17 +118,20 @@ def sample_heun(
         samples shaped like x. NFE = 2 (len(ts) - 1), minus 1 if the last step lands on
         sigma = 0, plus 1 for the final denoising step.
     """
+    if churn < 0 or s_noise < 0:
+        raise ValueError(f"need churn >= 0 and s_noise >= 0, got {churn} and {s_noise}")
     x, ts = _loop.prepare(x, ts)
     n, land = len(ts) - 1, _landing(process, ts)
     t, s = ts[:-1], ts[1:]
     n_karras = n + int(final_denoise and float(process.sigma(ts[-1])) > 0)
-    a_t, sig_t = process.alpha_sigma(t)
-    rho = sig_t / a_t
+    # Algorithm 2's gamma_i and t_hat, in the noise level rho = sigma/alpha = exp(-lam) of y = x/alpha.
+    rho, rho_max = torch.exp(-process.lam(t)), torch.exp(-process.lam(process.t_max))
     inside = torch.isfinite(rho) & (rho >= t_min_churn) & (rho <= t_max_churn)
     gamma = inside.to(rho) * min(churn / max(n_karras, 1), math.sqrt(2) - 1)  # float64, 0 outside
-    rho_hat = torch.minimum(rho * (1 + gamma), torch.exp(-process.lam(process.t_max)))
-    t_hat = torch.where(gamma > 0, process.t_from_lam(-torch.log(rho_hat)).clamp(max=process.t_max), t)
-    a_hat = process.alpha(t_hat)
+    rho_hat = torch.minimum(rho * (1 + gamma), rho_max)
+    t_hat = process.t_from_lam(-torch.log(rho_hat)).clamp(max=process.t_max)
+    t_hat = torch.where(gamma > 0, torch.where(rho_hat < rho_max, t_hat, process.t_max), t)
+    a_t, a_hat = process.alpha(t), process.alpha(t_hat)
     churned = (gamma > 0).tolist()
     scale = torch.where(gamma > 0, a_hat / a_t, 1.0).tolist()
     std = torch.where(gamma > 0, a_hat * (rho_hat**2 - rho**2).clamp_min(0).sqrt() * s_noise, 0.0).tolist()
@@ -167,7 +170,7 @@ def sample_rk4(
     """Classical Runge-Kutta 4 on the probability-flow ODE (Song et al. 2021, Eq. 13) in t.
 
     Stages at t, (t + s)/2 twice and s; x_s = x_t + (s - t)/6 (k1 + 2 k2 + 2 k3 + k4) (Kutta 1901;
-    Hairer, Norsett & Wanner, Table II.1.2). Fourth order, 4 NFE per step; a step landing on
+    Hairer, Norsett & Wanner 1993, Sec. II.1). Fourth order, 4 NFE per step; a step landing on
     sigma(s) = 0 returns x0_hat(x_t, t) (1 NFE). Arguments as in ``sample_euler``.
 
     Returns:
@@ -221,7 +224,9 @@ def sample_ode_adaptive(
     with steps of its own choosing (landing exactly on ts[-1], so the curves are never evaluated
     beyond it). If sigma(ts[-1]) = 0, it integrates to ts[-2] and returns x0_hat there (``_loop``).
     The state is integrated in float64 whatever x's dtype (rtol, atol are float64 tolerances); the
-    denoiser sees x's dtype and the result is cast back.
+    denoiser sees x's dtype and the result is cast back. The error is controlled as an RMS over the
+    whole batch (torchdiffeq's default, like scipy's RK45): steps are shared, so an example's result
+    depends (within the tolerance) on the rest of the batch.
 
     Args:
         method: an adaptive torchdiffeq method ("dopri5", "dopri8", "bosh3", "adaptive_heun").
