@@ -70,6 +70,15 @@ SPECS = {
     "euler": Spec(stochastic=False),  # Song et al. 2021, Eq. 13 (Euler): 1 call per step
     "heun": Spec(kwargs={"churn": 1.0}, nfe=lambda n_ts, kw: 2 * (n_ts - 1)),  # Karras et al. 2022, Alg. 2
     "rk4": Spec(nfe=lambda n_ts, kw: 4 * (n_ts - 1), stochastic=False),  # classical RK4: 4 calls per step
+    "ddim": Spec(stochastic=False),  # Song et al. 2021b, Eq. 12: 1 call per step
+    "ddim_eta1": Spec(),  # Eq. 16 with eta = 1: DDPM's step
+    "dpm_solver_2": Spec(nfe=lambda n_ts, kw: 2 * (n_ts - 1), stochastic=False),  # Lu et al. 2022, Alg. 1
+    "dpm_solver_3": Spec(nfe=lambda n_ts, kw: 3 * (n_ts - 1), stochastic=False),  # Lu et al. 2022, Alg. 2
+    "dpmpp_2m": Spec(stochastic=False),  # Lu et al. 2023, Algorithm 2: 1 call per step
+    "dpmpp_3m": Spec(stochastic=False),  # 1 call per step
+    "dpmpp_2m_sde": Spec(),  # SDE-DPM-Solver++(2M): 1 call, 1 noise draw per step
+    "unipc_2": Spec(stochastic=False),  # Zhao et al. 2023: 1 call per step (corrector reuses it)
+    "unipc_3": Spec(stochastic=False),
     "ode_adaptive": Spec(steps=lambda n_ts: 1, nfe=None, stochastic=False, batch_independent=False),  # dopri5
 }
 NAMES = sorted(SAMPLERS)

@@ -16,7 +16,7 @@ import torch
 
 from .specs import PROCESSES, SAMPLERS
 
-GRIDS = ("t", "lam", "karras", "quadratic", "discrete")
+GRIDS = ("auto", "t", "lam", "karras", "quadratic", "discrete")
 TARGETS = ("eps", "x0", "v", "score", "flow")
 WEIGHTINGS = ("simple", "elbo", "likelihood", "snr", "sigma2", "min_snr")
 SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")
@@ -128,7 +128,12 @@ def _check_data(data: str) -> None:
 @click.option("--checkpoint", "ckpt", required=True, type=click.Path(), help="Run directory or checkpoint folder.")
 @click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="ddpm", help="Sampling algorithm.")
 @click.option("--steps", type=click.IntRange(min=1), default=250, help="Steps (noise levels for ald).")
-@click.option("--grid", type=click.Choice(GRIDS), default="t", help="Time grid (discrete: integer DDPM steps).")
+@click.option(
+    "--grid",
+    type=click.Choice(GRIDS),
+    default="auto",
+    help="Time grid (auto: the sampler's usual one, see `torchdiffusion samplers`; discrete: integer DDPM steps).",
+)
 @click.option("--n", "n", type=click.IntRange(min=1), default=2000, help="Number of samples.")
 @click.option("--n-steps-each", type=click.IntRange(min=1), default=10, help="Langevin steps per level (ald).")
 @click.option("--seed", type=int, default=0, help="Seed of the sampler's noise.")
@@ -155,6 +160,9 @@ def sample(ckpt, sampler, steps, grid, n, n_steps_each, seed, out, png, no_ema, 
         raise click.BadParameter(f"samples are written as .npy; got {out!r}", param_hint="--out")
     try:
         denoiser, process, cfg = load_denoiser(ckpt, ema=not no_ema)
+        from .samplers import INFO
+
+        grid = INFO[sampler].grid if grid == "auto" else grid
         grid_fn = getattr(timesteps, f"grid_{grid}")
         ts = grid_fn(process, steps)
     except (ValueError, OSError) as e:
@@ -213,13 +221,13 @@ def demo(out, data, steps, seed, resume, no_progress):
 
 @main.command()
 def samplers():
-    """List the samplers with their NFE per step and paper."""
-    rows = [
-        ("ddpm", "1 per step (+1 final denoise)", "Ho et al. 2020, Algorithm 2"),
-        ("ald", "n_steps_each per level (+1)", "Song & Ermon 2019, Algorithm 1"),
-    ]
-    for name, nfe, paper in rows:
-        click.echo(f"{name:<8} {nfe:<32} {paper}")
+    """List the samplers: order, network evaluations per step, default grid, stochastic or not, paper."""
+    from .samplers import INFO
+
+    click.echo(f"{'name':<14} {'order':<11} {'NFE/step':<24} {'grid':<7} {'noise':<6} paper")
+    for name, info in INFO.items():
+        noise = "yes" if info.stochastic else "no"
+        click.echo(f"{name:<14} {info.order:<11} {info.nfe:<24} {info.grid:<7} {noise:<6} {info.paper}")
 
 
 if __name__ == "__main__":  # pragma: no cover

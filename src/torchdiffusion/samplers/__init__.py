@@ -7,10 +7,13 @@ in ``_loop``; the table of names, orders and papers in ``registry``.
 
 from ._loop import CountingDenoiser, count_nfe, progress_callback
 from .ancestral import sample_ddpm
+from .ddim import sample_ddim
+from .dpm_solver import sample_dpm_solver, sample_dpm_solver_pp, sample_dpm_solver_pp_sde
 from .langevin import langevin_dynamics, sample_annealed_langevin
 from .ode import sample_euler, sample_heun, sample_ode_adaptive, sample_rk4
 from .registry import INFO, SAMPLERS, SamplerInfo
 from .sde import sample_pc, sample_reverse_sde
+from .unipc import sample_unipc
 
 __all__ = [
     "CountingDenoiser",
@@ -25,6 +28,11 @@ __all__ = [
     "sample_ode_adaptive",
     "sample_reverse_sde",
     "sample_pc",
+    "sample_ddim",
+    "sample_dpm_solver",
+    "sample_dpm_solver_pp",
+    "sample_dpm_solver_pp_sde",
+    "sample_unipc",
     "SAMPLERS",
     "INFO",
     "SamplerInfo",

@@ -62,7 +62,7 @@ def sample_ddim(
         c^2 = eta^2 Var[q(x_s | x_t, x0)] = eta^2 sigma_s^2 (1 - e^{-2h})   (Eq. 16 for any process).
 
     - eta = 0: deterministic; x_s = sigma_s/sigma_t x_t + alpha_s (1 - e^{-h}) x0_hat, the first-order
-      exponential integrator of the probability-flow ODE, i.e. DPM-Solver-1 (Lu et al. 2022, Eq. 4.1).
+      exponential integrator of the probability-flow ODE, i.e. DPM-Solver-1 (Lu et al. 2022, Sec. 4.1).
       Order 1; x / alpha depends on the grid only through lam, so VP and VE agree on one lam grid.
     - eta = 1: c^2 is the posterior variance, and the step is DDPM's ancestral step (Ho et al. 2020, Eq. 7)
       with the same noise draws as ``sample_ddpm(variance="posterior")``.

@@ -185,15 +185,20 @@ def sample_dpm_solver_pp(
 
     - 1st order (warm-up): x_s = sigma_s/sigma_t x_t + alpha_s (1 - e^{-h}) m0  (= DDIM, eta = 0).
     - 2M (Algorithm 2): x_s = sigma_s/sigma_t x_t + alpha_s (1 - e^{-h}) ((1 + 1/(2 r0)) m0 - 1/(2 r0) m1).
-    - 3M: D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1, D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1),
-      D2 = (D1_0 - D1_1)/(r0 + r1), phi1 = e^{-h} - 1, phi2 = phi1/h + 1, phi3 = phi2/h - 1/2:
-      x_s = sigma_s/sigma_t x_t - alpha_s (phi1 m0 - phi2 D1 + phi3 D2).
+    - 3M: D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1, D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1) ~ h x0',
+      D2 = 2 (D1_0 - D1_1)/(r0 + r1) ~ h^2 x0'', phi1 = e^{-h} - 1, phi2 = phi1/h + 1, phi3 = phi2/h - 1/2:
+      x_s = sigma_s/sigma_t x_t - alpha_s (phi1 m0 - phi2 D1 + phi3 D2), exact for x0_hat quadratic in lam.
+      The reference code (dpm-solver's ``multistep_dpm_solver_third_update``, k-diffusion's
+      ``sample_dpmpp_3m_sde``) has D2 without the factor 2, half the Taylor term h^2 phi3 x0'': its step
+      is exact only for x0_hat linear in lam, i.e. second order. Here the step is third order.
 
-    Global order = ``order``; the first steps use lower orders (warm-up), see ``multistep_orders`` (with
-    ``lower_order_final`` the last steps do too when n < 10, as in the paper's code). NFE = 1 per step,
-    plus 1 for the final denoising step. Finite where alpha_t = 0 (e^{-h} = 0 there, see ``one_minus_exp``).
+    The first steps use lower orders (warm-up), see ``multistep_orders`` (with ``lower_order_final``
+    the last steps do too when n < 10, as in the paper's code). Global order 2 for 2M; for 3M the
+    first-order first step leaves an O(h^2) term (small: x0_hat varies slowly at high noise), and order
+    3 shows once the start is resolved (tests/test_sampler_dpm.py). NFE = 1 per step, plus 1 for the
+    final denoising step. Finite where alpha_t = 0 (e^{-h} = 0 there, see ``one_minus_exp``).
 
-    Args: as ``sample_dpm_solver``; order: 2 or 3 (1 gives DDIM).
+    Args: as ``sample_dpm_solver``; order: 2 or 3 (1 gives DDIM); lower_order_final: see above.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
@@ -216,7 +221,7 @@ def sample_dpm_solver_pp(
             r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
             d10 = torch.tensor([1 / r0, -1 / r0, 0.0], dtype=torch.float64)  # weights of (m0, m1, m2)
             diff = d10 - torch.tensor([0.0, 1 / r1, -1 / r1], dtype=torch.float64)
-            d1, d2 = d10 + r0 / (r0 + r1) * diff, diff / (r0 + r1)
+            d1, d2 = d10 + r0 / (r0 + r1) * diff, 2 * diff / (r0 + r1)
             phi1 = -phi
             phi2 = phi1 / h + 1
             phi3 = phi2 / h - 0.5
@@ -248,7 +253,7 @@ def sample_dpm_solver_pp_sde(
     eta = 1 is the paper's solver of the reverse SDE (its first step is DDPM's ancestral step); eta = 0
     is DPM-Solver++(2M) without the lower-order final step. The first step is first order (m1 = m0), as is
     a step after one from alpha = 0; no lower-order final step (as k-diffusion's ``sample_dpmpp_2m_sde``).
-    Strong order 1 for eta > 0. NFE = 1 per step, plus 1 for the final denoising step; noise only from
+    NFE = 1 per step, plus 1 for the final denoising step; noise only from
     ``generator``, one draw per step not landing on the data.
     """
     if eta < 0:

@@ -1,0 +1,137 @@
+"""UniPC: a unified predictor-corrector for diffusion ODEs (Zhao et al. 2023), data-prediction form."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..process import NoiseProcess
+from . import _loop
+from .dpm_solver import grid_curves, multistep_orders, one_minus_exp
+
+__all__ = ["sample_unipc"]
+
+VARIANTS = ("bh1", "bh2")
+
+
+def unipc_rhos(h: float, rks: list[float], p: int, variant: str) -> tuple[float, list[float], list[float]]:
+    """B(h) and the predictor / corrector weights rho^p, rho^c of one UniPC step (Zhao et al. 2023, Sec. 3).
+
+    rks are r_k = (lam_{i-k} - lam_i) / h, k = 1..p-1. With phi_k the exponential-integrator functions
+    of -h, the order conditions are R rho = b, R_{jk} = r_k^{j-1} (r_p = 1), b_j = (-h) phi_{j+1}(-h) j! / B(h)
+    (the order conditions behind Theorem 3.1). As in the paper's code: UniP-2 uses rho^p = 1/2 and UniC-1 rho^c = 1/2,
+    their limits as h -> 0.
+    """
+    hh = -h
+    B = hh if variant == "bh1" else math.expm1(hh)
+    h_phi = math.expm1(hh) / hh - 1  # hh phi_2(hh)
+    b, fact = [], 1
+    for j in range(1, p + 1):
+        b.append(h_phi * fact / B)
+        fact *= j + 1
+        h_phi = h_phi / hh - 1 / fact
+    r = torch.tensor([*rks, 1.0], dtype=torch.float64)
+    R = torch.stack([r ** (j - 1) for j in range(1, p + 1)])
+    bt = torch.tensor(b, dtype=torch.float64)
+    if p == 1:
+        rho_p = []
+    elif p == 2:
+        rho_p = [0.5]
+    else:
+        rho_p = torch.linalg.solve(R[:-1, :-1], bt[:-1]).tolist()
+    rho_c = [0.5] if p == 1 else torch.linalg.solve(R, bt).tolist()
+    return B, rho_p, rho_c
+
+
+def _combine(c_x: float, x: Tensor, w: list[float], hist: list[Tensor]) -> Tensor:
+    """c_x x + sum_j w_j hist_j."""
+    y = c_x * x
+    for wj, mj in zip(w, hist):
+        y = y + wj * mj
+    return y
+
+
+def sample_unipc(
+    denoiser,
+    process: NoiseProcess,
+    x: Tensor,
+    ts,
+    *,
+    order: int = 2,
+    variant: str = "bh2",
+    lower_order_final: bool = True,
+    final_denoise: bool = True,
+    generator: torch.Generator | None = None,
+    callback=None,
+    **cond,
+) -> Tensor:
+    """UniPC multistep sampler: UniP-p predictor, UniC corrector, data prediction (Zhao et al. 2023, Sec. 3).
+
+    Per step t_i -> s = t_{i+1}, h = lam_s - lam_i, m_k = x0_hat at t_{i-k} (m_0 at t_i), r_k = (lam_{i-k} - lam_i)/h,
+    D_k = (m_k - m_0) / r_k and B(h) = e^{-h} - 1 ("bh2") or -h ("bh1"):
+
+        x~_s  = sigma_s/sigma_i x_i + alpha_s (1 - e^{-h}) m_0                              (DDIM part)
+        x_s^p = x~_s - alpha_s B(h) sum_{k<p} rho^p_k D_k                                    (UniP-p, Sec. 3.2)
+        m_s   = x0_hat(x_s^p, s)                                                             (the step's 1 NFE)
+        x_s   = x~_s - alpha_s B(h) (sum_{k<p} rho^c_k D_k + rho^c_p (m_s - m_0))            (UniC-p, Sec. 3.1)
+
+    The corrector reuses m_s, which the next step needs anyway, so NFE = 1 per step (plus 1 for the
+    final denoising step); it is not applied after the last step (nothing would reuse it). UniP-p has
+    order p and UniC raises it to p + 1 (Theorem 3.1). Warm-up and ``lower_order_final`` (last steps of
+    lower order when n < 10, as in DPM-Solver++'s code; UniPC's own code does so for every n, which caps
+    the global order at 2) as ``dpm_solver.multistep_orders``. A step from alpha = 0 (Flow at t = 1) is a
+    DDIM step without corrector; a step landing on sigma = 0 returns m_0 (``samplers._loop``).
+
+    Args: as ``sample_dpm_solver``; order: predictor order p (1, 2 or 3; global order p + 1, for p = 3
+        approached once the first-order start matters less, see tests/test_sampler_dpm.py);
+        variant: "bh2" (B(h) = e^h - 1 in the paper's sign convention) or "bh1" (B(h) = h).
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
+    x, ts = _loop.prepare(x, ts)
+    a, sg, lam = grid_curves(process, ts)
+    n = len(ts) - 1
+    # Per step: c_x, weights of (m_0, m_1, ...) for predictor and corrector, weight of m_s, corrector on/off.
+    c_x, w_p, w_c, w_new, corr = [], [], [], [], []
+    for i, p in enumerate(multistep_orders(lam, order, lower_order_final)):
+        if sg[i + 1] == 0.0:  # lands on data
+            c_x.append(0.0), w_p.append([]), w_c.append([]), w_new.append(0.0), corr.append(False)
+            continue
+        h, a_s = lam[i + 1] - lam[i], a[i + 1]
+        base = a_s * one_minus_exp(h, sg[i + 1] * a[i] / (a_s * sg[i]))
+        c_x.append(sg[i + 1] / sg[i])
+        corr.append(i < n - 1 and math.isfinite(h))
+        if not math.isfinite(h):  # from alpha = 0: DDIM
+            w_p.append([base]), w_c.append([base]), w_new.append(0.0)
+            continue
+        rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+        B, rho_p, rho_c = unipc_rhos(h, rks, p, variant)
+        # sum_k rho_k D_k = sum_k rho_k / r_k (m_k - m_0): weights on m_0 and m_k
+        wp = [base + a_s * B * sum(rho / r for rho, r in zip(rho_p, rks))]
+        wp += [-a_s * B * rho / r for rho, r in zip(rho_p, rks)]
+        wc = [base + a_s * B * (sum(rho / r for rho, r in zip(rho_c[:-1], rks)) + rho_c[-1])]
+        wc += [-a_s * B * rho / r for rho, r in zip(rho_c[:-1], rks)]
+        w_p.append(wp), w_c.append(wc), w_new.append(-a_s * B * rho_c[-1])
+
+    lands = [_loop.lands_on_data(process, s) for s in ts[1:]]
+    hist = [denoiser(x, _loop.batch_t(ts[0], x), **cond)] if n > 0 else []  # x0_hat at t_i, t_{i-1}, ...
+    nfe = len(hist)
+    for i in range(n):
+        x0_hat = hist[0]
+        if lands[i]:
+            x = x0_hat
+        else:
+            x_pred = _combine(c_x[i], x, w_p[i], hist)
+            if i < n - 1:  # the model at s: used by the corrector and by the next step
+                m_s = denoiser(x_pred, _loop.batch_t(ts[i + 1], x_pred), **cond)
+                nfe += 1
+                x = _combine(c_x[i], x, w_c[i], hist) + w_new[i] * m_s if corr[i] else x_pred
+                hist = [m_s, *hist[: order - 1]]
+            else:
+                x = x_pred
+        _loop.report(callback, i, ts[i], x, x0_hat, nfe)
+    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
