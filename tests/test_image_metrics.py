@@ -1,0 +1,284 @@
+"""Image metrics against closed forms: FID of Gaussians, KID's cubic-kernel MMD^2 from moments, k-NN precision and
+recall on identical and disjoint sets; the digits feature net's accuracy and cache; the FID Inception's layout."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from torchdiffusion.data.images import load_digits
+from torchdiffusion.image_metrics import (
+    evaluate_images,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
+)
+from torchdiffusion.nets import features as feats
+from torchdiffusion.nets.features import (
+    INCEPTION_FILE,
+    FeatureNetError,
+    InceptionFeatures,
+    classifier_accuracy,
+    feature_net_for,
+    load_feature_net,
+    load_inception,
+    train_feature_net,
+)
+
+F64 = torch.float64
+
+
+def _spd(d: int, gen: torch.Generator) -> torch.Tensor:
+    a = torch.randn(d, d, generator=gen, dtype=F64)
+    return a @ a.T / d + 0.1 * torch.eye(d, dtype=F64)
+
+
+# -- FID ---------------------------------------------------------------------------------------------------
+def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    mu1, mu2 = torch.randn(6, generator=gen, dtype=F64), torch.randn(6, generator=gen, dtype=F64)
+    v1, v2 = torch.rand(6, generator=gen, dtype=F64) + 0.1, torch.rand(6, generator=gen, dtype=F64) + 0.1
+    exact = ((mu1 - mu2) ** 2).sum() + ((v1.sqrt() - v2.sqrt()) ** 2).sum()
+    assert frechet_distance(mu1, torch.diag(v1), mu2, torch.diag(v2)) == pytest.approx(float(exact), rel=1e-12)
+
+
+def test_frechet_distance_is_zero_for_identical_statistics_and_symmetric():
+    gen = torch.Generator().manual_seed(1)
+    mu1, mu2, s1, s2 = (
+        torch.randn(30, generator=gen, dtype=F64),
+        torch.zeros(30, dtype=F64),
+        _spd(30, gen),
+        _spd(30, gen),
+    )
+    assert frechet_distance(mu1, s1, mu1, s1) < 1e-10 * float(s1.trace())
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-10)
+
+
+def _fid_reference(mu1, s1, mu2, s2, trace_sqrt):
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt(s1 @ s2))
+
+
+def test_frechet_distance_matches_the_general_formula_including_singular_covariances():
+    """Tr (S1 S2)^{1/2} = sum sqrt(eig(S1 S2)) (the eigenvalues are real and >= 0), and scipy's sqrtm."""
+    gen = torch.Generator().manual_seed(2)
+    mu1, mu2 = torch.randn(10, generator=gen, dtype=F64).numpy(), torch.randn(10, generator=gen, dtype=F64).numpy()
+    low_rank = torch.randn(4, 10, generator=gen, dtype=F64)
+    by_eigvals = lambda m: np.sqrt(np.clip(np.linalg.eigvals(m).real, 0, None)).sum()  # noqa: E731
+    for s1, s2 in [(_spd(10, gen), _spd(10, gen)), (low_rank.T @ low_rank, _spd(10, gen))]:
+        s1, s2 = s1.numpy(), s2.numpy()
+        assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
+            _fid_reference(mu1, s1, mu2, s2, by_eigvals), rel=1e-9
+        )
+    linalg = pytest.importorskip("scipy.linalg")
+    s1, s2 = _spd(10, gen).numpy(), _spd(10, gen).numpy()
+    by_sqrtm = lambda m: np.trace(linalg.sqrtm(m)).real  # noqa: E731
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(_fid_reference(mu1, s1, mu2, s2, by_sqrtm), rel=1e-9)
+
+
+def test_feature_statistics_are_mean_and_unbiased_covariance():
+    f = torch.randn(50, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    mu, sigma = feature_statistics(f)
+    np.testing.assert_allclose(mu.numpy(), f.numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma.numpy(), np.cov(f.numpy(), rowvar=False), rtol=1e-12)
+
+
+def test_fid_of_two_samples_of_one_gaussian_is_small_against_a_unit_mean_shift():
+    """||delta||^2 = 1 with equal covariances: FID = 1 exactly; the same law gives the finite-sample bias only."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(8, 8, generator=gen, dtype=F64) / 3 + torch.eye(8, dtype=F64)
+    x, y = (torch.randn(20000, 8, generator=gen, dtype=F64) @ a.T + 1 for _ in range(2))
+    same = frechet_distance(*feature_statistics(x), *feature_statistics(y))
+    shifted = frechet_distance(*feature_statistics(x), *feature_statistics(y + 8**-0.5))
+    assert shifted == pytest.approx(1.0, abs=0.05)
+    assert same < 0.02 * shifted
+
+
+# -- KID ---------------------------------------------------------------------------------------------------
+def _independent_kids(sample_x, sample_y, repeats, m, gen):
+    """KID of `repeats` independent pairs of samples of size m: i.i.d. estimates, so their standard error is honest."""
+    est = [kernel_inception_distance(sample_x(m), sample_y(m), subsets=1, subset_size=m, generator=gen)[0]
+           for _ in range(repeats)]  # fmt: skip
+    est = torch.tensor(est, dtype=F64)
+    return float(est.mean()), float(est.std() / repeats**0.5)
+
+
+def test_kid_is_unbiased_for_one_distribution():
+    gen = torch.Generator().manual_seed(5)
+    draw = lambda m: torch.randn(m, 4, generator=gen, dtype=F64)  # noqa: E731
+    mean, se = _independent_kids(draw, draw, 1000, 50, gen)
+    assert abs(mean) < 3 * se
+
+
+def test_kid_matches_the_closed_form_cubic_kernel_mmd_of_a_mean_shift():
+    """d = 1: k(x, y) = (xy + 1)^3 = <phi(x), phi(y)> with phi(x) = (x^3, sqrt3 x^2, sqrt3 x, 1), so
+    MMD^2 = ||E phi(X) - E phi(Y)||^2. X ~ N(0, 1): E phi = (0, sqrt3, 0, 1); Y ~ N(mu, 1): E Y^3 = mu^3 + 3 mu,
+    E Y^2 = 1 + mu^2, so MMD^2 = (mu^3 + 3 mu)^2 + 3 mu^4 + 3 mu^2 (3.578125 at mu = 1/2). Samples of only m = 20
+    make a biased estimate miss it (the V-statistic is off by about (E k(x, x) - E k(x, x')) / m ~ 1.2)."""
+    gen, mu = torch.Generator().manual_seed(6), 0.5
+    exact = (mu**3 + 3 * mu) ** 2 + 3 * mu**4 + 3 * mu**2
+    mean, se = _independent_kids(lambda m: torch.randn(m, 1, generator=gen, dtype=F64),
+                                 lambda m: mu + torch.randn(m, 1, generator=gen, dtype=F64), 4000, 20, gen)  # fmt: skip
+    assert se < 0.15
+    assert abs(mean - exact) < 3 * se
+
+
+def test_kid_of_whole_sets_is_the_u_statistic():
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(12, 3, generator=gen, dtype=F64), torch.randn(12, 3, generator=gen, dtype=F64) + 0.3
+    k = lambda a, b: (float(a @ b) / 3 + 1) ** 3  # noqa: E731
+    pairs = [(i, j) for i in range(12) for j in range(12) if i != j]
+    u = sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / len(pairs)
+    u -= 2 * sum(k(x[i], y[j]) for i in range(12) for j in range(12)) / 144
+    mean, std = kernel_inception_distance(x, y, subsets=3, subset_size=100, generator=gen)
+    assert mean == pytest.approx(u, rel=1e-12) and std < 1e-12
+
+
+# -- precision and recall ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_of_identical_sets_is_one(k):
+    x = torch.randn(400, 5, generator=torch.Generator().manual_seed(8), dtype=F64)
+    assert precision_recall(x, x.clone(), k=k) == (1.0, 1.0)
+
+
+def test_precision_recall_of_far_apart_sets_is_zero():
+    gen = torch.Generator().manual_seed(9)
+    x, y = torch.randn(300, 5, generator=gen), torch.randn(300, 5, generator=gen) + 100
+    assert precision_recall(x, y, k=3) == (0.0, 0.0)
+
+
+def test_precision_recall_when_fake_covers_one_of_two_real_modes():
+    """Fakes from one of two far-apart real modes: as plausible as against that mode alone, half the data missed."""
+    gen, e1 = torch.Generator().manual_seed(10), torch.eye(5)[0] * 50
+    mode_a, mode_b = torch.randn(500, 5, generator=gen) + e1, torch.randn(500, 5, generator=gen) - e1
+    fake = torch.randn(1000, 5, generator=gen) + e1
+    precision, recall = precision_recall(torch.cat([mode_a, mode_b]), fake, k=3)
+    precision_a, recall_a = precision_recall(mode_a, fake, k=3)
+    assert precision == precision_a > 0.85
+    assert recall == pytest.approx(recall_a / 2, abs=1e-12) and recall_a > 0.85
+    with pytest.raises(ValueError, match="k"):
+        precision_recall(mode_a[:3], fake, k=3)
+
+
+# -- the own feature net -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_net():
+    """The feature net with its default settings, trained on 80% of the digits; the rest held out."""
+    x, y = load_digits()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    held, kept = perm[:360], perm[360:]
+    return train_feature_net(x[kept], y[kept], seed=0, dataset="digits"), x, y, kept, held
+
+
+def test_digits_feature_net_is_accurate_on_held_out_digits(digits_net):
+    net, x, y, _, held = digits_net
+    assert classifier_accuracy(net, x[held], y[held]) > 0.95
+
+
+def test_digits_features_separate_the_classes(digits_net):
+    """Nearest class mean (means from the training split) classifies held-out features."""
+    net, x, y, kept, held = digits_net
+    with torch.no_grad():
+        f_kept, f_held = net.features(x[kept]), net.features(x[held])
+    means = torch.stack([f_kept[y[kept] == c].mean(0) for c in range(10)])
+    assert (torch.cdist(f_held, means).argmin(1) == y[held]).double().mean() > 0.95
+
+
+def test_feature_net_cache_loads_bit_exactly_and_retrains_on_new_data(tmp_path, monkeypatch):
+    x, y = load_digits()
+    x, y = x[:300], y[:300]
+    net = feature_net_for("digits", tmp_path, images=x, labels=y, epochs=1, holdout=0.2)
+    meta = json.loads((tmp_path / "features-digits.json").read_text())
+    assert meta["n_holdout"] == 60 and 0 <= meta["holdout_accuracy"] <= 1 and meta["settings"]["epochs"] == 1
+    calls = []
+    real_train = feats.train_feature_net
+    monkeypatch.setattr(feats, "train_feature_net", lambda *a, **kw: calls.append(1) or real_train(*a, **kw))
+    again = feature_net_for("digits", tmp_path, images=x, labels=y, epochs=1, holdout=0.2)
+    assert not calls
+    with torch.no_grad():
+        assert torch.equal(net.features(x), again.features(x))
+    changed = x.clone()
+    changed[0, 0, 0, 0] += 0.5
+    feature_net_for("digits", tmp_path, images=changed, labels=y, epochs=1, holdout=0.2)
+    assert calls == [1]
+    assert json.loads((tmp_path / "features-digits.json").read_text())["data_sha256"] != meta["data_sha256"]
+    feature_net_for("digits", tmp_path, images=changed, labels=y, epochs=2, holdout=0.2)  # new settings
+    assert calls == [1, 1]
+
+
+def test_corrupt_feature_net_cache_raises_on_load_and_is_retrained_with_a_warning(tmp_path):
+    x, y = load_digits()
+    x, y = x[:200], y[:200]
+    feature_net_for("digits", tmp_path, images=x, labels=y, epochs=1)
+    weights = tmp_path / "features-digits.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(FeatureNetError, match="features-digits.safetensors"):
+        load_feature_net(weights)
+    with pytest.warns(UserWarning, match="training it again"):
+        feature_net_for("digits", tmp_path, images=x, labels=y, epochs=1)
+    load_feature_net(weights)  # repaired
+    (tmp_path / "features-digits.json").write_text("{not json")
+    with pytest.raises(FeatureNetError, match="corrupt"):
+        load_feature_net(weights)
+
+
+# -- evaluate_images ---------------------------------------------------------------------------------------
+def test_evaluate_images_digits_halves_against_noise(digits_net):
+    net, x, *_ = digits_net
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(11))
+    a, b = x[perm[:898]], x[perm[898:]]
+    noise = torch.randn(899, 1, 8, 8, generator=torch.Generator().manual_seed(12))
+    same = evaluate_images(a, b, feature_net=net, kid_subsets=10)
+    other = evaluate_images(noise, b, features="own", feature_net=net, kid_subsets=10)
+    assert same["features"] == "own (digits CNN) — not comparable to published FID"
+    assert (same["n_fake"], same["n_real"], same["feature_dim"]) == (898, 899, 64)
+    assert other["fid"] > 20 * same["fid"]
+    assert other["kid_mean"] > 20 * abs(same["kid_mean"])
+    assert min(same["precision"], same["recall"]) > 0.7 and other["precision"] < 0.2
+
+
+def test_evaluate_images_needs_a_matching_feature_net(digits_net):
+    x = digits_net[1][:10]
+    with pytest.raises(FileNotFoundError, match=INCEPTION_FILE):
+        evaluate_images(x, x, features="inception")
+    with pytest.raises(ValueError, match="feature_net_for"):
+        evaluate_images(x, x)
+    with pytest.raises(ValueError, match="DigitFeatures"):
+        evaluate_images(x, x, features="inception", feature_net=digits_net[0])
+
+
+# -- the FID Inception -------------------------------------------------------------------------------------
+def test_load_inception_names_the_missing_weights_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"pt_inception-2015-12-05-6726825d\.pth; pass --inception PATH"):
+        load_inception(tmp_path / "nothing.pth")
+
+
+def test_inception_has_pytorch_fid_layout_and_loads_its_state_dict(tmp_path):
+    """Keys and shapes of torchvision's Inception3 (1008 classes, no aux head), as in pytorch-fid's weights file."""
+    torch.manual_seed(0)
+    net = InceptionFeatures().eval()
+    state = net.state_dict()
+    assert len(state) == 566 and sum(k.endswith("num_batches_tracked") for k in state) == 94
+    shapes = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+              "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7), "Mixed_7a.branch3x3_2.bn.running_var": (320,),
+              "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1), "fc.weight": (1008, 2048)}  # fmt: skip
+    assert {k: tuple(state[k].shape) for k in shapes} == shapes
+    path = tmp_path / "weights.pth"
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)  # older files lack them
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_inception(path)
+    loaded = load_inception(path, check_hash=False)
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        f = net.features(x)
+        assert f.shape == (2, 2048) and (f >= 0).all()
+        assert torch.equal(loaded.features(x), f)
+        assert loaded.features(torch.zeros(1, 3, 28, 28)).shape == (1, 2048)
+    result = evaluate_images(x.repeat(2, 1, 1, 1), torch.rand(4, 1, 8, 8) * 2 - 1, feature_net=loaded, pr_k=1)
+    assert result["features"] == "inception (pytorch-fid compatible)" and result["feature_dim"] == 2048
+    assert result["fid"] >= 0 and result["recall"] == 0.0  # fakes are 2 points; their 1-NN balls have radius 0
+
+
+def test_inception_average_pool_ignores_padding_as_tensorflow():
+    assert torch.equal(feats._avg_pool(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))
