@@ -7,7 +7,7 @@ PIP    := $(BIN)/python -m pip
 # -n 2 uses both cores; the test suite is CPU-bound float64 math.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv demo test test-slow test-all bench bench-samplers lint format clean
+.PHONY: venv demo test test-slow test-all bench bench-samplers bench-likelihood lint format clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,10 @@ bench: $(COMPARE)
 # Sample quality per NFE against exact Gaussian mixtures, next to diffusers and k-diffusion.
 bench-samplers: $(COMPARE)
 	$(BIN)/python benchmarks/bench_samplers.py --out bench-output
+
+# Likelihood accuracy and time against closed-form densities, next to k-diffusion.
+bench-likelihood: $(COMPARE)
+	$(BIN)/python benchmarks/bench_likelihood.py --out bench-output
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -31,12 +31,9 @@ process. Notes on matching diffusers' process:
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import inspect
 import logging
-import sys
-import types
 
 import torch
 from torch import Tensor
@@ -57,6 +54,8 @@ __all__ = [
     "exact_eps",
     "diffusers_steps_for_budget",
     "run_diffusers",
+    "diffusers_loop",
+    "overhead_cases",
 ]
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -67,37 +66,10 @@ BETA_KW = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "b
 
 
 def load_k_diffusion_sampling():
-    """``k_diffusion.sampling`` without the package's ``__init__`` (which imports torchvision, clip
-    and clean-fid): a bare package module plus a stub ``utils`` with the one function sampling uses.
-    Returns None when k-diffusion or the sampling module's own dependencies are missing."""
-    if "k_diffusion.sampling" in sys.modules:
-        return sys.modules["k_diffusion.sampling"]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or spec.submodule_search_locations is None:
-        return None
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    utils = types.ModuleType("k_diffusion.utils")
+    """``k_diffusion.sampling`` without the package's ``__init__``: see ``torchdiffusion.anchors``."""
+    from torchdiffusion.anchors import load_k_diffusion_sampling as load
 
-    def append_dims(x, target_dims):
-        dims_to_append = target_dims - x.ndim
-        if dims_to_append < 0:
-            raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
-        return x[(...,) + (None,) * dims_to_append]
-
-    utils.append_dims = append_dims
-    pkg.utils = utils
-    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils")}
-    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = pkg, utils
-    try:
-        return importlib.import_module("k_diffusion.sampling")
-    except ImportError:
-        for k, v in saved.items():  # leave sys.modules as it was
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-        return None
+    return load()
 
 
 # name -> model calls per step; a two-call sampler spends one call on its last step (to sigma = 0).
@@ -271,16 +243,35 @@ def run_diffusers(
     if n is None:
         raise ValueError(f"{name} cannot run within {nfe} NFE")
     sched.set_timesteps(n)
-    eps = exact_eps(gm, scheduler_process(sched))
     gen = torch.Generator().manual_seed(seed)
     if x is None:
         x = torch.randn(n_samples, *gm.shape, generator=gen, dtype=dtype)
+    return diffusers_loop(sched, exact_eps(gm, scheduler_process(sched)), x, gen)
+
+
+def diffusers_loop(sched, eps, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    """diffusers' pipeline loop after ``set_timesteps``: scale the noise, then per timestep scale the input,
+    call the model, step (passing the generator where ``step`` takes one). Returns (x0, model calls)."""
     x = x * sched.init_noise_sigma
-    takes_gen = "generator" in inspect.signature(sched.step).parameters
+    kw = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
     calls = 0
     for t in sched.timesteps:
         model_out = eps(sched.scale_model_input(x, t), t)
         calls += 1
-        kw = {"generator": gen} if takes_gen else {}
         x = sched.step(model_out, t, x, **kw).prev_sample
     return x, calls
+
+
+def overhead_cases(model, x: Tensor, steps: int) -> dict:
+    """Callables running k-diffusion's sample_euler / sample_dpmpp_2m and diffusers' DDIM, DPMSolverMultistep and
+    EulerDiscrete for ``steps`` steps with ``model`` (for the per-step overhead; whichever is installed)."""
+    cases = {}
+    if (K := load_k_diffusion_sampling()) is not None:
+        sig = kdiff_sigmas(steps + 1).to(x.dtype)
+        for name in ("sample_euler", "sample_dpmpp_2m"):
+            cases[f"k-diffusion/{name}"] = lambda name=name: getattr(K, name)(model, x * SIGMA_MAX, sig, disable=True)
+    if importlib.util.find_spec("diffusers") is not None:
+        for name in ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"):
+            sched = make_scheduler(name)
+            cases[f"diffusers/{name}"] = lambda s=sched: (s.set_timesteps(steps), diffusers_loop(s, model, x))
+    return cases

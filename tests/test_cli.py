@@ -140,3 +140,31 @@ def test_sample_draws_the_reverse_process(trained, tmp_path):
     r = run("sample", "--checkpoint", trained, "--steps", 6, "--n", 40, "--out", tmp_path / "s.npy", "--figure", fig)
     assert r.exit_code == 0, r.output
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("method", ["ode", "elbo"])
+def test_likelihood_prints_nats_and_bits(trained, method):
+    r = run(
+        "likelihood",
+        "--checkpoint",
+        trained,
+        "--data",
+        "moons",
+        "--n",
+        20,
+        "--method",
+        method,
+        "--no-progress",
+        "--rtol",
+        "1e-3",
+        "--atol",
+        "1e-3",
+    )
+    assert r.exit_code == 0, r.output
+    assert "nats per example" in r.output and "bits/dim" in r.output
+
+
+def test_likelihood_vlb_on_a_continuous_process_is_a_clear_error(trained):
+    r = run("likelihood", "--checkpoint", trained, "--data", "moons", "--n", 10, "--method", "vlb", "--no-progress")
+    assert r.exit_code == 1
+    assert "elbo" in r.output

@@ -9,6 +9,8 @@ Notation (one table for the whole library; seed 003 and DESIGN.md):
     x0_hat      denoiser output E[x0|x_t]  eps_hat      (x - alpha x0_hat) / sigma
 """
 
+from .dequantize import bits_per_dim, dequantize, nll_8bit
+from .likelihood import elbo, log_likelihood, vlb, vlb_terms
 from .parameterization import (
     PREDICTIONS,
     Preconditioned,
@@ -54,4 +56,11 @@ __all__ = [
     "langevin_dynamics",
     "count_nfe",
     "GaussianMixture",
+    "log_likelihood",
+    "elbo",
+    "vlb",
+    "vlb_terms",
+    "bits_per_dim",
+    "dequantize",
+    "nll_8bit",
 ]

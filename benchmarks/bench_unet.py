@@ -1,0 +1,283 @@
+"""Benchmark: the image U-Net's training and sampling speed and peak memory, next to diffusers' UNet2DModel.
+
+Both networks have the same architecture (ADM-style ResBlocks with scale-shift norm, attention at one
+resolution, the DDPM skips) and parameter count: diffusers' count is 2C lower because its middle attention
+has no GroupNorm when ``resnet_time_scale_shift="scale_shift"``. Two sizes: 8x8 digits (1 channel) and a
+small 32x32 CIFAR-size net (3 channels).
+
+- Training: one AdamW step of the eps-MSE loss on a DDPM process (linear betas, T = 1000), same batch;
+  ours through ``Preconditioned`` and ``denoising_loss``, diffusers' through ``DDPMScheduler.add_noise``.
+- Sampling: a 50-NFE deterministic DDIM loop (ours ``sample_ddim``, theirs ``DDIMScheduler``), timed with
+  the network and with a network returning zeros: the difference is network time, the rest sampler overhead.
+
+Each case runs in a fresh (spawned) process, so its peak resident memory (ru_maxrss) is its own; it
+includes the imports (diffusers' alone are ~100 MiB more; see ``import_mib`` in the JSON). Times are the
+best of the timed repetitions (the JSON also has medians): on a shared machine the best is the estimate
+least disturbed by other processes.
+
+Run: ``python benchmarks/bench_unet.py [--quick] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+T, NFE = 1000, 50
+HEAD = 32  # channels per attention head, both libraries
+CONFIGS = {
+    "digits": dict(
+        in_channels=1, image_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,)
+    ),
+    "cifar": dict(
+        in_channels=3, image_size=32, channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(16,)
+    ),
+}
+BATCH = {"digits": 128, "cifar": 16}
+
+
+def ours(name):
+    from torchdiffusion.nets.unet import UNet
+
+    torch.manual_seed(0)
+    return UNet(**CONFIGS[name], head_channels=HEAD, dropout=0.1, scale_shift=True)
+
+
+def theirs(name):
+    from diffusers import UNet2DModel
+
+    cfg = CONFIGS[name]
+    sizes = [cfg["image_size"] >> i for i in range(len(cfg["channel_mult"]))]
+    attn = [s in cfg["attention_resolutions"] for s in sizes]
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=cfg["image_size"],
+        in_channels=cfg["in_channels"],
+        out_channels=cfg["in_channels"],
+        block_out_channels=tuple(cfg["channels"] * m for m in cfg["channel_mult"]),
+        layers_per_block=cfg["num_res_blocks"],
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=HEAD,
+        dropout=0.1,
+        resnet_time_scale_shift="scale_shift",
+    )
+
+
+def _data(name, n=512):
+    cfg = CONFIGS[name]
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, cfg["in_channels"], cfg["image_size"], cfg["image_size"], generator=g).clamp(-1, 1)
+
+
+def _times(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def train_ours(name, warmup, reps):
+    from torchdiffusion import Discrete, Preconditioned
+    from torchdiffusion.losses import denoising_loss
+
+    process = Discrete.from_schedule("linear", T)
+    model = Preconditioned(ours(name), process)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    data, gen, B = _data(name), torch.Generator().manual_seed(0), BATCH[name]
+
+    def step():
+        x0 = data[torch.randint(0, len(data), (B,), generator=gen)]
+        loss = denoising_loss(model, process, x0, generator=gen).mean()  # eps-MSE (Ho et al. 2020, Eq. 14)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _times(step, warmup, reps), B
+
+
+def train_diffusers(name, warmup, reps):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear")
+    net = theirs(name)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    data, gen, B = _data(name), torch.Generator().manual_seed(0), BATCH[name]
+
+    def step():
+        x0 = data[torch.randint(0, len(data), (B,), generator=gen)]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, T, (B,), generator=gen)
+        loss = torch.nn.functional.mse_loss(net(sched.add_noise(x0, noise, t), t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _times(step, warmup, reps), B
+
+
+class _Zero(torch.nn.Module):
+    """The trivial network: eps_hat = 0, in the U-Net's signature."""
+
+    def forward(self, x, c_noise, class_labels=None):
+        return torch.zeros_like(x)
+
+
+def sample_ours(name, warmup, reps, trivial=False):
+    from torchdiffusion import Discrete, Preconditioned, as_denoiser, count_nfe, grid_discrete
+    from torchdiffusion.samplers import sample_ddim
+
+    process = Discrete.from_schedule("linear", T)
+    net = _Zero() if trivial else ours(name).eval()
+    den = count_nfe(as_denoiser(Preconditioned(net, process), process))
+    ts = grid_discrete(process, NFE)  # NFE - 1 steps and the final denoising step: NFE evaluations
+    x = process.prior_sample((BATCH[name], *_data(name, 1).shape[1:]), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = _times(lambda: sample_ddim(den, process, x, ts), warmup, reps)
+    assert den.nfe == NFE * (warmup + reps), den.nfe
+    return out, NFE
+
+
+def sample_diffusers(name, warmup, reps, trivial=False):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=False)
+    net = None if trivial else theirs(name).eval()
+    x0 = torch.randn(BATCH[name], *_data(name, 1).shape[1:], generator=torch.Generator().manual_seed(0))
+
+    def run():
+        sched.set_timesteps(NFE)
+        x = x0
+        for t in sched.timesteps:
+            eps = torch.zeros_like(x) if trivial else net(x, t).sample
+            x = sched.step(eps, t, x).prev_sample
+        return x
+
+    with torch.no_grad():
+        return _times(run, warmup, reps), NFE
+
+
+CASES = {
+    "train_ours": train_ours,
+    "train_diffusers": train_diffusers,
+    "sample_ours": sample_ours,
+    "sample_diffusers": sample_diffusers,
+}
+
+
+def _rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(case, args, threads, q):
+    torch.set_num_threads(threads)
+    import torchdiffusion  # noqa: F401  (the imports count in both peaks; measured separately)
+
+    if "diffusers" in case:
+        import diffusers  # noqa: F401
+    import_mib = _rss_mib()
+    times, per = CASES[case](*args)
+    q.put({"times": times, "per": per, "peak_mib": _rss_mib(), "import_mib": import_mib})
+
+
+def run_case(case, *args, threads=2):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(case, args, threads, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def machine(threads) -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {mp.cpu_count()} cores, torch {torch.__version__}, {threads} threads"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--configs", default="digits,cifar", help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    try:
+        import diffusers  # noqa: F401
+
+        have_diffusers = True
+    except ImportError:
+        have_diffusers = False
+    train_reps, sample_reps = (5, 1) if args.quick else (20, 3)
+    rows, params, load = [], {}, [os.getloadavg()[0]]
+
+    for name in args.configs.split(","):
+        params[name] = {"ours": ours(name).num_parameters()}
+        if have_diffusers:
+            params[name]["diffusers"] = sum(p.numel() for p in theirs(name).parameters())
+
+        def add(what, unit, case, case_args, name=name):
+            row = {"config": name, "what": what, "unit": unit}
+            for lib in ("ours", "diffusers") if have_diffusers else ("ours",):
+                r = run_case(f"{case}_{lib}", name, *case_args, threads=args.threads)
+                best, med = min(r["times"]), statistics.median(r["times"])
+                row[lib] = {"best_s": best, "median_s": med, "rate": r["per"] / best, "peak_mib": r["peak_mib"]}
+                row[lib] |= {"import_mib": r["import_mib"], "rate_median": r["per"] / med}
+            if have_diffusers:
+                row["speed_ratio"] = row["diffusers"]["best_s"] / row["ours"]["best_s"]
+            rows.append(row)
+            return row
+
+        B = BATCH[name]
+        add(f"training step, batch {B}", "img/s", "train", (3, train_reps))
+        net = add(f"DDIM {NFE} NFE, batch {B}: network", "NFE/s", "sample", (1, sample_reps))
+        zero = add(f"DDIM {NFE} NFE, batch {B}: zero net", "NFE/s", "sample", (1, sample_reps, True))
+        # per-NFE split: network time = (with network - with zero network) / NFE; overhead = zero / NFE
+        for lib in ("ours", "diffusers") if have_diffusers else ("ours",):
+            net[lib]["net_ms_per_nfe"] = 1e3 * (net[lib]["best_s"] - zero[lib]["best_s"]) / NFE
+            zero[lib]["overhead_ms_per_nfe"] = 1e3 * zero[lib]["best_s"] / NFE
+    load.append(os.getloadavg()[0])
+
+    print(f"machine: {machine(args.threads)}; load average {load[0]:.1f} at start, {load[1]:.1f} at end")
+    for name, p in params.items():
+        theirs_n = f", diffusers {p['diffusers']:,}" if "diffusers" in p else ""
+        print(f"parameters {name}: ours {p['ours']:,}{theirs_n}")
+    print(f"{'config':<7} {'benchmark':<34} {'ours':>10} {'diffusers':>10} {'unit':<6} {'ratio':>6} {'peak MiB':>21}")
+    for r in rows:
+        o, d = r["ours"], r.get("diffusers")
+        th = f"{d['rate']:>10.1f}" if d else f"{'n/a':>10}"
+        ratio = f"{r['speed_ratio']:.2f}x" if d else "n/a"
+        mem = f"{o['peak_mib']:.0f}/" + (f"{d['peak_mib']:.0f}" if d else "n/a")
+        print(f"{r['config']:<7} {r['what']:<34} {o['rate']:>10.1f} {th} {r['unit']:<6} {ratio:>6} {mem:>21}")
+    for r in rows:
+        for key, label in (("net_ms_per_nfe", "network"), ("overhead_ms_per_nfe", "sampler overhead")):
+            if key in r["ours"]:
+                d = r.get("diffusers")
+                th = f"{d[key]:>10.2f}" if d else f"{'n/a':>10}"
+                ratio = f"{d[key] / r['ours'][key]:.2f}x" if d else "n/a"
+                print(f"{r['config']:<7} {label + ' per NFE':<34} {r['ours'][key]:>10.2f} {th} {'ms':<6} {ratio:>6}")
+    print("ratio = diffusers time / our time (higher: ours faster); best of the timed repetitions.")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": machine(args.threads), "load": load, "params": params, "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
