@@ -279,6 +279,74 @@ def likelihood(ckpt, data, method, n, batch_size, n_t, rtol, atol, hutchinson, s
 
 
 @main.command()
+@click.option("--checkpoint", "ckpt", required=True, type=click.Path(), help="Run directory or checkpoint folder.")
+@click.option("--data", required=True, help="Image data: digits, digits16, or a folder / .npz / IDX / CIFAR path.")
+@click.option("--n", "n", type=click.IntRange(min=2), default=1000, help="Generated images to evaluate.")
+@click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="dpmpp_2m", help="Sampling algorithm.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, help="Sampler steps.")
+@click.option("--inception", type=click.Path(dir_okay=False), default=None, help="pytorch-fid Inception weights file.")
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False), default=None, help="Where the own feature net is cached."
+)
+@click.option("--kid-subsets", type=click.IntRange(min=1), default=100, help="KID subsets.")
+@click.option("--pr-k", type=click.IntRange(min=1), default=3, help="k of the k-NN precision/recall.")
+@click.option("--seed", type=int, default=0, help="Seed.")
+@click.option("--device", default="cpu", help="torch device.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, pr_k, seed, device, out, no_progress):
+    """FID, KID and precision/recall of a checkpoint's samples against image DATA."""
+    import json
+    import os
+
+    from . import timesteps
+    from .checkpoint import load_denoiser
+    from .data import load_images
+    from .image_metrics import evaluate_images
+    from .io import atomic_write
+    from .nets.features import feature_net_for, load_inception
+    from .samplers import INFO, progress_callback
+
+    try:
+        real, labels = load_images(data)
+        denoiser, process, _ = load_denoiser(ckpt, device=device)
+        if inception:
+            net = load_inception(inception)
+        else:
+            cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "torchdiffusion", "features")
+            name = data if data in ("digits", "digits16") else os.path.basename(os.path.normpath(data))
+            net = feature_net_for(name, cache, images=real, labels=labels, device=device)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    gen = torch.Generator(device).manual_seed(seed)
+    ts = getattr(timesteps, f"grid_{INFO[sampler].grid}")(process, steps)
+    tick, bar = progress_callback(len(ts) - 1, sampler, disable=no_progress)
+    x = process.prior_sample((n, *real.shape[1:]), generator=gen, device=device)
+    with torch.no_grad():
+        fake = SAMPLERS[sampler](denoiser, process, x, ts, generator=gen, callback=tick).cpu()
+    bar.close()
+    try:
+        result = evaluate_images(
+            fake,
+            real,
+            feature_net=net.to(device),
+            kid_subsets=kid_subsets,
+            pr_k=pr_k,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    except (ValueError, OSError) as e:
+        _fail(e)
+    click.echo(f"features: {result['features']}")
+    click.echo(
+        f"FID {result['fid']:.3f}   KID {result['kid_mean']:.4f} +- {result['kid_std']:.4f}   "
+        f"precision {result['precision']:.3f}   recall {result['recall']:.3f}"
+    )
+    click.echo(f"({result['n_fake']} generated with {sampler}, {steps} steps; {result['n_real']} real)")
+    if out:
+        atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2, default=float) + "\n"))
+
+
+@main.command()
 def samplers():
     """List the samplers: order, network evaluations per step, default grid, stochastic or not, paper."""
     from .samplers import INFO
