@@ -11,9 +11,11 @@ small 32x32 CIFAR-size net (3 channels).
   the network and with a network returning zeros: the difference is network time, the rest sampler overhead.
 
 Each case runs in a fresh (spawned) process, so its peak resident memory (ru_maxrss) is its own; it
-includes the imports (diffusers' alone are ~100 MiB more; see ``import_mib`` in the JSON). Times are the
+includes the imports (printed in brackets: torchdiffusion's or diffusers', with torch's). Times are the
 best of the timed repetitions (the JSON also has medians): on a shared machine the best is the estimate
-least disturbed by other processes.
+least disturbed by other processes. OMP_WAIT_POLICY defaults to PASSIVE here: with OpenMP's default
+spin-waiting, two threads on a busy 2-core machine stall ~8 ms at every parallel op (a 128-element
+``exp`` took 8 ms instead of 8 us), which measures the machine's load, not the code.
 
 Run: ``python benchmarks/bench_unet.py [--quick] [--json out.json]``.
 """
@@ -21,6 +23,7 @@ Run: ``python benchmarks/bench_unet.py [--quick] [--json out.json]``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -105,7 +108,7 @@ def train_ours(name, warmup, reps):
         loss.backward()
         opt.step()
 
-    return _times(step, warmup, reps), B
+    return {"times": _times(step, warmup, reps), "per": B, "params": model.net.num_parameters()}
 
 
 def train_diffusers(name, warmup, reps):
@@ -125,7 +128,7 @@ def train_diffusers(name, warmup, reps):
         loss.backward()
         opt.step()
 
-    return _times(step, warmup, reps), B
+    return {"times": _times(step, warmup, reps), "per": B, "params": sum(p.numel() for p in net.parameters())}
 
 
 class _Zero(torch.nn.Module):
@@ -147,7 +150,7 @@ def sample_ours(name, warmup, reps, trivial=False):
     with torch.no_grad():
         out = _times(lambda: sample_ddim(den, process, x, ts), warmup, reps)
     assert den.nfe == NFE * (warmup + reps), den.nfe
-    return out, NFE
+    return {"times": out, "per": NFE}
 
 
 def sample_diffusers(name, warmup, reps, trivial=False):
@@ -166,7 +169,7 @@ def sample_diffusers(name, warmup, reps, trivial=False):
         return x
 
     with torch.no_grad():
-        return _times(run, warmup, reps), NFE
+        return {"times": _times(run, warmup, reps), "per": NFE}
 
 
 CASES = {
@@ -177,19 +180,31 @@ CASES = {
 }
 
 
-def _rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_mib() -> tuple[float, float | None]:
+    """ru_maxrss, and the high-water mark of this process's own memory (VmHWM, Linux).
+
+    Linux carries ru_maxrss over an exec from the process that forked it, so the parent keeps itself
+    small (it imports neither library) for the children's ru_maxrss to be their own; VmHWM checks that.
+    """
+    hwm = None
+    try:
+        with open("/proc/self/status") as fh:
+            hwm = next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, hwm
 
 
 def _child(case, args, threads, q):
     torch.set_num_threads(threads)
-    import torchdiffusion  # noqa: F401  (the imports count in both peaks; measured separately)
-
-    if "diffusers" in case:
+    if "diffusers" in case:  # the imports count in the peak; measured separately as import_mib
         import diffusers  # noqa: F401
-    import_mib = _rss_mib()
-    times, per = CASES[case](*args)
-    q.put({"times": times, "per": per, "peak_mib": _rss_mib(), "import_mib": import_mib})
+    else:
+        import torchdiffusion  # noqa: F401
+    import_mib = _peak_mib()[0]
+    out = CASES[case](*args)
+    peak, hwm = _peak_mib()
+    q.put(out | {"peak_mib": peak, "hwm_mib": hwm, "import_mib": import_mib})
 
 
 def run_case(case, *args, threads=2):
@@ -209,29 +224,23 @@ def machine(threads) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {mp.cpu_count()} cores, torch {torch.__version__}, {threads} threads"
+    omp = os.environ.get("OMP_WAIT_POLICY", "default")
+    return f"{cpu}, {mp.cpu_count()} cores, torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY {omp}"
 
 
 def main():
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by the spawned children's OpenMP at start-up
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--configs", default="digits,cifar", help="comma-separated subset of " + ",".join(CONFIGS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
-    try:
-        import diffusers  # noqa: F401
-
-        have_diffusers = True
-    except ImportError:
-        have_diffusers = False
+    have_diffusers = importlib.util.find_spec("diffusers") is not None  # not imported here: see _peak_mib
     train_reps, sample_reps = (5, 1) if args.quick else (20, 3)
     rows, params, load = [], {}, [os.getloadavg()[0]]
 
     for name in args.configs.split(","):
-        params[name] = {"ours": ours(name).num_parameters()}
-        if have_diffusers:
-            params[name]["diffusers"] = sum(p.numel() for p in theirs(name).parameters())
 
         def add(what, unit, case, case_args, name=name):
             row = {"config": name, "what": what, "unit": unit}
@@ -239,7 +248,9 @@ def main():
                 r = run_case(f"{case}_{lib}", name, *case_args, threads=args.threads)
                 best, med = min(r["times"]), statistics.median(r["times"])
                 row[lib] = {"best_s": best, "median_s": med, "rate": r["per"] / best, "peak_mib": r["peak_mib"]}
-                row[lib] |= {"import_mib": r["import_mib"], "rate_median": r["per"] / med}
+                row[lib] |= {"hwm_mib": r["hwm_mib"], "import_mib": r["import_mib"], "rate_median": r["per"] / med}
+                if "params" in r:
+                    params.setdefault(name, {})[lib] = r["params"]
             if have_diffusers:
                 row["speed_ratio"] = row["diffusers"]["best_s"] / row["ours"]["best_s"]
             rows.append(row)
@@ -259,13 +270,15 @@ def main():
     for name, p in params.items():
         theirs_n = f", diffusers {p['diffusers']:,}" if "diffusers" in p else ""
         print(f"parameters {name}: ours {p['ours']:,}{theirs_n}")
-    print(f"{'config':<7} {'benchmark':<34} {'ours':>10} {'diffusers':>10} {'unit':<6} {'ratio':>6} {'peak MiB':>21}")
+    print(f"{'config':<7} {'benchmark':<34} {'ours':>10} {'diffusers':>10} {'unit':<6} {'ratio':>6} {'peak MiB (imports) ours / theirs':>32}")
     for r in rows:
         o, d = r["ours"], r.get("diffusers")
         th = f"{d['rate']:>10.1f}" if d else f"{'n/a':>10}"
         ratio = f"{r['speed_ratio']:.2f}x" if d else "n/a"
-        mem = f"{o['peak_mib']:.0f}/" + (f"{d['peak_mib']:.0f}" if d else "n/a")
-        print(f"{r['config']:<7} {r['what']:<34} {o['rate']:>10.1f} {th} {r['unit']:<6} {ratio:>6} {mem:>21}")
+        mem = f"{o['peak_mib']:.0f} ({o['import_mib']:.0f}) / " + (
+            f"{d['peak_mib']:.0f} ({d['import_mib']:.0f})" if d else "n/a"
+        )
+        print(f"{r['config']:<7} {r['what']:<34} {o['rate']:>10.1f} {th} {r['unit']:<6} {ratio:>6} {mem:>32}")
     for r in rows:
         for key, label in (("net_ms_per_nfe", "network"), ("overhead_ms_per_nfe", "sampler overhead")):
             if key in r["ours"]:

@@ -38,10 +38,16 @@ def _process_spec(process: str, schedule: str, T: int) -> dict:
 
 @main.command()
 @click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A YAML file of training fields (configs/*.yaml); options typed on the command line override it.",
+)
+@click.option(
     "--data",
     default="moons",
-    help="Built-in 2-D set (swiss_roll, moons, 8gaussians, checkerboard, "
-    "circles, pinwheel) or a path to an (N, D) .npy or .csv file.",
+    help="Built-in 2-D set (swiss_roll, moons, 8gaussians, checkerboard, circles, pinwheel), built-in images "
+    "(digits, digits16), or a path: an (N, D) .npy / .csv file, an image folder, .npz, IDX or CIFAR-10 folder.",
 )
 @click.option("--process", type=click.Choice(sorted(PROCESSES)), default="vp", help="Noise process.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", help="Beta schedule (ddpm only).")
@@ -51,71 +57,61 @@ def _process_spec(process: str, schedule: str, T: int) -> dict:
 @click.option("--width", type=click.IntRange(min=1), default=256, help="MLP hidden width.")
 @click.option("--depth", type=click.IntRange(min=1), default=4, help="MLP residual blocks.")
 @click.option("--steps", type=click.IntRange(min=1), default=4000, help="Training steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=512, help="Examples per step.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=512, help="Examples per micro-batch.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="Peak learning rate (AdamW).")
 @click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, help="EMA decay of the weights.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Mixed precision.")
+@click.option("--flip", is_flag=True, help="Random left-right flips of image batches.")
+@click.option("--sample-every", type=click.IntRange(min=0), default=0, help="Steps between sample grids (images).")
+@click.option("--tensorboard", is_flag=True, help="Also log to TensorBoard (needs the tensorboard package).")
 @click.option("--seed", type=int, default=0, help="Seed of data, initialisation and noise.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, help="Steps between checkpoints.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/default", help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--device", default="cpu", help="torch device, e.g. cpu or cuda.")
+@click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def train(
-    data,
-    process,
-    schedule,
-    T,
-    target,
-    weighting,
-    width,
-    depth,
-    steps,
-    batch_size,
-    lr,
-    ema_decay,
-    seed,
-    checkpoint_every,
-    out,
-    resume,
-    device,
-    no_progress,
-):
-    """Train a denoiser on DATA and write checkpoints and log.csv to --out."""
+@click.pass_context
+def train(ctx, config, data, process, schedule, T, target, weighting, width, depth, steps, batch_size, grad_accum, lr,
+          ema_decay, precision, flip, sample_every, tensorboard, seed, checkpoint_every, out, resume, device,
+          no_progress):  # fmt: skip
+    """Train a denoiser on DATA (or a --config file) and write checkpoints and log.csv to --out.
+
+    Several processes or GPUs: torchrun --nproc_per_node N -m torchdiffusion.distributed --config C --run-dir D
+    """
+    from click.core import ParameterSource
+
     from .train import TrainConfig
     from .train import train as run_train
 
-    _check_data(data)
-    net = {**TrainConfig.__dataclass_fields__["net"].default_factory(), "width": width, "depth": depth}
-    cfg = TrainConfig(
-        data=data,
-        process=_process_spec(process, schedule, T),
-        target=target,
-        weighting=weighting,
-        net=net,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        ema_decay=ema_decay,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        device=device,
-    )
+    fields = dict(data=data, target=target, weighting=weighting, steps=steps, batch_size=batch_size,
+                  grad_accum=grad_accum, lr=lr, ema_decay=ema_decay, precision=precision, flip=flip,
+                  sample_every=sample_every, tensorboard=tensorboard, seed=seed, checkpoint_every=checkpoint_every,
+                  device=device)  # fmt: skip
     try:
+        if config:  # the file decides, except for what was typed on the command line
+            typed = {k: v for k, v in fields.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+            cfg = TrainConfig.from_yaml(config, **typed)
+        else:
+            _check_data(data)
+            net = {**TrainConfig.__dataclass_fields__["net"].default_factory(), "width": width, "depth": depth}
+            cfg = TrainConfig(process=_process_spec(process, schedule, T), net=net, **fields)
         res = run_train(cfg, out, resume=resume, progress=not no_progress)
-    except (ValueError, OSError, RuntimeError, ArithmeticError) as e:
+    except (ValueError, OSError, RuntimeError, ArithmeticError, ImportError) as e:
         _fail(e)
     last = res.history[-1]["loss"] if res.history else float("nan")
-    click.echo(f"trained {steps} steps; final loss {last:.4g}; checkpoint in {Path(out) / 'checkpoint'}")
+    click.echo(f"trained {cfg.steps} steps; final loss {last:.4g}; checkpoint in {Path(out) / 'checkpoint'}")
 
 
 def _check_data(data: str) -> None:
-    from .data import TOY_DATASETS, load_array
+    from .data import IMAGE_DATASETS, TOY_DATASETS, load_array
 
-    if data in TOY_DATASETS:
+    if data in TOY_DATASETS or data in IMAGE_DATASETS or Path(data).is_dir() or data.endswith((".npz", "ubyte", ".gz")):
         return
     if not Path(data).exists():
         raise click.BadParameter(
-            f"{data!r} is neither a built-in set ({', '.join(sorted(TOY_DATASETS))}) nor an existing .npy or .csv file",
+            f"{data!r} is neither a built-in set ({', '.join(sorted(TOY_DATASETS) + sorted(IMAGE_DATASETS))}) "
+            "nor an existing .npy, .csv, .npz, IDX file or image folder",
             param_hint="--data",
         )
     try:
@@ -170,7 +166,12 @@ def sample(ckpt, sampler, steps, grid, n, n_steps_each, seed, out, png, no_ema, 
     denoiser = denoiser.to(device)
     kwargs = {"n_steps_each": n_steps_each} if sampler == "ald" else {}
     gen = torch.Generator(device).manual_seed(seed)
-    shape = (n, int(cfg["net"]["dim"]))
+    net_cfg = cfg["net"]
+    if "dim" in net_cfg:  # an MLP on (N, D) data
+        shape = (n, int(net_cfg["dim"]))
+    else:  # an image network
+        size = int(net_cfg["image_size"])
+        shape = (n, int(net_cfg.get("in_channels", 1)), size, size)
     x = process.prior_sample(shape, generator=gen, device=device)
     from .plotting import TrajectoryRecorder, reverse_process_figure
     from .samplers import progress_callback
@@ -191,7 +192,12 @@ def sample(ckpt, sampler, steps, grid, n, n_steps_each, seed, out, png, no_ema, 
         click.echo(f"wrote the reverse-process figure to {figure}")
     atomic_write(out, lambda p: np.save(p, xs.numpy()))
     png = png or str(Path(out).with_suffix(".png"))
-    save_samples_png(xs, png, f"{sampler}, {len(ts)} levels, {process!r}")
+    if xs.ndim == 4:
+        from .image_grid import save_image_grid
+
+        save_image_grid(xs[:256].clamp(-1, 1), png, nrow=16 if len(xs) >= 256 else 8)
+    else:
+        save_samples_png(xs, png, f"{sampler}, {len(ts)} levels, {process!r}")
     click.echo(f"wrote {n} samples to {out} and a picture to {png}")
 
 

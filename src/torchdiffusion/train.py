@@ -4,17 +4,27 @@
 denoising loss of ``losses.py`` (Ho et al. 2020, Algorithm 1), through ``Preconditioned`` so its
 inputs have unit scale whatever the process (Karras et al. 2022). Ingredients:
 
+* Data: a 2-D toy set or a .npy / .csv matrix (MLP, "dim" filled in), or images (a name of
+  ``data.IMAGE_DATASETS``, a folder, .npz or IDX file; "in_channels", "image_size" filled in), with
+  optional random left-right flips and class labels for a class-conditional net.
 * AdamW, decoupled weight decay (Loshchilov & Hutter 2019); global grad-norm clipping.
 * Linear learning-rate warm-up (Goyal et al. 2017), then cosine decay to 0 (Loshchilov & Hutter
   2017) or a constant rate; see ``lr_at`` for the exact formula.
 * An exponential moving average of the weights, the ones to sample with (Song & Ermon 2020,
   Sec. 3.5; Ho et al. 2020, Sec. 4).
+* Mixed precision: the network runs under ``torch.autocast`` (bf16 on CPU or CUDA; fp16 on CUDA with
+  a ``GradScaler``, Micikevicius et al. 2018); weights, optimizer and loss stay float32.
+* Scale: the global batch is batch_size * grad_accum * world_size examples per optimizer step, with
+  gradient accumulation and data-parallel processes under torchrun (``distributed.py``); the same
+  global batch gives the same update, however it is split.
 * Determinism: data, initialisation, batch order and diffusion noise each come from their own
   seeded generator, and the caller's global RNG is left untouched (``fork_rng``). A run stopped
   and resumed from a checkpoint ends with weights bit-for-bit equal to an uninterrupted run.
 
 ``run_dir`` receives ``log.csv`` (step, loss, lr, grad_norm, steps_per_s: loss and grad_norm are
-means over the rows' window) and ``checkpoint/`` (see ``checkpoint.py``).
+means over the rows' window), ``checkpoint/`` (see ``checkpoint.py``), for image data with
+``sample_every`` ``samples/step_XXXXXX.png`` (EMA weights, ``image_grid.py``), and with
+``tensorboard`` the same scalars and grids in ``tensorboard/``.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,15 +46,19 @@ from tqdm.auto import tqdm
 
 from . import losses
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .data import load_dataset
-from .parameterization import PREDICTIONS, Preconditioned
+from .data import IMAGE_DATASETS, load_dataset, load_images
+from .distributed import DistInfo, GlobalBatches, ScaledStep, process_group, resolve_device
+from .image_grid import open_tensorboard, write_sample_grid
+from .parameterization import PREDICTIONS
 from .specs import build_net, build_process
 
-__all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "ema_update", "LOG_COLUMNS"]
+__all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "ema_update", "load_training_data", "LOG_COLUMNS"]
 
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "steps_per_s")
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _META_KEYS = ("step", "format_version")  # added to config.json by checkpoints, not config fields
+_MAY_CHANGE_ON_RESUME = ("steps", "device", "tensorboard", "sample_every", "sample_count")
 
 
 def _spec(**kw) -> Any:
@@ -52,27 +67,35 @@ def _spec(**kw) -> Any:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run; JSON-able via ``to_dict`` / ``from_dict``."""
+    """Everything that determines a training run; JSON-able via ``to_dict`` / ``from_dict``, or ``from_yaml``."""
 
-    data: str = "moons"  # built-in 2-D set name, or a .npy / .csv path
-    n_data: int = 20000  # points drawn for a built-in set (files: all rows)
+    data: str = "moons"  # 2-D set name, .npy / .csv path, or images: name in data.IMAGE_DATASETS, folder, .npz, IDX
+    n_data: int = 20000  # points drawn for a built-in 2-D set (files and images: all rows)
+    data_options: dict = _spec()  # keyword arguments of data.load_images, e.g. {pad_to: 16}, {split: train}
+    flip: bool = False  # random left-right flips of image batches (from the training generator)
+    class_conditional: bool = False  # pass labels to the net as class_labels; the net gets num_classes
     process: dict = _spec(name="vp")  # noise-process spec for specs.build_process
     target: str = "eps"  # network output: eps, x0, v, score or flow
     weighting: str = "simple"  # loss weighting, one of losses.WEIGHTINGS
-    net: dict = _spec(name="mlp", width=256, depth=4)  # network spec; "dim" is filled in from the data
+    net: dict = _spec(name="mlp", width=256, depth=4)  # network spec; dim / in_channels, image_size from the data
     steps: int = 4000  # total optimizer steps
-    batch_size: int = 512  # examples per step, drawn epoch by epoch
+    batch_size: int = 512  # examples per micro-batch per process; global batch = batch_size * grad_accum * world
+    grad_accum: int = 1  # micro-batches whose gradients add up to one optimizer step
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup: int = 200  # linear LR warm-up steps (Goyal et al. 2017)
     lr_schedule: str = "cosine"  # after warm-up: "cosine" (to 0) or "constant"
     grad_clip: float | None = 1.0  # max global grad norm; None or 0: no clipping
     ema_decay: float = 0.999  # EMA decay per step; 0: EMA equals the net
+    precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or CUDA) or "fp16" (autocast + GradScaler, CUDA)
     seed: int = 0  # seeds data, init, batch order and noise
     checkpoint_every: int = 1000  # steps between checkpoints (one more at the end)
     log_every: int = 50  # steps between rows of log.csv
+    sample_every: int = 0  # steps between sample grids (image data; one more at the end); 0: none
+    sample_count: int = 64  # images per sample grid
+    tensorboard: bool = False  # also log to run_dir/tensorboard (needs the tensorboard package)
     sigma_data: float | None = None  # data std for preconditioning; None: estimated
-    device: str = "cpu"  # torch device to train on
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1"; under torchrun "cuda" means cuda:LOCAL_RANK
 
     def __post_init__(self):
         if isinstance(self.process, str):  # convenience: "vp" means {"name": "vp"}
@@ -82,12 +105,15 @@ class TrainConfig:
         checks = {
             "process": isinstance(self.process, dict) and "name" in self.process,
             "net": isinstance(self.net, dict) and "name" in self.net,
+            "data_options": isinstance(self.data_options, dict),
             "target": self.target in PREDICTIONS,
             "weighting": self.weighting in losses.WEIGHTINGS,
             "lr_schedule": self.lr_schedule in SCHEDULES,
+            "precision": self.precision in PRECISIONS,
             "n_data": self.n_data >= 2,
             "steps": self.steps >= 1,
             "batch_size": self.batch_size >= 1,
+            "grad_accum": self.grad_accum >= 1,
             "lr": self.lr > 0,
             "weight_decay": self.weight_decay >= 0,
             "warmup": self.warmup >= 0,
@@ -95,7 +121,10 @@ class TrainConfig:
             "ema_decay": 0 <= self.ema_decay <= 1,
             "checkpoint_every": self.checkpoint_every >= 1,
             "log_every": self.log_every >= 1,
+            "sample_every": self.sample_every >= 0,
+            "sample_count": self.sample_count >= 1,
             "sigma_data": self.sigma_data is None or self.sigma_data > 0,
+            **{k: isinstance(getattr(self, k), bool) for k in ("flip", "class_conditional", "tensorboard")},
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -105,13 +134,41 @@ class TrainConfig:
         return copy.deepcopy(asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], *, source: str = "") -> TrainConfig:
         """Inverse of ``to_dict``; also accepts a checkpoint's config.json (ignores step, format_version)."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names - set(_META_KEYS))
         if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys: {sorted(names)}")
+            raise ValueError(f"{source}unknown TrainConfig keys {unknown}; valid keys: {sorted(names)}")
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        """A config from a YAML mapping of fields (see configs/), then ``overrides``.
+
+        Override keys may be dotted to change one entry of a spec: ``**{"net.channels": 64}``. Numbers
+        written as strings (YAML 1.1 reads ``2e-4`` as a string) are converted for number fields.
+        """
+        import yaml  # PyYAML
+
+        with open(path, encoding="utf-8") as fh:
+            d = yaml.safe_load(fh) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
+        for key, value in overrides.items():
+            head, _, sub = key.partition(".")
+            if sub and head in ("net", "process", "data_options"):
+                d[head] = {**(d.get(head) or {}), sub: value}
+            else:
+                d[key] = value
+        for f in fields(cls):
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0])
+            if kind is not None and isinstance(d.get(f.name), str):
+                try:
+                    d[f.name] = kind(d[f.name])
+                except ValueError:
+                    raise ValueError(f"{path}: {f.name}={d[f.name]!r} is not a number") from None
+        return cls.from_dict(d, source=f"{path}: ")
 
 
 @dataclass
@@ -119,8 +176,8 @@ class TrainResult:
     net: nn.Module  # raw network (wrap in Preconditioned, or use checkpoint.load_denoiser)
     ema_net: nn.Module  # EMA of its weights
     process: Any
-    config: dict[str, Any]  # the resolved config (net "dim" and sigma_data filled in)
-    history: list[dict[str, float]]  # the rows of log.csv
+    config: dict[str, Any]  # the resolved config (net "dim" or image shape, and sigma_data filled in)
+    history: list[dict[str, float]]  # the rows of log.csv (on rank 0; empty on the others)
     run_dir: Path
 
 
@@ -157,41 +214,40 @@ def ema_update(ema_net: nn.Module, net: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-class _Batches:
-    """Indices of minibatches: a fresh random permutation per epoch, from a dedicated generator."""
-
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
-        self.n, self.batch_size, self.gen = n, batch_size, generator
-        self.perm, self.pos = torch.empty(0, dtype=torch.long), 0
-
-    def next(self) -> Tensor:
-        parts, need = [], self.batch_size
-        while need:
-            if self.pos == len(self.perm):
-                self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-            part = self.perm[self.pos : self.pos + need]
-            parts.append(part)
-            self.pos, need = self.pos + len(part), need - len(part)
-        return torch.cat(parts)
-
-    def state_dict(self) -> dict[str, Any]:
-        # perm is replaced, never modified in place, so a reference is a valid snapshot.
-        return {"perm": self.perm, "pos": self.pos, "generator": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.perm, self.pos = state["perm"], int(state["pos"])
-        self.gen.set_state(state["generator"])
+def _is_image_spec(spec: str) -> bool:
+    name = spec.lower()
+    return spec in IMAGE_DATASETS or Path(spec).is_dir() or name.endswith((".npz", "-ubyte", "-ubyte.gz"))
 
 
-def _resolve(config: TrainConfig, data: Tensor) -> TrainConfig:
-    """Fill in what the data decide: the network's input dim and, if unset, sigma_data = std(data)."""
-    dim = data.shape[1]
-    if config.net.get("dim", dim) != dim:
-        raise ValueError(f"net spec has dim={config.net['dim']} but the data {config.data!r} have dim {dim}")
+def load_training_data(config: TrainConfig, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(data, labels or None)``: images (N, C, H, W) via ``data.load_images``, else points (N, D)."""
+    if _is_image_spec(config.data):
+        return load_images(config.data, **config.data_options)
+    if config.data_options:
+        raise ValueError(f"data_options {config.data_options} apply to image data; {config.data!r} is not an image set")
+    return load_dataset(config.data, config.n_data, generator=generator), None
+
+
+def _resolve(config: TrainConfig, data: Tensor, labels: Tensor | None) -> TrainConfig:
+    """Fill in what the data decide: the net's input shape (and classes); if unset, sigma_data = std(data)."""
+    net = dict(config.net)
+    if data.ndim == 2:
+        filled = {"dim": data.shape[1]}
+    elif data.ndim == 4 and data.shape[2] == data.shape[3]:
+        filled = {"in_channels": data.shape[1], "image_size": data.shape[2]}
+    else:
+        shape = tuple(data.shape)
+        raise ValueError(f"data {config.data!r}: expected points (N, D) or square images (N, C, H, H), got {shape}")
+    if config.class_conditional:
+        if labels is None:
+            raise ValueError(f"class_conditional needs labels, but the data {config.data!r} have none")
+        filled["num_classes"] = int(labels.max()) + 1
+    for key, value in filled.items():
+        if net.get(key, value) != value:
+            raise ValueError(f"net spec has {key}={net[key]} but the data {config.data!r} give {key}={value}")
+        net[key] = value
     sigma_data = config.sigma_data if config.sigma_data is not None else data.double().std().item()
-    d = config.to_dict()
-    d.update(net={**config.net, "dim": dim}, sigma_data=float(sigma_data))
-    return TrainConfig.from_dict(d)
+    return TrainConfig.from_dict({**config.to_dict(), "net": net, "sigma_data": float(sigma_data)})
 
 
 def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
@@ -216,8 +272,9 @@ def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
 
 
 def _config_diff(stored: dict, given: dict) -> list[str]:
-    keys = (set(stored) | set(given)) - {"steps", *_META_KEYS}
-    return sorted(k for k in keys if stored.get(k) != given.get(k))
+    defaults = TrainConfig().to_dict()  # a checkpoint written before a field existed has its default
+    keys = (set(stored) | set(given)) - {*_MAY_CHANGE_ON_RESUME, *_META_KEYS}
+    return sorted(k for k in keys if stored.get(k, defaults.get(k)) != given.get(k))
 
 
 def train(
@@ -228,24 +285,34 @@ def train(
     progress: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train a denoiser as ``config`` says, writing log.csv and checkpoints into ``run_dir``.
+    """Train a denoiser as ``config`` says, writing log.csv, checkpoints and sample grids into ``run_dir``.
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) every process calls this; they join one process
+    group and train data-parallel (``distributed.py``), and only rank 0 writes files.
 
     Args:
         config: the run's ``TrainConfig``.
         run_dir: output directory. Without ``resume`` it must not hold a previous run.
         resume: continue from ``run_dir``'s checkpoint (if any) up to ``config.steps``. The config
-            must equal the stored one except for ``steps``.
-        progress: show a tqdm bar (smoothed loss, steps/s).
+            must equal the stored one except for steps, device, tensorboard, sample_every, sample_count.
+        progress: show a tqdm bar (smoothed loss, steps/s, ETA) on rank 0.
         callback: ``callback(step, {"loss", "lr", "grad_norm"})`` after each step and its
-            log row / checkpoint; it may raise to stop. KeyboardInterrupt (from it or from Ctrl-C)
+            log row / checkpoint, on every rank; it may raise to stop. KeyboardInterrupt (from it or from Ctrl-C)
             saves a checkpoint of the last completed step before it propagates.
     Raises:
         FileExistsError: ``run_dir`` holds a run and ``resume`` is False.
-        ValueError: resuming with a different config; CheckpointError for a bad checkpoint.
-        FloatingPointError: non-finite loss or gradient; the weights are not updated with it and
-            no checkpoint is written of that step.
+        ValueError: resuming with a different config; CUDA or fp16 without CUDA; CheckpointError for a bad checkpoint.
+        FloatingPointError: non-finite loss (or, without fp16's GradScaler, gradient) at a named step; the
+            weights are not updated with it and no checkpoint is written of that step.
     """
-    run_dir, log_path = Path(run_dir), Path(run_dir) / "log.csv"
+    with process_group(config.device) as info:
+        return _train(config, Path(run_dir), info, resume, progress, callback)
+
+
+def _train(config: TrainConfig, run_dir: Path, info: DistInfo, resume: bool, progress: bool, callback) -> TrainResult:
+    log_path, device = run_dir / "log.csv", resolve_device(config.device, info)
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision='fp16' needs CUDA (autocast + GradScaler); device is {device}: use bf16 or fp32")
     existing = find_checkpoint(run_dir)
     if not resume and (existing is not None or log_path.exists()):
         raise FileExistsError(
@@ -253,11 +320,9 @@ def train(
             "continue it, or choose another directory"
         )
     seeds = torch.randint(0, 2**62, (4,), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    data = load_dataset(config.data, config.n_data, generator=torch.Generator().manual_seed(seeds[0]))
-    cfg = _resolve(config, data)
+    data, labels = load_training_data(config, generator=torch.Generator().manual_seed(seeds[0]))
+    cfg = _resolve(config, data, labels)
     resolved = cfg.to_dict()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
     # Every random draw of the run happens inside fork_rng: the caller's global RNG is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         ckpt = load_checkpoint(existing) if existing is not None and resume else None
@@ -267,61 +332,93 @@ def train(
                 detail = "; ".join(f"{k}: {ckpt.config.get(k)!r} -> {resolved.get(k)!r}" for k in diff)
                 raise ValueError(
                     f"cannot resume {run_dir}: the config differs from the checkpoint's in {diff} ({detail}); "
-                    "only 'steps' may change when resuming"
+                    f"only {', '.join(_MAY_CHANGE_ON_RESUME)} may change when resuming"
                 )
             if ckpt.step > cfg.steps:
                 raise ValueError(f"cannot resume {run_dir}: checkpoint is at step {ckpt.step} > steps={cfg.steps}")
             net, ema_net = ckpt.net.to(device), ckpt.ema_net.to(device)
         else:
-            torch.manual_seed(seeds[1])
+            torch.manual_seed(seeds[1])  # the same initial weights on every rank
             net = build_net(cfg.net).to(device)
             ema_net = copy.deepcopy(net)
-        return _Loop(cfg, run_dir, net, ema_net, data.to(device), seeds, ckpt).run(progress, callback)
+            if info.rank > 0:  # dropout: each rank its own masks
+                torch.manual_seed(seeds[1] + info.rank)
+        info.barrier()  # every rank has read the checkpoint before rank 0 writes to run_dir
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        labels = labels.to(device) if labels is not None and cfg.class_conditional else None
+        loop = _Loop(cfg, run_dir, info, net, ema_net, data.to(device), labels, seeds, ckpt)
+        return loop.run(progress, callback)
 
 
 class _Loop:
     """The state of a run between steps, and the steps themselves."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, net, ema_net, data, seeds, ckpt):
-        self.cfg, self.run_dir, self.net, self.ema_net, self.data = cfg, run_dir, net, ema_net, data
+    def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, net, ema_net, data, labels, seeds, ckpt):
+        self.cfg, self.run_dir, self.info, self.net, self.ema_net = cfg, run_dir, info, net, ema_net
+        self.data, self.labels, self.seeds, self.device = data, labels, seeds, data.device
         self.ema_net.requires_grad_(False)
         self.process = build_process(cfg.process)
-        self.model = Preconditioned(net, self.process, cfg.sigma_data)
         self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.gen = torch.Generator(data.device).manual_seed(seeds[3])  # diffusion times and noise
-        self.batches = _Batches(len(data), cfg.batch_size, torch.Generator().manual_seed(seeds[2]))
+        dtype = PRECISIONS[cfg.precision]
+        self.scaled = ScaledStep(
+            net, self.opt, self.process, cfg.sigma_data, dtype=dtype, info=info, device=self.device
+        )
+        self.gen = torch.Generator(self.device).manual_seed(seeds[3])  # diffusion times, noise and flips
+        order = torch.Generator().manual_seed(seeds[2])
+        self.batches = GlobalBatches(len(data), cfg.batch_size, cfg.grad_accum, info, order, self.gen)
         self.step = self.saved = 0
         self.window: list[dict[str, float]] = []  # per-step infos since the last log row
         if ckpt is not None:
             state = ckpt.state
+            if int(state.get("world_size", 1)) != info.world_size:
+                raise ValueError(
+                    f"cannot resume {run_dir}: it was trained with {state.get('world_size', 1)} process(es), this run "
+                    f"has {info.world_size}; the global batch and its split would change"
+                )
+            self.step = self.saved = ckpt.step
             self.opt.load_state_dict(state["optimizer"])
             self.batches.load_state_dict(state["data_order"])
-            self._set_rng(state["rng"])
-            self.step = self.saved = ckpt.step
+            ranks = state.get("rng_ranks", [state["rng"]])
+            self._set_rng(ranks[info.rank] if info.rank < len(ranks) else {**state["rng"], "torch": None})
+            if self.scaled.scaler is not None and "scaler" in state:
+                self.scaled.scaler.load_state_dict(state["scaler"])
             self.window = state["log_window"]
-        self.history = _read_log(run_dir / "log.csv", self.step)
+        self.history = _read_log(run_dir / "log.csv", self.step) if info.is_main else []
+        self.images = data.ndim == 4
 
     def _rng(self) -> dict[str, Any]:
         rng = {"noise": self.gen.get_state(), "torch": torch.get_rng_state()}
-        if self.data.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.data.device)
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
 
     def _set_rng(self, rng: dict[str, Any]) -> None:
         self.gen.set_state(rng["noise"])
+        if rng["torch"] is None:  # saved on Ctrl-C under torchrun: only rank 0's dropout RNG was known
+            torch.manual_seed(self.seeds[1] + self.info.rank + self.step)
+            return
         torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.data.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.data.device)
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
-    def save(self) -> None:
-        state = {
-            "step": self.step,
-            "optimizer": self.opt.state_dict(),
-            "rng": self._rng(),
-            "data_order": self.batches.state_dict(),
-            "log_window": self.window,
-        }
-        save_checkpoint(self.run_dir, net=self.net, ema_net=self.ema_net, config=self.cfg.to_dict(), state=state)
+    def save(self, interrupted: bool = False) -> None:
+        """Write a checkpoint (rank 0), with every rank's RNG state; collective unless ``interrupted``."""
+        ranks = [self._rng()] if interrupted else self.info.gather(self._rng())
+        if self.info.is_main:
+            state = {
+                "step": self.step,
+                "world_size": self.info.world_size,
+                "optimizer": self.opt.state_dict(),
+                "rng": ranks[0],
+                "data_order": self.batches.state_dict(),
+                "log_window": self.window,
+                **({"rng_ranks": ranks} if self.info.enabled else {}),
+                **({"scaler": self.scaled.scaler.state_dict()} if self.scaled.scaler is not None else {}),
+            }
+            save_checkpoint(self.run_dir, net=self.net, ema_net=self.ema_net, config=self.cfg.to_dict(), state=state)
+        if not interrupted:
+            self.info.barrier()
         self.saved = self.step
 
     def update(self) -> dict[str, float]:
@@ -329,37 +426,28 @@ class _Loop:
         self.net.train()
         lr, rng, order = lr_at(self.step, self.cfg), self._rng(), self.batches.state_dict()
         try:
-            batch = self.data[self.batches.next().to(self.data.device)]
-            loss = losses.denoising_loss(
-                self.model,
-                self.process,
-                batch,
-                target=self.cfg.target,
-                weighting=self.cfg.weighting,
-                generator=self.gen,
-            ).mean()
+            batch = self.batches.next(self.process, tuple(self.data.shape[1:]), self.device, self.cfg.flip)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self.scaled.backward(
+                self.data, self.labels, batch, target=self.cfg.target, weighting=self.cfg.weighting
+            )
             clip = self.cfg.grad_clip or math.inf  # with inf, clip_grad_norm_ only measures the norm
-            info = {
-                "loss": loss.item(),
-                "lr": lr,
-                "grad_norm": nn.utils.clip_grad_norm_(self.net.parameters(), clip).item(),
-            }
+            info = {"loss": loss, "lr": lr, "grad_norm": nn.utils.clip_grad_norm_(self.net.parameters(), clip).item()}
         except KeyboardInterrupt:  # the step was not taken: undo its random draws so a resume redoes them
             self._set_rng(rng)
             self.batches.load_state_dict(order)
             raise
-        if not (math.isfinite(info["loss"]) and math.isfinite(info["grad_norm"])):
+        # With fp16's GradScaler an inf gradient is normal (the scaler skips the step and lowers its scale).
+        if not math.isfinite(loss) or (self.scaled.scaler is None and not math.isfinite(info["grad_norm"])):
             raise FloatingPointError(
                 f"non-finite loss {info['loss']} / grad norm {info['grad_norm']} at step {self.step + 1}; "
                 "the weights were not updated and no checkpoint is written of them. "
-                "Try a lower lr, grad_clip, or check the data"
+                "Try a lower lr, grad_clip, precision='fp32', or check the data"
             )
         self.updating = True  # from here to the end the weights, EMA and step change together
         for group in self.opt.param_groups:
             group["lr"] = lr
-        self.opt.step()
+        self.scaled.step()
         ema_update(self.ema_net, self.net, ema_decay_at(self.step, self.cfg.ema_decay))
         self.step += 1
         self.updating = False
@@ -376,37 +464,58 @@ class _Loop:
             "steps_per_s": n / max(seconds, 1e-9),
         }
 
+    def write_samples(self, writer) -> None:
+        cfg = self.cfg
+        classes = cfg.net.get("num_classes") if cfg.class_conditional else None
+        path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
+        kw = dict(target=cfg.target, sigma_data=cfg.sigma_data, n=cfg.sample_count, seed=self.seeds[0])
+        shape = tuple(self.data.shape[1:])
+        write_sample_grid(
+            self.ema_net, self.process, shape, path, num_classes=classes, writer=writer, step=self.step, **kw
+        )
+
     def run(self, progress: bool, callback) -> TrainResult:
-        cfg, log_path = self.cfg, self.run_dir / "log.csv"
+        cfg, log_path, main = self.cfg, self.run_dir / "log.csv", self.info.is_main
         t0, smooth = time.perf_counter(), None
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (progress and main), unit="step", dynamic_ncols=True)
+        writer = open_tensorboard(self.run_dir, self.step) if cfg.tensorboard and main else None
         self.updating = False
         try:
-            with open(log_path, "a", newline="") as fh:
-                writer = csv.DictWriter(fh, LOG_COLUMNS)
+            with open(log_path, "a", newline="") if main else nullcontext() as fh:
+                csv_writer = csv.DictWriter(fh, LOG_COLUMNS) if main else None
                 while self.step < cfg.steps:
                     info = self.update()
                     self.window.append(info)
                     smooth = info["loss"] if smooth is None else 0.98 * smooth + 0.02 * info["loss"]
                     bar.update()
                     bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    end = self.step == cfg.steps
+                    if self.step % cfg.log_every == 0 or end:
                         row = self._log_row(time.perf_counter() - t0)
-                        writer.writerow(row)
-                        fh.flush()
-                        self.history.append(row)
+                        if main:
+                            csv_writer.writerow(row)
+                            fh.flush()
+                            self.history.append(row)
+                            for key in ("loss", "lr", "grad_norm", "steps_per_s"):
+                                writer is not None and writer.add_scalar(f"train/{key}", row[key], self.step)
                         self.window, t0 = [], time.perf_counter()
-                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    if self.step % cfg.checkpoint_every == 0 or end:
                         self.save()
+                    if main and self.images and cfg.sample_every and (self.step % cfg.sample_every == 0 or end):
+                        started = time.perf_counter()
+                        self.write_samples(writer)
+                        t0 += time.perf_counter() - started  # sampling time does not count against steps/s
                     if callback is not None:
                         callback(self.step, info)
         except KeyboardInterrupt:
             # Save the last completed step so the run can resume; not if the weights were half updated.
             if not self.updating and self.step != self.saved:
-                self.save()
+                self.save(interrupted=True)
             raise
         finally:
             bar.close()
+            if writer is not None:
+                writer.close()
         self.net.eval()
         self.ema_net.eval()
         return TrainResult(self.net, self.ema_net, self.process, self.cfg.to_dict(), self.history, self.run_dir)

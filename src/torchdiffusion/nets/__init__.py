@@ -1,8 +1,9 @@
-"""Networks: an MLP for low-dimensional data, time embeddings."""
+"""Networks: an MLP for low-dimensional data, a U-Net for images, time embeddings."""
 
 from .embeddings import EMBEDDINGS, FourierEmbedding, SinusoidalEmbedding
 from .mlp import MLP
+from .unet import UNet
 
-NETS = {"mlp": MLP}
+NETS = {"mlp": MLP, "unet": UNet}
 
-__all__ = ["MLP", "NETS", "EMBEDDINGS", "FourierEmbedding", "SinusoidalEmbedding"]
+__all__ = ["MLP", "UNet", "NETS", "EMBEDDINGS", "FourierEmbedding", "SinusoidalEmbedding"]
