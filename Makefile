@@ -7,7 +7,7 @@ PIP    := $(BIN)/python -m pip
 # -n 2 uses both cores; the test suite is CPU-bound float64 math.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv demo test test-slow test-all bench bench-samplers bench-likelihood lint format clean
+.PHONY: venv demo demo-digits test test-slow test-all bench bench-samplers bench-likelihood lint format clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/torchdiffusion demo --out demo-output
+
+# The image main job: a small U-Net on the bundled digits (about 7-12 minutes on 2 cores).
+demo-digits: $(STAMP)
+	$(BIN)/torchdiffusion train --config configs/digits.yaml --out runs/digits
+	$(BIN)/torchdiffusion sample --checkpoint runs/digits --sampler dpmpp_2m --steps 20 --n 256 --out runs/digits/samples.npy
+	$(BIN)/torchdiffusion evaluate --checkpoint runs/digits --data digits16 --n 1000 --steps 20
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

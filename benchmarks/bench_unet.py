@@ -270,7 +270,8 @@ def main():
     for name, p in params.items():
         theirs_n = f", diffusers {p['diffusers']:,}" if "diffusers" in p else ""
         print(f"parameters {name}: ours {p['ours']:,}{theirs_n}")
-    print(f"{'config':<7} {'benchmark':<34} {'ours':>10} {'diffusers':>10} {'unit':<6} {'ratio':>6} {'peak MiB (imports) ours / theirs':>32}")
+    mem_head = "peak MiB (imports) ours / theirs"
+    print(f"{'config':<7} {'benchmark':<34} {'ours':>10} {'diffusers':>10} {'unit':<6} {'ratio':>6} {mem_head:>32}")
     for r in rows:
         o, d = r["ours"], r.get("diffusers")
         th = f"{d['rate']:>10.1f}" if d else f"{'n/a':>10}"

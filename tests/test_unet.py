@@ -98,6 +98,13 @@ def test_output_shape_and_zero_at_init(name):
     assert net(x, c).abs().max() > 0
 
 
+def test_defaults_build_an_8x8_net():
+    net = UNet()
+    assert net.config["attention_resolutions"] == [4] and net.config["channel_mult"] == [1, 2, 2, 2]
+    x, c = _inputs(2, 1, 8)
+    assert net(x, c).shape == (2, 1, 8, 8)
+
+
 def test_other_input_sizes_run():
     """A fully convolutional net: any H, W divisible by 2^(levels - 1), not only image_size."""
     net = _net()

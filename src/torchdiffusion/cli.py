@@ -77,7 +77,7 @@ def train(ctx, config, data, process, schedule, T, target, weighting, width, dep
           no_progress):  # fmt: skip
     """Train a denoiser on DATA (or a --config file) and write checkpoints and log.csv to --out.
 
-    Several processes or GPUs: torchrun --nproc_per_node N -m torchdiffusion.distributed --config C --run-dir D
+    Several processes or GPUs: torchrun --standalone --nproc_per_node N --no-python torchdiffusion train --config C
     """
     from click.core import ParameterSource
 
@@ -99,8 +99,9 @@ def train(ctx, config, data, process, schedule, T, target, weighting, width, dep
         res = run_train(cfg, out, resume=resume, progress=not no_progress)
     except (ValueError, OSError, RuntimeError, ArithmeticError, ImportError) as e:
         _fail(e)
-    last = res.history[-1]["loss"] if res.history else float("nan")
-    click.echo(f"trained {cfg.steps} steps; final loss {last:.4g}; checkpoint in {Path(out) / 'checkpoint'}")
+    if res.history:  # under torchrun only rank 0 keeps the log
+        loss = res.history[-1]["loss"]
+        click.echo(f"trained {cfg.steps} steps; final loss {loss:.4g}; checkpoint in {Path(out) / 'checkpoint'}")
 
 
 def _check_data(data: str) -> None:

@@ -135,7 +135,7 @@ class _Seq(nn.ModuleList):
 class UNet(nn.Module):
     """U-Net eps/x0/v-network for images: (x (B, C, H, W), c_noise (B,), [class_labels (B,)]) -> (B, C_out, H, W).
 
-    Args (defaults: ADM-style; Ho et al. 2020's CIFAR-10 model in the module docstring):
+    Args (defaults: ADM-style for 8x8 digits; Ho et al. 2020's CIFAR-10 model in the module docstring):
         in_channels: C.                          out_channels: C_out (default C).
         image_size: training resolution; ``attention_resolutions`` are read at it (levels have sizes
             image_size / 2^i). Other sizes divisible by 2^(len(channel_mult) - 1) also run.
@@ -161,7 +161,7 @@ class UNet(nn.Module):
         channels: int = 64,
         channel_mult=(1, 2, 2, 2),
         num_res_blocks: int = 2,
-        attention_resolutions=(16,),
+        attention_resolutions=(4,),
         num_heads: int = 4,
         head_channels: int | None = None,
         dropout: float = 0.1,
