@@ -346,6 +346,9 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, resume: bool, pro
         info.barrier()  # every rank has read the checkpoint before rank 0 writes to run_dir
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if progress:  # the size of what is being trained, as users expect to see it
+                n_params = sum(p.numel() for p in net.parameters())
+                tqdm.write(f"{type(net).__name__}: {n_params:,} parameters; {len(data):,} training examples")
         labels = labels.to(device) if labels is not None and cfg.class_conditional else None
         loop = _Loop(cfg, run_dir, info, net, ema_net, data.to(device), labels, seeds, ckpt)
         return loop.run(progress, callback)
