@@ -204,3 +204,20 @@ def test_image_config_trains_samples_a_grid_and_evaluates(tmp_path):
     assert r.exit_code == 0, r.output
     assert "not comparable to published FID" in r.output
     assert json.loads((tmp_path / "eval.json").read_text())["n_fake"] == 40
+
+
+def test_downloadable_data_needs_download_flag_and_fails_clearly_offline(tmp_path, monkeypatch):
+    """Nothing downloads unless asked; asked while offline, the error names the URL and what to do."""
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    r = run("train", "--data", "mnist", "--steps", 1, "--out", tmp_path / "run", "--no-progress")
+    assert r.exit_code == 2 and "--download" in r.output
+    r = run("train", "--data", "mnist", "--download", "--steps", 1, "--out", tmp_path / "run", "--no-progress")
+    assert r.exit_code == 1 and "could not reach" in r.output and "by hand" in r.output
+    assert not (tmp_path / "run").exists()

@@ -49,6 +49,11 @@ def _process_spec(process: str, schedule: str, T: int) -> dict:
     help="Built-in 2-D set (swiss_roll, moons, 8gaussians, checkerboard, circles, pinwheel), built-in images "
     "(digits, digits16), or a path: an (N, D) .npy / .csv file, an image folder, .npz, IDX or CIFAR-10 folder.",
 )
+@click.option(
+    "--download",
+    is_flag=True,
+    help="Allow downloading --data when it names mnist, fashion-mnist or cifar10 (into data/NAME, checksummed).",
+)
 @click.option("--process", type=click.Choice(sorted(PROCESSES)), default="vp", help="Noise process.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", help="Beta schedule (ddpm only).")
 @click.option("--T", "T", type=click.IntRange(min=2), default=1000, help="Number of discrete steps (ddpm only).")
@@ -72,9 +77,9 @@ def _process_spec(process: str, schedule: str, T: int) -> dict:
 @click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.pass_context
-def train(ctx, config, data, process, schedule, T, target, weighting, width, depth, steps, batch_size, grad_accum, lr,
-          ema_decay, precision, flip, sample_every, tensorboard, seed, checkpoint_every, out, resume, device,
-          no_progress):  # fmt: skip
+def train(ctx, config, data, download, process, schedule, T, target, weighting, width, depth, steps, batch_size,
+          grad_accum, lr, ema_decay, precision, flip, sample_every, tensorboard, seed, checkpoint_every, out, resume,
+          device, no_progress):  # fmt: skip
     """Train a denoiser on DATA (or a --config file) and write checkpoints and log.csv to --out.
 
     Several processes or GPUs: torchrun --standalone --nproc_per_node N --no-python torchdiffusion train --config C
@@ -84,6 +89,7 @@ def train(ctx, config, data, process, schedule, T, target, weighting, width, dep
     from .train import TrainConfig
     from .train import train as run_train
 
+    data = _maybe_download(data, download)
     fields = dict(data=data, target=target, weighting=weighting, steps=steps, batch_size=batch_size,
                   grad_accum=grad_accum, lr=lr, ema_decay=ema_decay, precision=precision, flip=flip,
                   sample_every=sample_every, tensorboard=tensorboard, seed=seed, checkpoint_every=checkpoint_every,
@@ -102,6 +108,25 @@ def train(ctx, config, data, process, schedule, T, target, weighting, width, dep
     if res.history:  # under torchrun only rank 0 keeps the log
         loss = res.history[-1]["loss"]
         click.echo(f"trained {cfg.steps} steps; final loss {loss:.4g}; checkpoint in {Path(out) / 'checkpoint'}")
+
+
+def _maybe_download(data: str, allowed: bool) -> str:
+    """``data`` itself, or the folder a named downloadable set was fetched into (only with --download)."""
+    from .data import DOWNLOADABLE, download_images
+
+    if data not in DOWNLOADABLE:
+        return data
+    folder = Path("data") / data
+    if not allowed and not folder.exists():
+        raise click.BadParameter(
+            f"{data!r} is not on this machine; pass --download to fetch it into {folder} (checksummed), "
+            "or give the path of a folder that holds its files",
+            param_hint="--data",
+        )
+    try:
+        return str(download_images(data, folder.parent)) if allowed else str(folder)
+    except (ConnectionError, ValueError, OSError) as e:
+        _fail(e)
 
 
 def _check_data(data: str) -> None:
