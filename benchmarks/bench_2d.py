@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import resource
 import time
 
 import torch
+from _machine import cpu_name
 
 BATCH, WIDTH, DEPTH, T = 512, 256, 4, 1000
 
@@ -140,12 +140,7 @@ def run_case(name, *args):
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {mp.cpu_count()} cores, torch {torch.__version__}, 2 threads"
 
 

@@ -27,12 +27,12 @@ import importlib.util
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
 import time
 
 import torch
+from _machine import cpu_name
 
 T, NFE = 1000, 50
 HEAD = 32  # channels per attention head, both libraries
@@ -218,12 +218,7 @@ def run_case(case, *args, threads=2):
 
 
 def machine(threads) -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     omp = os.environ.get("OMP_WAIT_POLICY", "default")
     return f"{cpu}, {mp.cpu_count()} cores, torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY {omp}"
 

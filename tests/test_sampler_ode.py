@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+from mixture_checks import check_mixture
 from torchdiffusion import EDM, VE, VP, Cosine, Flow, GaussianMixture, SubVP
 from torchdiffusion.samplers import count_nfe
 from torchdiffusion.samplers.ode import sample_euler, sample_heun, sample_ode_adaptive, sample_rk4
@@ -245,30 +246,6 @@ def test_churn_never_goes_beyond_t_max():
 # --- ground truth: a Gaussian mixture ---------------------------------------------------------------
 
 
-def _check_mixture(x, gm):
-    """Weights (component by the exact responsibilities at the data level), per-component means and
-    variances, overall mean and covariance, each within Z standard errors. The exact PF-ODE carries
-    p_T to p_{t_min} exactly; the final denoise at t_min shrinks variances by under 0.1%."""
-    n = x.shape[0]
-    k = gm.responsibilities(x).argmax(1)
-    for j, w in enumerate(gm.weights.tolist()):
-        frac = float((k == j).double().mean())
-        assert abs(frac - w) < Z * math.sqrt(w * (1 - w) / n), f"weight of component {j}: {frac} vs {w}"
-        xj = x[k == j]
-        nj = xj.shape[0]
-        for d in range(x.shape[1]):
-            m, v = float(gm.means[j, d]), float(gm.variances[j, d])
-            assert abs(float(xj[:, d].mean()) - m) < Z * math.sqrt(v / nj), f"mean of component {j}, coord {d}"
-            assert abs(float(xj[:, d].var()) - v) < Z * v * math.sqrt(2 / (nj - 1)), f"var of component {j}, {d}"
-    mu, cov = gm.mean(), gm.covariance()
-    xc = x - mu
-    for d in range(x.shape[1]):
-        assert abs(float(xc[:, d].mean())) < Z * math.sqrt(float(cov[d, d]) / n), f"mean, coord {d}"
-    for a, b in ((0, 0), (1, 1), (0, 1)):
-        prod = xc[:, a] * xc[:, b]
-        assert abs(float(prod.mean()) - float(cov[a, b])) < Z * float(prod.std()) / math.sqrt(n), f"cov [{a}, {b}]"
-
-
 MIXTURE_RUNS = {
     # Karras et al. 2022, Algorithm 2 with their S_tmin, S_tmax; S_churn / N = 10 / 65 keeps its O(gamma)
     # bias (the Heun step runs from t_hat = t (1 + gamma)) below the statistical tolerance.
@@ -292,7 +269,7 @@ def test_reproduces_mixture(run):
     reproduce the mixture's weights, component moments, mean and covariance."""
     fn, p, grid, kw = MIXTURE_RUNS[run]
     x = _exact_start(p, GM2, 4000, seed=13)
-    _check_mixture(fn(GM2.denoiser(p), p, x, grid(p), generator=_gen(14), **kw), GM2)
+    check_mixture(fn(GM2.denoiser(p), p, x, grid(p), generator=_gen(14), **kw), GM2)
 
 
 # --- conformance: NFE, callbacks, determinism, shapes, inputs ---------------------------------------

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from mixture_checks import check_mixture
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
 from torchdiffusion.samplers import count_nfe
 from torchdiffusion.samplers.sde import sample_pc, sample_reverse_sde
@@ -297,28 +298,6 @@ def test_langevin_corrector_second_moment(process):
 # --- ground truth: Gaussian mixtures -----------------------------------------------------------------
 
 
-def _check_mixture(x, gm, var_law):
-    """Weights (argmax of the exact responsibilities), per-component means and variances (against var_law(v)),
-    overall mean and covariance, all within Z standard errors."""
-    n, D = x.shape
-    k = gm.responsibilities(x).argmax(1)
-    for j, w in enumerate(gm.weights.tolist()):
-        frac = float((k == j).double().mean())
-        assert abs(frac - w) < Z * math.sqrt(w * (1 - w) / n), f"weight of component {j}: {frac} vs {w}"
-        xj = x[k == j]
-        nj = xj.shape[0]
-        for d in range(D):
-            mu, v = float(gm.means[j, d]), float(gm.variances[j, d])
-            assert abs(float(xj[:, d].mean()) - mu) < Z * math.sqrt(v / nj), f"mean of component {j}, coord {d}"
-            vv = var_law(v)
-            assert abs(float(xj[:, d].var()) - vv) < Z * vv * math.sqrt(2 / (nj - 1)), f"var of component {j}, {d}"
-    xc = x - gm.mean()
-    cov = gm.covariance()
-    for a, b in ((0, 0), (1, 1), (0, 1)):
-        prod = xc[:, a] * xc[:, b]
-        assert abs(float(prod.mean() - cov[a, b])) < Z * float(prod.std()) / math.sqrt(n), f"covariance [{a}, {b}]"
-
-
 def _isolated_var(process, ts, v, predictor):
     """Output variance (after the final denoise) on an isolated Gaussian component of variance v from p_T."""
     a0, s0 = _c(process, "alpha", ts[0]), _c(process, "sigma", ts[0])
@@ -333,7 +312,7 @@ def test_reverse_sde_vp_reproduces_mixture():
     p = VP()
     ts = grid_t(p, 500)
     x = sample_reverse_sde(GM2.denoiser(p), p, _exact_start(p, GM2, 4000, seed=13), ts, generator=_gen(14))
-    _check_mixture(x, GM2, lambda v: _isolated_var(p, ts, v, "euler_maruyama"))
+    check_mixture(x, GM2, lambda v: _isolated_var(p, ts, v, "euler_maruyama"))
 
 
 @pytest.mark.parametrize("process", [VE(), VP()], ids=["VE", "VP"])
@@ -347,7 +326,7 @@ def test_pc_reproduces_mixture(process):
     x = sample_pc(
         GM2.denoiser(process), process, _exact_start(process, GM2, 4000, seed=15), ts, norms="batch", generator=_gen(16)
     )
-    _check_mixture(x, GM2, lambda v: v)
+    check_mixture(x, GM2, lambda v: v)
 
 
 def test_reverse_sde_reproduces_16d_mixture():
@@ -361,7 +340,7 @@ def test_reverse_sde_reproduces_16d_mixture():
     p = VP()
     ts = grid_t(p, 300)
     x = sample_reverse_sde(gm.denoiser(p), p, _exact_start(p, gm, 4000, seed=18), ts, generator=_gen(19))
-    _check_mixture(x, gm, lambda v: _isolated_var(p, ts, v, "euler_maruyama"))
+    check_mixture(x, gm, lambda v: _isolated_var(p, ts, v, "euler_maruyama"))
 
 
 # --- conformance: NFE, ends, determinism, shapes ---------------------------------------------------------

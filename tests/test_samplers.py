@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from mixture_checks import check_mixture
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture
 from torchdiffusion.samplers import SAMPLERS, count_nfe, langevin_dynamics, sample_annealed_langevin, sample_ddpm
 from torchdiffusion.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
@@ -438,35 +439,6 @@ def _exact_start(process, gm, n, seed):
     return process.perturb(x0, torch.tensor(process.t_max, dtype=F64), torch.randn(x0.shape, generator=g, dtype=F64))
 
 
-def _check_mixture(x, gm, var_law):
-    """Weights (component by argmax of the exact responsibilities at the data level; a sample must
-    stray more than 4.5 of its component's standard deviations to be misassigned), overall mean and
-    covariance, per-component means, and per-component variances against var_law(v) (the sampler's
-    exact variance on an isolated Gaussian component of variance v)."""
-    n = x.shape[0]
-    k = gm.responsibilities(x).argmax(1)
-    for j, w in enumerate(gm.weights.tolist()):
-        frac = float((k == j).double().mean())
-        assert abs(frac - w) < Z * math.sqrt(w * (1 - w) / n), f"weight of component {j}: {frac} vs {w}"
-        xj = x[k == j]
-        nj = xj.shape[0]
-        for d in range(x.shape[1]):
-            m, v = float(gm.means[j, d]), float(gm.variances[j, d])
-            assert abs(float(xj[:, d].mean()) - m) < Z * math.sqrt(v / nj), f"mean of component {j}, coord {d}"
-            vv = var_law(v)
-            assert abs(float(xj[:, d].var()) - vv) < Z * vv * math.sqrt(2 / (nj - 1)), (
-                f"var of component {j}, coord {d}"
-            )
-    mu, cov = gm.mean(), gm.covariance()
-    for d in range(x.shape[1]):
-        assert abs(float(x[:, d].mean() - mu[d])) < Z * math.sqrt(float(cov[d, d]) / n), f"mean, coord {d}"
-    xc = x - mu
-    for a, b in ((0, 0), (1, 1), (0, 1)):
-        prod = xc[:, a] * xc[:, b]  # E[prod] = cov[a, b]; its standard error from the sample's own spread
-        se = float(prod.std()) / math.sqrt(n)
-        assert abs(float(prod.mean()) - float(cov[a, b])) < Z * se, f"covariance [{a}, {b}]"
-
-
 def _ddpm_var_from_exact_start(process, ts, v):
     """Output variance of DDPM on an isolated Gaussian component of variance v, started from p_T."""
     var_T = float(process.alpha(ts[0])) ** 2 * v + float(process.sigma(ts[0])) ** 2
@@ -484,7 +456,7 @@ def test_ddpm_discrete_t1000_reproduces_mixture():
     p = Discrete.from_schedule("linear", 1000)
     ts = grid_discrete(p, 1000)
     x = sample_ddpm(GM2.denoiser(p), p, _exact_start(p, GM2, 4000, seed=20), ts, generator=_gen(21))
-    _check_mixture(x, GM2, lambda v: _ddpm_var_from_exact_start(p, ts, v))
+    check_mixture(x, GM2, lambda v: _ddpm_var_from_exact_start(p, ts, v))
 
 
 def test_ddpm_vp_reproduces_mixture():
@@ -493,7 +465,7 @@ def test_ddpm_vp_reproduces_mixture():
     p = VP()
     ts = grid_t(p, 500)
     x = sample_ddpm(GM2.denoiser(p), p, _exact_start(p, GM2, 4000, seed=22), ts, generator=_gen(23))
-    _check_mixture(x, GM2, lambda v: _ddpm_var_from_exact_start(p, ts, v))
+    check_mixture(x, GM2, lambda v: _ddpm_var_from_exact_start(p, ts, v))
 
 
 def test_ald_ve_reproduces_mixture():
@@ -522,4 +494,4 @@ def test_ald_ve_reproduces_mixture():
         generator=_gen(25),
     )
     sT2 = float(p.sigma(ts[0])) ** 2
-    _check_mixture(x, GM2, lambda v: _ald_gaussian_law(p, ts, 0.0, v, 0.0, v + sT2, n_each, eps)[1])
+    check_mixture(x, GM2, lambda v: _ald_gaussian_law(p, ts, 0.0, v, 0.0, v + sT2, n_each, eps)[1])

@@ -31,15 +31,6 @@ from torchdiffusion.train import LOG_COLUMNS, TrainConfig, ema_update, lr_at, tr
 NET = {"name": "mlp", "width": 32, "depth": 2, "emb_dim": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy machine thread contention slows them 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kw) -> TrainConfig:
     base = dict(
         n_data=256, net=NET, steps=60, batch_size=32, warmup=5, lr=2e-3, checkpoint_every=20, log_every=5, ema_decay=0.9

@@ -26,14 +26,6 @@ UNET = {"name": "unet", "channels": 16, "channel_mult": [1, 2], "num_res_blocks"
 UNET = {**UNET, "dropout": 0.0, "groups": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kw) -> TrainConfig:
     base = dict(data="digits", net=UNET, steps=6, batch_size=8, warmup=2, lr=1e-3, log_every=2, checkpoint_every=3)
     return TrainConfig(**{**base, "ema_decay": 0.9, **kw})

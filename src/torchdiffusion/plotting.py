@@ -12,15 +12,20 @@ from torch import Tensor  # noqa: E402
 LIM = 3.2  # the toy sets have unit scale; this frame holds them and their noised versions
 
 
-def scatter(ax, x: Tensor, title: str, color: str = "C0", lim: float = LIM) -> None:
-    x = x.detach().cpu().reshape(x.shape[0], -1)
-    ax.scatter(x[:, 0], x[:, 1], s=1.5, alpha=0.5, color=color, linewidths=0)
+def _frame(ax, title: str, lim: float) -> None:
+    """A square, tick-less panel of half-width lim, as every 2-D picture here uses."""
     ax.set_title(title, fontsize=9)
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def scatter(ax, x: Tensor, title: str, color: str = "C0", lim: float = LIM) -> None:
+    x = x.detach().cpu().reshape(x.shape[0], -1)
+    ax.scatter(x[:, 0], x[:, 1], s=1.5, alpha=0.5, color=color, linewidths=0)
+    _frame(ax, title, lim)
 
 
 def score_grid(lim: float = LIM, n: int = 17) -> Tensor:
@@ -36,12 +41,7 @@ def quiver(ax, pts: Tensor, field: Tensor, title: str, color: str = "k", lim: fl
     scale = field.norm(dim=1).quantile(0.95).clamp_min(1e-12)
     f = field / scale
     ax.quiver(pts[:, 0], pts[:, 1], f[:, 0], f[:, 1], color=color, angles="xy", scale=22, width=0.004)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlim(-lim, lim)
-    ax.set_ylim(-lim, lim)
-    ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    _frame(ax, title, lim)
 
 
 def loss_curve(ax, steps, losses, title: str = "training loss") -> None:

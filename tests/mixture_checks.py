@@ -1,0 +1,30 @@
+"""The statistical check shared by the sampler tests: samples against an exact Gaussian mixture."""
+
+import math
+
+Z = 5.0  # standard errors (two-sided p ~ 6e-7 per check)
+
+
+def check_mixture(x, gm, var_law=lambda v: v, z=Z):
+    """Weights (argmax of the exact responsibilities at the data level), per-component means and
+    variances (against var_law(v), the sampler's exact variance on an isolated component of variance
+    v; by default v itself), the overall mean and covariance, each within z standard errors."""
+    n, D = x.shape
+    k = gm.responsibilities(x).argmax(1)
+    for j, w in enumerate(gm.weights.tolist()):
+        frac = float((k == j).double().mean())
+        assert abs(frac - w) < z * math.sqrt(w * (1 - w) / n), f"weight of component {j}: {frac} vs {w}"
+        xj = x[k == j]
+        nj = xj.shape[0]
+        for d in range(D):
+            m, v = float(gm.means[j, d]), float(gm.variances[j, d])
+            assert abs(float(xj[:, d].mean()) - m) < z * math.sqrt(v / nj), f"mean of component {j}, coord {d}"
+            vv = var_law(v)
+            assert abs(float(xj[:, d].var()) - vv) < z * vv * math.sqrt(2 / (nj - 1)), f"var of component {j}, {d}"
+    mu, cov = gm.mean(), gm.covariance()
+    xc = x - mu
+    for d in range(D):
+        assert abs(float(xc[:, d].mean())) < z * math.sqrt(float(cov[d, d]) / n), f"mean, coord {d}"
+    for a, b in ((0, 0), (1, 1), (0, 1)):
+        prod = xc[:, a] * xc[:, b]  # E[prod] = cov[a, b]; its standard error from the sample's own spread
+        assert abs(float(prod.mean()) - float(cov[a, b])) < z * float(prod.std()) / math.sqrt(n), f"cov [{a}, {b}]"
