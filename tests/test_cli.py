@@ -54,6 +54,18 @@ def test_sample_writes_npy_and_png(trained, tmp_path, sampler, extra):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_sample_on_a_fitted_grid(trained, tmp_path):
+    """--grid fit fits the grid to the checkpoint first (``grid_fit``) and says what it found; a stochastic
+    sampler is refused with a message that says why."""
+    out = tmp_path / "s.npy"
+    args = ("sample", "--checkpoint", trained, "--steps", 4, "--n", 20, "--out", out, "--grid", "fit", "--no-progress")
+    r = run(*args, "--sampler", "dpmpp_2m", "--fit-pilot", 16)
+    assert r.exit_code == 0, r.output
+    assert "fitted a 4-step grid" in r.output and np.isfinite(np.load(out)).all()
+    r = run(*args, "--sampler", "ddpm")
+    assert r.exit_code != 0 and "deterministic" in r.output
+
+
 def test_resume_continues_to_more_steps(tmp_path):
     out = tmp_path / "run"
     assert run("train", "--steps", 10, "--out", out, *TINY).exit_code == 0

@@ -16,7 +16,7 @@ import torch
 
 from .specs import PROCESSES, SAMPLERS
 
-GRIDS = ("auto", "t", "lam", "karras", "quadratic", "discrete")
+GRIDS = ("auto", "t", "lam", "karras", "quadratic", "discrete", "fit")
 TARGETS = ("eps", "x0", "v", "score", "flow")
 WEIGHTINGS = ("simple", "elbo", "likelihood", "snr", "sigma2", "min_snr")
 SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")
@@ -146,6 +146,22 @@ def _check_data(data: str) -> None:
         raise click.BadParameter(str(e), param_hint="--data") from None
 
 
+def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress):
+    """``grid_fit.fit_grid`` for --grid fit, on pilot starts of seed + 1; prints what it found."""
+    from .grid_fit import fit_grid
+    from .specs import get_sampler
+
+    pilot = process.prior_sample(pilot_shape, generator=torch.Generator(device).manual_seed(seed + 1), device=device)
+    with torch.no_grad():
+        fit = fit_grid(get_sampler(sampler), denoiser, process, steps, pilot, progress=not no_progress)
+    lam = ", ".join(f"{v:.2f}" for v in process.lam(fit.ts).tolist())
+    click.echo(
+        f"fitted a {steps}-step grid ({fit.nfe} evaluations of {pilot_shape[0]} pilot starts): distance to the "
+        f"teacher {fit.error_uniform_lam:.4g} (uniform lam) -> {fit.error:.4g}; lam = [{lam}]"
+    )
+    return fit.ts
+
+
 @main.command()
 @click.option("--checkpoint", "ckpt", required=True, type=click.Path(), help="Run directory or checkpoint folder.")
 @click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="ddpm", help="Sampling algorithm.")
@@ -154,7 +170,14 @@ def _check_data(data: str) -> None:
     "--grid",
     type=click.Choice(GRIDS),
     default="auto",
-    help="Time grid (auto: the sampler's usual one, see `torchdiffusion samplers`; discrete: integer DDPM steps).",
+    help="Time grid (auto: the sampler's usual one, see `torchdiffusion samplers`; discrete: integer DDPM steps; "
+    "fit: fitted to this model first, for deterministic samplers, see --fit-pilot).",
+)
+@click.option(
+    "--fit-pilot",
+    type=click.IntRange(min=1),
+    default=256,
+    help="Pilot starts for --grid fit (drawn with seed + 1, not the samples' noise).",
 )
 @click.option("--n", "n", type=click.IntRange(min=1), default=2000, help="Number of samples.")
 @click.option("--n-steps-each", type=click.IntRange(min=1), default=10, help="Langevin steps per level (ald).")
@@ -170,7 +193,7 @@ def _check_data(data: str) -> None:
     default=None,
     help="Also draw the reverse process and trajectories (PNG).",
 )
-def sample(ckpt, sampler, steps, grid, n, n_steps_each, seed, out, png, no_ema, device, no_progress, figure):
+def sample(ckpt, sampler, steps, grid, fit_pilot, n, n_steps_each, seed, out, png, no_ema, device, no_progress, figure):
     """Draw samples from a trained checkpoint; write them as .npy and a PNG."""
     from . import timesteps
     from .checkpoint import load_denoiser
@@ -185,8 +208,9 @@ def sample(ckpt, sampler, steps, grid, n, n_steps_each, seed, out, png, no_ema, 
         from .samplers import INFO
 
         grid = INFO[sampler].grid if grid == "auto" else grid
-        grid_fn = getattr(timesteps, f"grid_{grid}")
-        ts = grid_fn(process, steps)
+        if grid == "fit" and INFO[sampler].stochastic:
+            raise ValueError(f"--grid fit needs a deterministic sampler; {sampler!r} draws noise")
+        ts = None if grid == "fit" else getattr(timesteps, f"grid_{grid}")(process, steps)
     except (ValueError, OSError) as e:
         _fail(e)
     denoiser = denoiser.to(device)
@@ -198,6 +222,8 @@ def sample(ckpt, sampler, steps, grid, n, n_steps_each, seed, out, png, no_ema, 
     else:  # an image network
         size = int(net_cfg["image_size"])
         shape = (n, int(net_cfg.get("in_channels", 1)), size, size)
+    if ts is None:
+        ts = _fit_grid(sampler, denoiser, process, steps, (fit_pilot, *shape[1:]), seed, device, no_progress)
     x = process.prior_sample(shape, generator=gen, device=device)
     from .plotting import TrajectoryRecorder, reverse_process_figure
     from .samplers import progress_callback

@@ -15,6 +15,11 @@ from .registry import INFO, SAMPLERS, SamplerInfo
 from .sde import sample_pc, sample_reverse_sde
 from .unipc import sample_unipc
 
+# The sampler to use when you have no reason to pick another: UniPC with the order-3 predictor and its
+# corrector (Zhao et al. 2023), on ``grid_lam``, or for the best samples per NFE on a grid fitted to
+# the model (``grid_fit.fit_grid``; see docs/bench/samplers.md).
+DEFAULT_SAMPLER = "unipc_3"
+
 __all__ = [
     "CountingDenoiser",
     "progress_callback",
@@ -34,6 +39,7 @@ __all__ = [
     "sample_dpm_solver_pp_sde",
     "sample_unipc",
     "SAMPLERS",
+    "DEFAULT_SAMPLER",
     "INFO",
     "SamplerInfo",
 ]

@@ -71,11 +71,14 @@ def sample_euler(
         samples shaped like x. NFE = len(ts) - 1, plus 1 for the final denoising step.
     """
     x, ts = _loop.prepare(x, ts)
-    c, h, land = _coeffs(process, ts[:-1]), (ts[1:] - ts[:-1]).tolist(), _landing(process, ts)
+    (a, da, ds_s), h, land = _coeffs(process, ts[:-1]), (ts[1:] - ts[:-1]).tolist(), _landing(process, ts)
     t_in = ts.to(x.dtype)
     for i in range(len(ts) - 1):
         x0_hat = denoiser(x, t_in[i].expand(x.shape[0]), **cond)
-        x = x0_hat if land[i] else x + h[i] * _velocity(x, x0_hat, c, i)
+        if land[i]:
+            x = x0_hat
+        else:  # x + h (alpha' x0_hat + sigma'/sigma (x - alpha x0_hat)), with its scalars gathered: 3 tensor ops
+            x = torch.add((1.0 + h[i] * ds_s[i]) * x, x0_hat, alpha=h[i] * (da[i] - ds_s[i] * a[i]))
         _loop.report(callback, i, ts[i], x, x0_hat, i + 1)
     return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
 
