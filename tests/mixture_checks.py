@@ -1,6 +1,9 @@
-"""The statistical check shared by the sampler tests: samples against an exact Gaussian mixture."""
+"""What the sampler tests share: samples against an exact Gaussian mixture, and the exact flow map of
+Gaussian data."""
 
 import math
+
+import torch
 
 Z = 5.0  # standard errors (two-sided p ~ 6e-7 per check)
 
@@ -28,3 +31,12 @@ def check_mixture(x, gm, var_law=lambda v: v, z=Z):
     for a, b in ((0, 0), (1, 1), (0, 1)):
         prod = xc[:, a] * xc[:, b]  # E[prod] = cov[a, b]; its standard error from the sample's own spread
         assert abs(float(prod.mean()) - float(cov[a, b])) < z * float(prod.std()) / math.sqrt(n), f"cov [{a}, {b}]"
+
+
+def gaussian_flow_map(process, x, t, s, mean, var):
+    """The exact probability-flow ODE map x_t -> x_s on Gaussian data N(mean, diag(var)):
+    x_s = alpha_s m + sqrt(alpha_s^2 v + sigma_s^2) / sqrt(alpha_t^2 v + sigma_t^2) (x_t - alpha_t m)."""
+    m, v = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(var, dtype=torch.float64)
+    t, s = torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64)
+    a_t, s_t, a_s, s_s = process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
+    return a_s * m + torch.sqrt(a_s**2 * v + s_s**2) / torch.sqrt(a_t**2 * v + s_t**2) * (x - a_t * m)

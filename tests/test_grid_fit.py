@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from mixture_checks import gaussian_flow_map
 from torchdiffusion import VP, Flow, GaussianMixture, grid_lam
 from torchdiffusion.grid_fit import fit_grid, lam_grid_from_params
 from torchdiffusion.samplers import count_nfe, sample_ddim, sample_ddpm, sample_dpm_solver_pp
@@ -19,11 +20,8 @@ GAUSS = GaussianMixture([1.0], [M], [[s**2 for s in S]])
 
 
 def _flow_map(process, x, t, s):
-    """The exact probability-flow ODE map x_t -> x_s on Gaussian data N(M, diag(S^2))."""
-    m, v = torch.tensor(M, dtype=F64), torch.tensor(S, dtype=F64) ** 2
-    t, s = torch.tensor(t, dtype=F64), torch.tensor(s, dtype=F64)
-    a_t, s_t, a_s, s_s = process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
-    return a_s * m + torch.sqrt(a_s**2 * v + s_s**2) / torch.sqrt(a_t**2 * v + s_t**2) * (x - a_t * m)
+    """The exact probability-flow ODE map x_t -> x_s on this file's Gaussian data."""
+    return gaussian_flow_map(process, x, t, s, M, [s**2 for s in S])
 
 
 def test_params_zero_give_the_uniform_lam_grid_and_knots_interpolate():

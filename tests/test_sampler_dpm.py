@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+from mixture_checks import gaussian_flow_map
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
 from torchdiffusion.samplers import count_nfe, sample_ddpm
 from torchdiffusion.samplers.ddim import sample_ddim
@@ -85,10 +86,8 @@ def _exact_start(process, gm, n, seed, t=None):
 
 
 def _flow_map(process, x, t, s):
-    """The exact probability-flow ODE map x_t -> x_s on Gaussian data N(M, V)."""
-    m, v = _t(M), _t(V)
-    a_t, s_t, a_s, s_s = process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
-    return a_s * m + torch.sqrt(a_s**2 * v + s_s**2) / torch.sqrt(a_t**2 * v + s_t**2) * (x - a_t * m)
+    """The exact probability-flow ODE map x_t -> x_s on this file's Gaussian data."""
+    return gaussian_flow_map(process, x, t, s, M, V)
 
 
 def _slope(ns, errs) -> float:

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from mixture_checks import check_mixture
+from mixture_checks import check_mixture, gaussian_flow_map
 from torchdiffusion import EDM, VE, VP, Cosine, Flow, GaussianMixture, SubVP
 from torchdiffusion.samplers import count_nfe
 from torchdiffusion.samplers.ode import sample_euler, sample_heun, sample_ode_adaptive, sample_rk4
@@ -65,10 +65,8 @@ def _exact_start(process, gm, n, seed, t=None):
 
 
 def _flow_map(process, x, t, s):
-    """The exact probability-flow ODE map x_t -> x_s on Gaussian data N(M, V)."""
-    m, v = torch.tensor(M, dtype=F64), torch.tensor(V, dtype=F64)
-    a_t, s_t, a_s, s_s = _f(process.alpha, t), _f(process.sigma, t), _f(process.alpha, s), _f(process.sigma, s)
-    return a_s * m + torch.sqrt(a_s**2 * v + s_s**2) / torch.sqrt(a_t**2 * v + s_t**2) * (x - a_t * m)
+    """The exact probability-flow ODE map x_t -> x_s on this file's Gaussian data."""
+    return gaussian_flow_map(process, x, t, s, M, V)
 
 
 def _slope(ns, errs) -> float:
