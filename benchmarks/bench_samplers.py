@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import torchdiffusion.samplers as S
 from torchdiffusion import EDM, VP, GaussianMixture, grid_karras, grid_lam, grid_t
-from torchdiffusion.grid_fit import fit_grid
+from torchdiffusion.grid_fit import SPREAD, fit_grid
 from torchdiffusion.metrics import mixture_weight_error
 
 F64, DTYPE = torch.float64, torch.float32  # samplers run in float32, as users run them
@@ -64,9 +64,10 @@ SETUPS = {
     "VP/t": (VP(), grid_t),
     "EDM/fit": (EDM(), None),  # fitted per mixture, sampler and n (OursRunner._grid)
 }
-# Deterministic samplers also run on a grid fitted to each mixture's exact denoiser (``grid_fit.fit_grid``,
-# on FIT_PILOT starts of another seed than the samples): the cost of the fit is reported, not in the NFE.
-FIT_LABELS, FIT_PILOT = ("dpm_solver_pp-2", "unipc-2", "unipc-3"), 256
+# Deterministic samplers also run on a grid fitted to each mixture's exact denoiser (``grid_fit.fit_grid`` with
+# its SPREAD recipe: free end, no final denoise, log-density term; on FIT_PILOT starts of another seed than the
+# samples): the cost of the fit is reported, not in the NFE.
+FIT_LABELS, FIT_PILOT = ("dpm_solver_pp-2", "unipc-2", "unipc-3"), 1024
 KD_QUICK = ("sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde")
 DF_QUICK = ("DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler")
 ADAPTIVE_TOLS = (3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
@@ -111,6 +112,7 @@ class OursRunner:
         self.gm, self.n, self.seed, self.nfe_of_steps = gm, n, seed, {}
         self.adaptive, self.ladder = fn is getattr(S, "sample_ode_adaptive", None), None
         self.fits = fits  # a list that collects the fitted grids (for EDM/fit); None for the fixed grids
+        self.run_kw = {} if grid is not None else {"final_denoise": SPREAD["final_denoise"]}
 
     def _grid(self, n_steps: int):
         """The fixed grid, or one fitted to this mixture for this sampler and n_steps (on the pilot starts)."""
@@ -120,12 +122,14 @@ class OursRunner:
             (FIT_PILOT, *self.gm.shape), generator=torch.Generator().manual_seed(self.seed + 1000), dtype=DTYPE
         )
         sampler = partial(self.fn, **self.knobs)
-        fit = fit_grid(sampler, self.gm.denoiser(self.process), self.process, n_steps, pilot)
+        fit = fit_grid(sampler, self.gm.denoiser(self.process), self.process, n_steps, pilot, **SPREAD)
         self.fits.append(
             {
                 "n_steps": n_steps,
                 "error": fit.error,
                 "error_uniform_lam": fit.error_uniform_lam,
+                "logp_gap": fit.logp_gap,
+                "logp_gap_uniform_lam": fit.logp_gap_uniform_lam,
                 "fit_nfe": fit.nfe,
                 "lam": self.process.lam(fit.ts).tolist(),
             }
@@ -137,7 +141,7 @@ class OursRunner:
         x = self.process.prior_sample((n, *self.gm.shape), generator=g, dtype=DTYPE)
         d = S.count_nfe(self.gm.denoiser(self.process))
         ts = grid_lam(self.process, n_steps) if probe else self._grid(n_steps)  # the NFE does not depend on the times
-        out = self.fn(d, self.process, x, ts, generator=g, **self.knobs, **extra)
+        out = self.fn(d, self.process, x, ts, generator=g, **self.knobs, **self.run_kw, **extra)
         return (out[0] if isinstance(out, tuple) else out), d.nfe
 
     def _nfe(self, n_steps: int) -> float:
@@ -503,9 +507,10 @@ def main(argv=None):
     costs = [f["fit_nfe"] for by_label in fits.values() for log in by_label.values() for f in log]
     if costs:
         notes.append(
-            f"EDM/fit: a grid fitted (grid_fit.fit_grid) per mixture, sampler and step count on {FIT_PILOT} pilot "
-            f"starts of seed {args.seed + 1000}; one fit cost {min(costs)}-{max(costs)} evaluations on the pilot "
-            "batch (teacher and search), once per model, not counted in the NFE"
+            f"EDM/fit: a grid fitted (grid_fit.fit_grid, recipe grid_fit.SPREAD = {SPREAD}) per mixture, sampler "
+            f"and step count on {FIT_PILOT} pilot starts of seed {args.seed + 1000}; one fit cost "
+            f"{min(costs)}-{max(costs)} evaluations on the pilot batch (teacher, search and log-density line "
+            "integrals), once per model, not counted in the NFE"
         )
     over = overhead()
     tgt, wall, notes = targets(results, floors, over, budgets), time.perf_counter() - start, sorted(set(notes))

@@ -66,6 +66,17 @@ def test_sample_on_a_fitted_grid(trained, tmp_path):
     assert r.exit_code != 0 and "deterministic" in r.output
 
 
+def test_sample_on_a_spread_fitted_grid(trained, tmp_path):
+    """--fit-spread fits with ``grid_fit.SPREAD`` and reports the log-density gap; it needs --grid fit."""
+    out = tmp_path / "s.npy"
+    args = ("sample", "--checkpoint", trained, "--steps", 3, "--n", 20, "--out", out, "--no-progress", "--fit-spread")
+    r = run(*args, "--grid", "fit", "--sampler", "dpmpp_2m", "--fit-pilot", 16)
+    assert r.exit_code == 0, r.output
+    assert "log-density gap" in r.output and np.isfinite(np.load(out)).all()
+    r = run(*args, "--sampler", "dpmpp_2m")
+    assert r.exit_code != 0 and "--grid fit" in r.output
+
+
 def test_resume_continues_to_more_steps(tmp_path):
     out = tmp_path / "run"
     assert run("train", "--steps", 10, "--out", out, *TINY).exit_code == 0

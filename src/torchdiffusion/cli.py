@@ -146,20 +146,23 @@ def _check_data(data: str) -> None:
         raise click.BadParameter(str(e), param_hint="--data") from None
 
 
-def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress):
-    """``grid_fit.fit_grid`` for --grid fit, on pilot starts of seed + 1; prints what it found."""
-    from .grid_fit import fit_grid
+def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, spread):
+    """``grid_fit.fit_grid`` for --grid fit (with ``grid_fit.SPREAD`` for --fit-spread), on pilot starts of
+    seed + 1; prints what it found and returns the fit."""
+    from .grid_fit import SPREAD, fit_grid
     from .specs import get_sampler
 
     pilot = process.prior_sample(pilot_shape, generator=torch.Generator(device).manual_seed(seed + 1), device=device)
+    recipe = SPREAD if spread else {}
     with torch.no_grad():
-        fit = fit_grid(get_sampler(sampler), denoiser, process, steps, pilot, progress=not no_progress)
+        fit = fit_grid(get_sampler(sampler), denoiser, process, steps, pilot, progress=not no_progress, **recipe)
     lam = ", ".join(f"{v:.2f}" for v in process.lam(fit.ts).tolist())
+    gap = f"; log-density gap {fit.logp_gap_uniform_lam:+.3g} -> {fit.logp_gap:+.3g} nats" if spread else ""
     click.echo(
         f"fitted a {steps}-step grid ({fit.nfe} evaluations of {pilot_shape[0]} pilot starts): distance to the "
-        f"teacher {fit.error_uniform_lam:.4g} (uniform lam) -> {fit.error:.4g}; lam = [{lam}]"
+        f"teacher {fit.error_uniform_lam:.4g} (uniform lam) -> {fit.error:.4g}{gap}; lam = [{lam}]"
     )
-    return fit.ts
+    return fit
 
 
 @main.command()
@@ -179,6 +182,12 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     default=256,
     help="Pilot starts for --grid fit (drawn with seed + 1, not the samples' noise).",
 )
+@click.option(
+    "--fit-spread",
+    is_flag=True,
+    help="With --grid fit: also hold the samples' log-density at the teacher's (grid_fit.SPREAD: the end is "
+    "fitted and there is no final denoise); keeps few-step samples from coming out too concentrated.",
+)
 @click.option("--n", "n", type=click.IntRange(min=1), default=2000, help="Number of samples.")
 @click.option("--n-steps-each", type=click.IntRange(min=1), default=10, help="Langevin steps per level (ald).")
 @click.option("--seed", type=int, default=0, help="Seed of the sampler's noise.")
@@ -193,7 +202,23 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     default=None,
     help="Also draw the reverse process and trajectories (PNG).",
 )
-def sample(ckpt, sampler, steps, grid, fit_pilot, n, n_steps_each, seed, out, png, no_ema, device, no_progress, figure):
+def sample(
+    ckpt,
+    sampler,
+    steps,
+    grid,
+    fit_pilot,
+    fit_spread,
+    n,
+    n_steps_each,
+    seed,
+    out,
+    png,
+    no_ema,
+    device,
+    no_progress,
+    figure,
+):
     """Draw samples from a trained checkpoint; write them as .npy and a PNG."""
     from . import timesteps
     from .checkpoint import load_denoiser
@@ -222,8 +247,12 @@ def sample(ckpt, sampler, steps, grid, fit_pilot, n, n_steps_each, seed, out, pn
     else:  # an image network
         size = int(net_cfg["image_size"])
         shape = (n, int(net_cfg.get("in_channels", 1)), size, size)
+    if fit_spread and grid != "fit":
+        _fail(ValueError("--fit-spread goes with --grid fit"))
     if ts is None:
-        ts = _fit_grid(sampler, denoiser, process, steps, (fit_pilot, *shape[1:]), seed, device, no_progress)
+        pilot_shape = (fit_pilot, *shape[1:])
+        fit = _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, fit_spread)
+        ts, kwargs = fit.ts, {**kwargs, "final_denoise": fit.final_denoise}
     x = process.prior_sample(shape, generator=gen, device=device)
     from .plotting import TrajectoryRecorder, reverse_process_figure
     from .samplers import progress_callback

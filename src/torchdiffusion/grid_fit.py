@@ -12,12 +12,27 @@ where the teacher is DPM-Solver++(3M) with ``teacher_steps`` steps uniform in la
 the exact denoiser of the pilot's model, E -> 0 exactly when the n-step sampler reproduces the ODE's flow
 map, so the fitted grid is the n-step grid that best reproduces the model's own samples.
 
-Parametrization: the grid keeps its ends (t_start, t_end) and has positive steps in lam,
+Spread (``logp_weight`` > 0). The distance alone rewards a few-step sampler for pulling its samples toward the
+modes (the mean of what it cannot resolve is closer to every possible answer), so its samples come out too
+concentrated. The fit can also hold the samples' log-density at the teacher's:
+
+    J(ts) = E(ts) / (s_data sqrt(d)) + logp_weight |G(ts)| / d,
+    G(ts) = mean over x_T of log p(sampler(x_T; ts)) - log p(teacher(x_T)),
+
+both per coordinate (s_data: the RMS standard deviation of the teacher's samples, d: numbers per sample).
+G needs no density: log p(b) - log p(a) is the line integral of the model's score, int_0^1 score(a + u (b - a))
+. (b - a) du, here by Gauss-Legendre with ``logp_nodes`` nodes and the score of the model at t_end, Tweedie's
+(alpha x0_hat - x) / sigma^2 (seed 003). ``fit_end`` makes the end an unknown as well: the grid may stop at a
+larger sigma than t_end, and without the final denoise the noise left there spreads the samples back out.
+
+Parametrization: the grid keeps its start t_start and has positive steps in lam,
 h_i = (lam_end - lam_start) softmax(v)_i, starting from v = 0 (the uniform lam grid, ``grid_lam``). For
 n <= ``free_steps`` every step is free; longer grids warp the uniform grid with v interpolated
-linearly between ``knots`` values, so the search has few unknowns at any n. Minimized derivative-free
-with Powell's method (scipy). Cost: about ``max_evals`` runs of the n-step sampler on the pilot batch plus
-``teacher_steps`` + 1 evaluations; once per (model, sampler, n), after which the grid is plain data.
+linearly between ``knots`` values, so the search has few unknowns at any n. The end is t_end, or with
+``fit_end`` lam_end = lam(t_end) - u^2 with one more unknown u (kept in the upper half of the lam range).
+Minimized derivative-free with Powell's method (scipy). Cost: about ``max_evals`` runs of the n-step sampler on
+the pilot batch (plus ``logp_nodes`` evaluations each with ``logp_weight``) and ``teacher_steps`` + 1
+evaluations; once per (model, sampler, n), after which the grid is plain data.
 """
 
 from __future__ import annotations
@@ -29,11 +44,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .parameterization import score_from_x0
 from .process import NoiseProcess, _as_t
 from .samplers import count_nfe, sample_dpm_solver_pp
+from .samplers._loop import batch_t
 from .timesteps import _ends, _lam_start, grid_lam
 
-__all__ = ["GridFit", "fit_grid", "lam_grid_from_params"]
+__all__ = ["SPREAD", "GridFit", "fit_grid", "lam_grid_from_params", "logp_difference"]
+
+# The recipe that keeps few-step samples as spread as the teacher's: fit the end too, no final denoise, and hold
+# the log-density gap (see the module docstring). ``fit_grid(..., **SPREAD)``, then sample with
+# ``final_denoise=fit.final_denoise``.
+SPREAD = {"final_denoise": False, "fit_end": True, "logp_weight": 0.5}
 
 
 @dataclass(frozen=True)
@@ -45,6 +67,9 @@ class GridFit:
     error_uniform_lam: float  # E of the uniform lam grid with the same ends, where the search started
     evals: int  # runs of the n-step sampler on the pilot batch
     nfe: int  # network evaluations the fit used (teacher and search), each on the whole pilot batch
+    logp_gap: float = math.nan  # G(ts), mean log p(samples) - log p(teacher's) in nats (with logp_weight > 0)
+    logp_gap_uniform_lam: float = math.nan  # G of the uniform lam grid
+    final_denoise: bool = True  # what the grid was fitted with: pass the same to the sampler
 
 
 def lam_grid_from_params(v: np.ndarray, n: int, lam_start: float, lam_end: float) -> np.ndarray:
@@ -62,10 +87,34 @@ def lam_grid_from_params(v: np.ndarray, n: int, lam_start: float, lam_end: float
     return lam_start + (lam_end - lam_start) * np.concatenate([[0.0], np.cumsum(w)])
 
 
-def _times(process: NoiseProcess, lams: np.ndarray, a: float, b: float) -> Tensor:
+def _times(process: NoiseProcess, lams: np.ndarray, a: float, b: float | None = None) -> Tensor:
+    """Times of the lam values with the exact start a (lam may be -inf there, e.g. Flow at t = 1) and end b
+    (None: the end is where lams ends)."""
     ts = process.t_from_lam(torch.from_numpy(lams))
-    ts[0], ts[-1] = a, b  # exact ends (lam may be -inf at t_start, e.g. Flow at t = 1)
+    ts[0] = a
+    if b is not None:
+        ts[-1] = b
     return ts
+
+
+def logp_difference(denoiser, process: NoiseProcess, t: float, a: Tensor, b: Tensor, nodes: int = 16, **cond):
+    """log p_t(b) - log p_t(a) per example, by the line integral of the model's score from a to b.
+
+    The score is Tweedie's (alpha x0_hat - x) / sigma^2 at time t (seed 003), integrated along the segment
+    by ``nodes``-point Gauss-Legendre: ``nodes`` network evaluations on the batch. Exact for any density
+    whose log is a polynomial of degree <= 2 nodes along the segment (a Gaussian needs one node); segments
+    that cross between modes need more nodes.
+
+    Returns a float64 tensor (B,).
+    """
+    u, w = np.polynomial.legendre.leggauss(int(nodes))
+    t_, d = torch.tensor(float(t), dtype=torch.float64), (b - a).to(torch.float64)
+    total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for ui, wi in zip((u + 1) / 2, w / 2, strict=True):
+        x = (a.to(torch.float64) + ui * d).to(a.dtype)
+        score = score_from_x0(process, x, batch_t(t_, x), denoiser(x, batch_t(t_, x), **cond))
+        total += wi * (score.to(torch.float64) * d).flatten(1).sum(1)
+    return total
 
 
 def _check_deterministic(sampler, denoiser, process, x_T, ts, kw) -> None:
@@ -94,6 +143,9 @@ def fit_grid(
     t_start=None,
     t_end=None,
     final_denoise: bool = True,
+    fit_end: bool = False,
+    logp_weight: float = 0.0,
+    logp_nodes: int = 16,
     progress: bool = False,
     **cond,
 ) -> GridFit:
@@ -109,12 +161,21 @@ def fit_grid(
         teacher_steps: steps of the DPM-Solver++(3M) teacher (uniform in lam).
         max_evals: budget of sampler runs for the search (default 40 per unknown).
         free_steps: up to this n every lam step is an unknown; above it, ``knots`` unknowns warp the grid.
-        t_start, t_end: the ends, kept fixed (default ``process.t_max``, ``process.t_min``).
+        t_start, t_end: the ends (default ``process.t_max``, ``process.t_min``); t_start is kept, and t_end too
+            unless ``fit_end``.
         final_denoise: passed to the sampler and the teacher (see ``samplers._loop``).
+        fit_end: let the grid end earlier than t_end (one more unknown); pair it with ``final_denoise=False``.
+        logp_weight: weight of the log-density gap G against the distance (both per coordinate); 0 fits the
+            distance alone. ``SPREAD = dict(final_denoise=False, fit_end=True, logp_weight=0.5)`` is the recipe
+            the sampler benchmark runs (docs/bench/samplers.md). G uses the score at t_end: a network's score at
+            a tiny sigma is noisy, so for trained models give a t_end where its x0_hat is still smooth.
+        logp_nodes: Gauss-Legendre nodes of the line integral behind G.
         progress: show a tqdm bar over the sampler runs.
     Returns:
         ``GridFit`` with the grid ``ts`` (float64, n + 1 times) and the errors before and after.
     """
+    if not (math.isfinite(float(logp_weight)) and float(logp_weight) >= 0):
+        raise ValueError(f"logp_weight must be a number >= 0, got {logp_weight}")
     if int(n) < 1:
         raise ValueError(f"a grid needs at least 1 step, got n = {n}")
     if int(teacher_steps) < 2 * int(n):
@@ -130,32 +191,66 @@ def fit_grid(
     teacher = sample_dpm_solver_pp(denoiser, process, x_T, fine, order=3, final_denoise=final_denoise, **cond)
     kw = {**cond, "final_denoise": final_denoise}  # what every run of the sampler gets
     target = teacher.flatten(1).to(torch.float64)
-    unknowns = n if n <= free_steps else min(int(knots), n)
+    d = target.shape[1]
+    # per-coordinate scales of J (module docstring): the teacher's RMS std, and d
+    scale = float(target.std(dim=0).pow(2).mean().sqrt()) * math.sqrt(d) if target.shape[0] > 1 else 1.0
+    scale = scale if scale > 0 else 1.0
+    step_unknowns = n if n <= free_steps else min(int(knots), n)
+    unknowns = step_unknowns + bool(fit_end)
     max_evals = 40 * unknowns if max_evals is None else int(max_evals)
+    logp_evals = runs = 0
+
+    def grid(v: np.ndarray) -> Tensor:
+        lam_e = max(lam_b - float(v[-1]) ** 2, (lam_a + lam_b) / 2) if fit_end else lam_b
+        lams = lam_grid_from_params(v[:step_unknowns], n, lam_a, lam_e)
+        return _times(process, lams, a, b if lam_e >= lam_b else None)
+
+    def gap(out: Tensor) -> float:
+        nonlocal logp_evals
+        logp_evals += 1
+        return float(logp_difference(denoiser, process, b, teacher, out, logp_nodes, **cond).mean())
+
     bar = tqdm(total=max_evals, desc=f"fit grid (n = {n})", disable=not progress, unit="run", leave=False)
     evals = 0
 
-    def error(v: np.ndarray) -> float:
+    seen: dict[bytes, tuple[float, float]] = {}
+
+    def measure(v: np.ndarray) -> tuple[float, float]:
+        """(E, G) of the grid of v; G is nan without logp_weight; (inf, nan) where the grid is not valid."""
+        key = np.asarray(v, dtype=np.float64).tobytes()
+        if key not in seen:
+            seen[key] = _measure(v)
+        return seen[key]
+
+    def _measure(v: np.ndarray) -> tuple[float, float]:
+        nonlocal runs
+        runs += 1
+        try:
+            out = sampler(denoiser, process, x_T, grid(v), **kw)
+        except ValueError:  # two times that round to one (a step below the inverse's resolution)
+            return math.inf, math.nan
+        e = float((out.flatten(1).to(torch.float64) - target).norm(dim=1).mean())
+        g = gap(out) if logp_weight > 0 and math.isfinite(e) else math.nan
+        return (e, g) if math.isfinite(e) else (math.inf, math.nan)
+
+    def objective(v: np.ndarray) -> float:
         nonlocal evals
         evals += 1
         bar.update()
-        try:
-            ts = _times(process, lam_grid_from_params(v, n, lam_a, lam_b), a, b)
-            out = sampler(denoiser, process, x_T, ts, **kw)
-        except ValueError:  # two times that round to one (a step below the inverse's resolution)
-            return math.inf
-        e = float((out.flatten(1).to(torch.float64) - target).norm(dim=1).mean())
-        return e if math.isfinite(e) else math.inf
+        e, g = measure(v)
+        j = e / scale + (logp_weight * abs(g) / d if logp_weight > 0 else 0.0)
+        return j if math.isfinite(j) else math.inf
 
     v0 = np.zeros(unknowns)
-    ts0 = _times(process, lam_grid_from_params(v0, n, lam_a, lam_b), a, b)
-    _check_deterministic(sampler, denoiser, process, x_T, ts0, kw)
-    e0 = error(v0)
-    res = minimize(error, v0, method="Powell", options={"maxfev": max_evals, "xtol": 1e-2, "ftol": 1e-4})
+    _check_deterministic(sampler, denoiser, process, x_T, grid(v0), kw)
+    j0, (e0, g0) = objective(v0), measure(v0)
+    res = minimize(objective, v0, method="Powell", options={"maxfev": max_evals, "xtol": 1e-2, "ftol": 1e-4})
     bar.close()
-    v = res.x if res.fun < e0 else v0
-    ts = _times(process, lam_grid_from_params(v, n, lam_a, lam_b), a, b)
-    d = count_nfe(denoiser)  # one more run, on one start, to count the sampler's NFE
-    sampler(d, process, x_T[:1], ts, **kw)
-    runs = evals + 3  # the search, the determinism check (2) and the count
-    return GridFit(ts, min(float(res.fun), e0), e0, evals, len(fine) - 1 + final_denoise + runs * d.nfe)
+    v = res.x if res.fun < j0 else v0
+    ts = grid(v)
+    e, g = measure(v)
+    count = count_nfe(denoiser)  # one more run, on one start, to count the sampler's NFE
+    sampler(count, process, x_T[:1], ts, **kw)
+    runs += 3  # the determinism check (2) and the count
+    nfe = len(fine) - 1 + final_denoise + runs * count.nfe + logp_evals * int(logp_nodes)
+    return GridFit(ts, e, e0, evals, nfe, g, g0, bool(final_denoise))
