@@ -76,8 +76,15 @@ def _worker(rank: int, world: int, port: int, config: dict, run_dir: str, out_di
 
 def spawn(config: TrainConfig, run_dir, out_dir, **kw) -> list[dict]:
     Path(out_dir).mkdir(exist_ok=True)
-    args = (2, free_port(), config.to_dict(), str(run_dir), str(out_dir), kw.get("stop_at"), kw.get("resume", False))
-    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    rest = (config.to_dict(), str(run_dir), str(out_dir), kw.get("stop_at"), kw.get("resume", False))
+    for attempt in range(3):  # the free port can be taken by another test worker before rank 0 binds it
+        args = (2, free_port(), *rest)
+        try:
+            mp.spawn(_worker, args=args, nprocs=2, join=True)
+            break
+        except mp.ProcessRaisedException as e:
+            if "address already in use" not in str(e).lower() or attempt == 2:
+                raise
     return [torch.load(p) for p in sorted(Path(out_dir).glob("rank*.pt"))]
 
 
