@@ -66,15 +66,15 @@ def test_sample_on_a_fitted_grid(trained, tmp_path):
     assert r.exit_code != 0 and "deterministic" in r.output
 
 
-def test_sample_on_a_spread_fitted_grid(trained, tmp_path):
-    """--fit-spread fits with ``grid_fit.SPREAD`` and reports the log-density gap; it needs --grid fit."""
+def test_fit_objective_spread_reports_the_log_density_gap(trained, tmp_path):
+    """--grid fit uses ``grid_fit.SPREAD`` by default and reports the log-density gap; distance does not."""
     out = tmp_path / "s.npy"
-    args = ("sample", "--checkpoint", trained, "--steps", 3, "--n", 20, "--out", out, "--no-progress", "--fit-spread")
-    r = run(*args, "--grid", "fit", "--sampler", "dpmpp_2m", "--fit-pilot", 16)
+    args = ("sample", "--checkpoint", trained, "--steps", 3, "--n", 20, "--out", out, "--no-progress", "--grid", "fit")
+    r = run(*args, "--sampler", "dpmpp_2m", "--fit-pilot", 16)
     assert r.exit_code == 0, r.output
     assert "log-density gap" in r.output and np.isfinite(np.load(out)).all()
-    r = run(*args, "--sampler", "dpmpp_2m")
-    assert r.exit_code != 0 and "--grid fit" in r.output
+    r = run(*args, "--sampler", "dpmpp_2m", "--fit-pilot", 16, "--fit-objective", "distance")
+    assert r.exit_code == 0 and "fitted a 3-step grid" in r.output and "log-density gap" not in r.output
 
 
 def test_resume_continues_to_more_steps(tmp_path):
@@ -150,12 +150,13 @@ def test_bad_checkpoint_is_a_clear_error_and_keeps_output(trained, tmp_path, dam
 
 
 def test_samplers_lists_the_registry():
-    from torchdiffusion.samplers import SAMPLERS
+    from torchdiffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
 
     r = run("samplers")
     assert r.exit_code == 0
     for name in SAMPLERS:
         assert name in r.output
+    assert f"For few steps: {DEFAULT_SAMPLER}" in r.output
 
 
 def test_sample_draws_the_reverse_process(trained, tmp_path):

@@ -147,7 +147,7 @@ def _check_data(data: str) -> None:
 
 
 def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, spread):
-    """``grid_fit.fit_grid`` for --grid fit (with ``grid_fit.SPREAD`` for --fit-spread), on pilot starts of
+    """``grid_fit.fit_grid`` for --grid fit (with ``grid_fit.SPREAD`` for --fit-objective spread), on pilot starts of
     seed + 1; prints what it found and returns the fit."""
     from .grid_fit import SPREAD, fit_grid
     from .specs import get_sampler
@@ -183,10 +183,12 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     help="Pilot starts for --grid fit (drawn with seed + 1, not the samples' noise).",
 )
 @click.option(
-    "--fit-spread",
-    is_flag=True,
-    help="With --grid fit: also hold the samples' log-density at the teacher's (grid_fit.SPREAD: the end is "
-    "fitted and there is no final denoise); keeps few-step samples from coming out too concentrated.",
+    "--fit-objective",
+    type=click.Choice(["spread", "distance"]),
+    default="spread",
+    help="With --grid fit: spread also holds the samples' log-density at the teacher's (grid_fit.SPREAD: the end "
+    "is fitted, no final denoise), which keeps few-step samples from coming out too concentrated; distance fits "
+    "the distance to the teacher alone.",
 )
 @click.option("--n", "n", type=click.IntRange(min=1), default=2000, help="Number of samples.")
 @click.option("--n-steps-each", type=click.IntRange(min=1), default=10, help="Langevin steps per level (ald).")
@@ -208,7 +210,7 @@ def sample(
     steps,
     grid,
     fit_pilot,
-    fit_spread,
+    fit_objective,
     n,
     n_steps_each,
     seed,
@@ -247,11 +249,11 @@ def sample(
     else:  # an image network
         size = int(net_cfg["image_size"])
         shape = (n, int(net_cfg.get("in_channels", 1)), size, size)
-    if fit_spread and grid != "fit":
-        _fail(ValueError("--fit-spread goes with --grid fit"))
     if ts is None:
         pilot_shape = (fit_pilot, *shape[1:])
-        fit = _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, fit_spread)
+        fit = _fit_grid(
+            sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, fit_objective == "spread"
+        )
         ts, kwargs = fit.ts, {**kwargs, "final_denoise": fit.final_denoise}
     x = process.prior_sample(shape, generator=gen, device=device)
     from .plotting import TrajectoryRecorder, reverse_process_figure
@@ -436,12 +438,16 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
 @main.command()
 def samplers():
     """List the samplers: order, network evaluations per step, default grid, stochastic or not, paper."""
-    from .samplers import INFO
+    from .samplers import DEFAULT_SAMPLER, INFO
 
     click.echo(f"{'name':<14} {'order':<11} {'NFE/step':<24} {'grid':<7} {'noise':<6} paper")
     for name, info in INFO.items():
         noise = "yes" if info.stochastic else "no"
         click.echo(f"{name:<14} {info.order:<11} {info.nfe:<24} {info.grid:<7} {noise:<6} {info.paper}")
+    click.echo(
+        f"\nFor few steps: {DEFAULT_SAMPLER} (samplers.DEFAULT_SAMPLER) on a grid fitted to the model, "
+        f"`sample --sampler {DEFAULT_SAMPLER} --grid fit` (docs/bench/samplers.md)."
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
