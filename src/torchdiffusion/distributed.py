@@ -115,6 +115,10 @@ def process_group(device: str = "cpu") -> Iterator[DistInfo]:
     dist.init_process_group(backend="nccl" if cuda else "gloo", rank=info.rank, world_size=world)
     try:
         yield info
+        # Rank 0 hosts the rendezvous store: had it torn the group down while another rank was still in its
+        # last collective or its own teardown, that rank would abort ("terminate called without an active
+        # exception", seen once in the torchrun test). Meet first; on an exception, tear down at once.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
