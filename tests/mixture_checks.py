@@ -1,5 +1,5 @@
-"""What the sampler tests share: samples against an exact Gaussian mixture, and the exact flow map of
-Gaussian data."""
+"""What the sampler tests share: samples against an exact Gaussian mixture, the exact flow map of Gaussian
+data, and the observed order of convergence."""
 
 import math
 
@@ -40,3 +40,10 @@ def gaussian_flow_map(process, x, t, s, mean, var):
     t, s = torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64)
     a_t, s_t, a_s, s_s = process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
     return a_s * m + torch.sqrt(a_s**2 * v + s_s**2) / torch.sqrt(a_t**2 * v + s_t**2) * (x - a_t * m)
+
+
+def observed_order(ns, errs) -> float:
+    """Least-squares slope of -log(err) against log(n): the observed order of convergence (err ~ n^-order)."""
+    logn = torch.log(torch.tensor(ns, dtype=torch.float64))
+    loge = torch.log(torch.tensor(errs, dtype=torch.float64))
+    return float(-((logn - logn.mean()) * (loge - loge.mean())).sum() / ((logn - logn.mean()) ** 2).sum())

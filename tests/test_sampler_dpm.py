@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from mixture_checks import gaussian_flow_map
+from mixture_checks import gaussian_flow_map, observed_order
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
 from torchdiffusion.samplers import count_nfe, sample_ddpm
 from torchdiffusion.samplers.ddim import sample_ddim
@@ -90,13 +90,6 @@ def _flow_map(process, x, t, s):
     return gaussian_flow_map(process, x, t, s, M, V)
 
 
-def _slope(ns, errs) -> float:
-    """Least-squares slope of -log(err) against log(n): the observed order."""
-    A = torch.tensor([[math.log(n), 1.0] for n in ns], dtype=F64)
-    b = torch.tensor([[-math.log(e)] for e in errs], dtype=F64)
-    return float(torch.linalg.lstsq(A, b).solution[0, 0])
-
-
 # --- convergence order on Gaussian data -------------------------------------------------------------
 
 LAM0, LAM1 = -3.0, 3.0  # where x0_hat(lam) bends: the asymptotic order is visible from n = 10
@@ -146,7 +139,7 @@ def test_convergence_order_on_gaussian_data(name, process):
     """Each solver reaches its global order on the exact flow map (grid uniform in lam, n = 10 .. 80)."""
     ns = [10, 20, 40, 80]
     errs = _order_errors(name, process, lambda n: torch.linspace(LAM0, LAM1, n + 1, dtype=F64), ns)
-    order = _slope(ns, errs)
+    order = observed_order(ns, errs)
     assert order > EXPECTED_ORDER[name] - 0.25, f"{name}: slope {order:.2f}, errors {errs}"
 
 
@@ -164,7 +157,7 @@ def test_multistep_order_with_resolved_start(name, order):
     from below: the local slope between n = 80 and 160 is checked too."""
     ns = [20, 40, 80, 160]
     errs = _order_errors(name, VP(), _resolved_start, ns)
-    assert _slope(ns, errs) > order - 0.25 - (0.4 if order == 4 else 0), f"{name}: errors {errs}"
+    assert observed_order(ns, errs) > order - 0.25 - (0.4 if order == 4 else 0), f"{name}: errors {errs}"
     assert math.log2(errs[-2] / errs[-1]) > order - 0.5, f"{name}: errors {errs}"
 
 

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from mixture_checks import check_mixture, gaussian_flow_map
+from mixture_checks import check_mixture, gaussian_flow_map, observed_order
 from torchdiffusion import EDM, VE, VP, Cosine, Flow, GaussianMixture, SubVP
 from torchdiffusion.samplers import count_nfe
 from torchdiffusion.samplers.ode import sample_euler, sample_heun, sample_ode_adaptive, sample_rk4
@@ -69,13 +69,6 @@ def _flow_map(process, x, t, s):
     return gaussian_flow_map(process, x, t, s, M, V)
 
 
-def _slope(ns, errs) -> float:
-    """Least-squares slope of -log(err) against log(n): the observed order."""
-    A = torch.tensor([[math.log(n), 1.0] for n in ns], dtype=F64)
-    b = torch.tensor([[-math.log(e)] for e in errs], dtype=F64)
-    return float(torch.linalg.lstsq(A, b).solution[0, 0])
-
-
 # --- convergence order on Gaussian data -----------------------------------------------------------
 
 ORDER = {"euler": (0.8, 1.3), "heun": (1.8, 2.4), "rk4": (3.0, 5.0)}
@@ -94,7 +87,7 @@ def test_convergence_order_on_gaussian_data(case, name):
         out = FIXED[name](GAUSS.denoiser(process), process, x, ts, final_denoise=False)
         errs.append(float((out - _flow_map(process, x, ts[0], ts[-1])).abs().max()))
     lo, hi = ORDER[name]
-    assert lo <= _slope(ns, errs) <= hi, f"errors {errs}"
+    assert lo <= observed_order(ns, errs) <= hi, f"errors {errs}"
 
 
 @pytest.mark.parametrize("tol", [1e-6, 1e-8])
