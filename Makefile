@@ -7,15 +7,24 @@ PIP    := $(BIN)/python -m pip
 # -n 2 uses both cores; the test suite is CPU-bound float64 math.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv demo demo-digits test test-slow test-all bench bench-samplers bench-likelihood lint format clean
+.PHONY: venv demo demo-digits test test-portable test-slow test-all bench bench-samplers bench-likelihood lint format \
+	clean lock
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# Every runtime and dev dependency is pinned in requirements.lock (and the `compare` extra's in
+# requirements-compare.lock) to the versions the suite passed with; `make lock` refreshes both from
+# pyproject.toml's ranges. torch is not in them: constraints.txt pins it to the CPU wheel of 2.13.0 that these
+# machines provide, installed first (PyPI's own torch 2.13.0 would bring gigabytes of CUDA packages).
+LOCK         := requirements.lock
+COMPARE_LOCK := requirements-compare.lock
+
+$(STAMP): pyproject.toml constraints.txt $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	$(PIP) install --quiet -c constraints.txt -r $(LOCK)
+	$(PIP) install --quiet --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,6 +39,18 @@ demo-digits: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The suite on baseline kernels, as on a CPU without AVX: PyTorch's default ATen kernels, numpy without its
+# optional SIMD targets (those this CPU has: numpy refuses to disable its baseline) and, on x86-64, MKL's and
+# OpenBLAS's SSE4.2 code paths. Sums and BLAS products then round in another order than in `make test`, so a
+# tolerance copied from one machine's output, not derived from the conditioning, fails here.
+ifeq ($(shell uname -m),x86_64)
+BASELINE_BLAS := MKL_ENABLE_INSTRUCTIONS=SSE4_2 OPENBLAS_CORETYPE=Nehalem
+endif
+
+test-portable: $(STAMP)
+	ATEN_CPU_CAPABILITY=default $(BASELINE_BLAS) NPY_DISABLE_CPU_FEATURES="$$($(BIN)/python .ci/baseline_kernels.py)" \
+	  sh -c '$(BIN)/python .ci/baseline_kernels.py --check && $(BIN)/python -m pytest $(PYTEST_ARGS)'
+
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS) -m slow
 
@@ -38,18 +59,21 @@ test-all: $(STAMP)
 
 COMPARE := $(VENV)/.compare-installed
 
-$(COMPARE): $(STAMP)
-	$(PIP) install --quiet -c constraints.txt -e '.[dev,compare]'
-	$(PIP) install --quiet -c constraints.txt --no-deps k-diffusion
+$(COMPARE): $(STAMP) $(COMPARE_LOCK)
+	$(PIP) install --quiet -c constraints.txt -r $(COMPARE_LOCK)
+	$(PIP) install --quiet -c constraints.txt --no-deps k-diffusion==0.1.1.post1
 	touch $(COMPARE)
 
 # Benchmarks run next to the libraries people use today (the `compare` extra).
 bench: $(COMPARE)
 	$(BIN)/python benchmarks/bench_2d.py
 
-# Sample quality per NFE against exact Gaussian mixtures, next to diffusers and k-diffusion.
+# Sample quality per NFE against exact Gaussian mixtures, next to diffusers and k-diffusion; then every sampler on
+# trained models (2-D and digits, trained once into bench-output/models) against held-out data, with and without
+# the data-box clip (TRAINED_ARGS=--no-digits skips the digits U-Net, ~10-30 minutes to train the first time).
 bench-samplers: $(COMPARE)
 	$(BIN)/python benchmarks/bench_samplers.py --out bench-output
+	$(BIN)/python benchmarks/bench_trained.py --out bench-output $(TRAINED_ARGS)
 
 # Likelihood accuracy and time against closed-form densities, next to k-diffusion.
 bench-likelihood: $(COMPARE)
@@ -62,6 +86,21 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Refresh both locks to the newest releases within pyproject.toml's ranges (pip-compile from pip-tools; the
+# compare lock is constrained by the main one, so the two agree), then run `make test` on them before committing.
+# torch stays out (--unsafe-package) and a lock that names any nvidia-* or triton package is refused: that happens
+# where pip sees only PyPI's CUDA build of torch, not the CPU wheel of constraints.txt.
+PIP_TOOLS := pip-tools==7.6.2
+LOCK_ARGS := --quiet --upgrade --strip-extras --constraint constraints.txt --unsafe-package torch \
+	--no-emit-find-links --no-emit-index-url
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet $(PIP_TOOLS)
+	$(BIN)/pip-compile $(LOCK_ARGS) --extra dev --output-file $(LOCK) pyproject.toml
+	$(BIN)/pip-compile $(LOCK_ARGS) --extra dev --extra compare --constraint $(LOCK) --output-file $(COMPARE_LOCK) \
+	  pyproject.toml
+	! grep -Eil '^(nvidia|triton)' $(LOCK) $(COMPARE_LOCK)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache demo-output

@@ -36,12 +36,53 @@ def _spd(d: int, gen: torch.Generator) -> torch.Tensor:
 
 
 # -- FID ---------------------------------------------------------------------------------------------------
+EPS = float(np.finfo(np.float64).eps)
+
+
+def _fid_rounding(mu1, s1, mu2, s2, route: str = "symmetric") -> float:
+    """Worst-case float64 rounding error of d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) by one route.
+
+    The eigenvalues lam_i >= 0 of S1 S2 are those of the symmetric S2^{1/2} S1 S2^{1/2}. A route computes each
+    of them within delta (backward-stable LAPACK: error <= p(n) eps ||A|| with p(n) taken as n):
+    - "symmetric" (``frechet_distance``): eigh(S1) returns S1 + E, ||E|| <= n eps ||S1||, and clamping its
+      negative eigenvalues moves it as much again; the products root S2 root add n eps ||root||_F^2 ||S2|| with
+      ||root||_F^2 = Tr S1 <= sqrt(n) ||S1||_F, and eigvalsh n eps ||S1|| ||S2||. By Weyl's theorem every
+      eigenvalue moves by at most delta = 3 n^1.5 eps ||S1||_F ||S2||_F.
+    - "general" (``np.linalg.eigvals`` or scipy's Schur-form ``sqrtm`` of the computed product S1 @ S2): the
+      product and the Hessenberg QR add a backward error 2 n eps ||S1||_F ||S2||_F. S1 S2 = V Lam V^-1 with
+      V = S^-1/2 Q for the better-conditioned nonsingular S of the two, so by Bauer-Fike every eigenvalue moves
+      by at most kappa(V) times that, kappa(V) = kappa(S)^{1/2}; sqrtm's back-transformation Q R Q^T adds
+      n^2 eps ||R||_F <= n^2 eps kappa(V) (sum lam)^{1/2} to the trace.
+    An eigenvalue moved by |e| <= delta moves its square root by at most min(sqrt(delta), delta / sqrt(lam)):
+    about delta / (2 sqrt(lam)) away from zero, but sqrt(delta) for the zero eigenvalues of a singular
+    covariance, so rank deficiency costs half the digits on every route. Tr (S1 S2)^{1/2} enters d^2 twice;
+    the three sums of n terms add n eps (||mu1 - mu2||^2 + Tr S1 + Tr S2).
+    """
+    s1, s2 = np.asarray(s1, dtype=np.float64), np.asarray(s2, dtype=np.float64)
+    n, norms = len(s1), float(np.linalg.norm(s1) * np.linalg.norm(s2))
+    w2, v2 = np.linalg.eigh(s2)
+    r2 = (v2 * np.sqrt(np.clip(w2, 0, None))) @ v2.T
+    lam = np.clip(np.linalg.eigvalsh(r2 @ s1 @ r2), 0, None)
+    sums = float(((np.asarray(mu1) - np.asarray(mu2)) ** 2).sum() + np.trace(s1) + np.trace(s2))
+    delta = known = 3 * n**1.5 * EPS * norms  # lam itself came by the symmetric route: known to within this
+    extra = 0.0
+    if route != "symmetric":
+        kappa = min(float(np.linalg.cond(s1)), float(np.linalg.cond(s2)))
+        assert kappa * EPS < 1, "the Bauer-Fike bound needs one nonsingular covariance"
+        delta = 2 * n * EPS * kappa**0.5 * norms
+        extra = n**2 * EPS * kappa**0.5 * float(np.sqrt(lam.sum()))
+    low = lam - known
+    moved = np.where(low > 0, delta / np.sqrt(np.where(low > 0, low, 1.0)), np.inf)
+    return 2 * (float(np.minimum(np.sqrt(delta), moved).sum()) + extra) + n * EPS * sums
+
+
 def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
     gen = torch.Generator().manual_seed(0)
     mu1, mu2 = torch.randn(6, generator=gen, dtype=F64), torch.randn(6, generator=gen, dtype=F64)
     v1, v2 = torch.rand(6, generator=gen, dtype=F64) + 0.1, torch.rand(6, generator=gen, dtype=F64) + 0.1
     exact = ((mu1 - mu2) ** 2).sum() + ((v1.sqrt() - v2.sqrt()) ** 2).sum()
-    assert frechet_distance(mu1, torch.diag(v1), mu2, torch.diag(v2)) == pytest.approx(float(exact), rel=1e-12)
+    s1, s2 = torch.diag(v1), torch.diag(v2)
+    assert abs(frechet_distance(mu1, s1, mu2, s2) - float(exact)) <= _fid_rounding(mu1, s1, mu2, s2)
 
 
 def test_frechet_distance_is_zero_for_identical_statistics_and_symmetric():
@@ -52,8 +93,10 @@ def test_frechet_distance_is_zero_for_identical_statistics_and_symmetric():
         _spd(30, gen),
         _spd(30, gen),
     )
-    assert frechet_distance(mu1, s1, mu1, s1) < 1e-10 * float(s1.trace())
-    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-10)
+    assert frechet_distance(mu1, s1, mu1, s1) <= _fid_rounding(mu1, s1, mu1, s1)
+    # the two orders take the square root of different matrices: each is within its own rounding bound
+    ab, ba = frechet_distance(mu1, s1, mu2, s2), frechet_distance(mu2, s2, mu1, s1)
+    assert abs(ab - ba) <= _fid_rounding(mu1, s1, mu2, s2) + _fid_rounding(mu2, s2, mu1, s1)
 
 
 def _fid_reference(mu1, s1, mu2, s2, trace_sqrt):
@@ -61,27 +104,37 @@ def _fid_reference(mu1, s1, mu2, s2, trace_sqrt):
 
 
 def test_frechet_distance_matches_the_general_formula_including_singular_covariances():
-    """Tr (S1 S2)^{1/2} = sum sqrt(eig(S1 S2)) (the eigenvalues are real and >= 0), and scipy's sqrtm."""
+    """Tr (S1 S2)^{1/2} = sum sqrt(eig(S1 S2)) (the eigenvalues are real and >= 0), and scipy's sqrtm.
+
+    The two sides take different routes (two symmetric eigendecompositions against the eigenvalues or Schur
+    form of the non-symmetric product), so they agree to the rounding bound of each route, which depends on
+    the conditioning: to ~1e-12 relative for well-conditioned covariances, to ~sqrt(eps) for a singular one."""
     gen = torch.Generator().manual_seed(2)
     mu1, mu2 = torch.randn(10, generator=gen, dtype=F64).numpy(), torch.randn(10, generator=gen, dtype=F64).numpy()
     low_rank = torch.randn(4, 10, generator=gen, dtype=F64)
     by_eigvals = lambda m: np.sqrt(np.clip(np.linalg.eigvals(m).real, 0, None)).sum()  # noqa: E731
     for s1, s2 in [(_spd(10, gen), _spd(10, gen)), (low_rank.T @ low_rank, _spd(10, gen))]:
         s1, s2 = s1.numpy(), s2.numpy()
-        assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
-            _fid_reference(mu1, s1, mu2, s2, by_eigvals), rel=1e-9
-        )
+        ours, reference = frechet_distance(mu1, s1, mu2, s2), _fid_reference(mu1, s1, mu2, s2, by_eigvals)
+        assert abs(ours - reference) <= _fid_rounding(mu1, s1, mu2, s2) + _fid_rounding(mu1, s1, mu2, s2, "general")
     linalg = pytest.importorskip("scipy.linalg")
     s1, s2 = _spd(10, gen).numpy(), _spd(10, gen).numpy()
     by_sqrtm = lambda m: np.trace(linalg.sqrtm(m)).real  # noqa: E731
-    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(_fid_reference(mu1, s1, mu2, s2, by_sqrtm), rel=1e-9)
+    ours, reference = frechet_distance(mu1, s1, mu2, s2), _fid_reference(mu1, s1, mu2, s2, by_sqrtm)
+    assert abs(ours - reference) <= _fid_rounding(mu1, s1, mu2, s2) + _fid_rounding(mu1, s1, mu2, s2, "general")
 
 
 def test_feature_statistics_are_mean_and_unbiased_covariance():
     f = torch.randn(50, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
     mu, sigma = feature_statistics(f)
-    np.testing.assert_allclose(mu.numpy(), f.numpy().mean(0), rtol=1e-12)
-    np.testing.assert_allclose(sigma.numpy(), np.cov(f.numpy(), rowvar=False), rtol=1e-12)
+    # numpy and torch sum in different orders; a sum of N terms in any order errs by at most N u times the sum of
+    # their magnitudes (u = eps/2), so an entry near 0 is bounded absolutely. Both covariances are two-pass:
+    # the mean's own error cancels to first order (the deviations sum to 0), each deviation, product and the
+    # division add u, so each side errs by (N + 2) u (|D|^T |D|)_ij / (N - 1) with D the deviations.
+    a, n = f.numpy(), len(f)
+    assert (np.abs(mu.numpy() - a.mean(0)) <= n * EPS * np.abs(a).mean(0)).all()
+    d = np.abs(a - a.mean(0))
+    assert (np.abs(sigma.numpy() - np.cov(a, rowvar=False)) <= (n + 2) * EPS * (d.T @ d) / (n - 1)).all()
 
 
 def test_fid_of_two_samples_of_one_gaussian_is_small_against_a_unit_mean_shift():
@@ -132,7 +185,14 @@ def test_kid_of_whole_sets_is_the_u_statistic():
     u = sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / len(pairs)
     u -= 2 * sum(k(x[i], y[j]) for i in range(12) for j in range(12)) / 144
     mean, std = kernel_inception_distance(x, y, subsets=3, subset_size=100, generator=gen)
-    assert mean == pytest.approx(u, rel=1e-12) and std < 1e-12
+    # Rounding, on either side: a kernel value k = s^3, s = a.b / 3 + 1, errs by at most 11 u (|a|.|b| / 3 + 1)^3
+    # (3 u on the dot product, u each on / 3, + 1 and the cube, times 3 s^2), and a sum of M terms in any order by
+    # (M - 1) u times their magnitudes. MMD^2 is a small difference of such sums: bound it absolutely.
+    kt = lambda a, b: (a.abs() @ b.abs().T / 3 + 1) ** 3  # noqa: E731
+    m = len(x)
+    terms = (kt(x, x).sum() + kt(y, y).sum()) / (m * (m - 1)) + 2 * kt(x, y).sum() / m**2
+    bound = (m**2 + 11) * EPS * float(terms)  # both sides: 2 (m^2 + 11) u
+    assert abs(mean - u) <= bound and std <= bound  # whole sets: every subset is the same sum, reordered
 
 
 # -- precision and recall ----------------------------------------------------------------------------------
