@@ -159,7 +159,9 @@ def test_discrete_elbo_decoder_term_at_t1(process):
     c0 = ab[0].sqrt() * betas[1] / (1 - ab[1])
     cx = alphas[1].sqrt() * (1 - ab[0]) / (1 - ab[1])
     assert float(cx) == 0.0
-    torch.testing.assert_close(c0, torch.tensor(1.0, dtype=F64), rtol=1e-12, atol=0)
+    # 1 - beta_1 rounds by up to eps/2 and 1 - ab_1 is then exact (Sterbenz), so 1 - ab_1 = beta_1 (1 + e) with
+    # |e| <= eps / (2 beta_1): 2.8e-12 for the cosine schedule's beta_1 = 4e-5; the division adds eps/2.
+    torch.testing.assert_close(c0, torch.tensor(1.0, dtype=F64), rtol=float(torch.finfo(F64).eps / betas[1]), atol=0)
 
     B, D = 5, 4
     g = _gen(4)
@@ -200,11 +202,12 @@ def test_seed_final_objective_weight_is_half_snr_difference(process):
 @pytest.mark.parametrize("process", CONTINUOUS, ids=CONTINUOUS_IDS)
 def test_likelihood_weight_is_half_g2_on_the_score(process):
     """Song et al. 2021b (likelihood weighting lambda(t) = g^2(t)): the weight on |s_hat - s|^2 is
-    g^2(t)/2, times t_max - t_min (uniform t estimates the integral over [t_min, t_max]). g^2 is
-    computed here from its definition d sigma^2/dt - 2 (d log alpha/dt) sigma^2 (Song et al. 2021,
-    Eq. 5/11) by autograd of the two curves, independently of the processes' closed forms."""
+    g^2(t)/2, divided by the density p(t) of the training times (so that their mean estimates the
+    integral over [t_min, t_max]; uniform t: times t_max - t_min). g^2 is computed here from its
+    definition d sigma^2/dt - 2 (d log alpha/dt) sigma^2 (Song et al. 2021, Eq. 5/11) by autograd of
+    the two curves, independently of the processes' closed forms."""
     t = _times(process)
-    L = process.t_max - process.t_min
+    L = 1 / process.train_t_density(t)  # checked on its own in test_train_t_density_*
     g2 = (
         _autograd(lambda u: process.sigma(u) ** 2, t)
         - 2 * _autograd(lambda u: torch.log(process.alpha(u)), t) * process.sigma(t) ** 2
@@ -227,11 +230,12 @@ def test_likelihood_weight_is_half_g2_on_the_score(process):
 
 @pytest.mark.parametrize("process", CONTINUOUS, ids=CONTINUOUS_IDS)
 def test_continuous_elbo_is_minus_half_snr_derivative(process):
-    """Kingma et al. 2021, Eq. 17: the continuous bound weights |x0_hat - x0|^2 by -snr'(t)/2 (times
-    t_max - t_min for uniform t); it equals the likelihood weighting in x0 units. snr' by autograd of
-    process.snr, and by a central difference (truncation O(h^2), rounding O(1e-16 t / h))."""
+    """Kingma et al. 2021, Eq. 17: the continuous bound weights |x0_hat - x0|^2 by -snr'(t)/2 (over the
+    density of the training times, t_max - t_min for uniform t); it equals the likelihood weighting in x0
+    units. snr' by autograd of process.snr, and by a central difference (truncation O(h^2), rounding
+    O(1e-16 t / h))."""
     t = _times(process)
-    L = process.t_max - process.t_min
+    L = 1 / process.train_t_density(t)
     elbo = weight("elbo", process, t, "x0")
     torch.testing.assert_close(elbo, weight("likelihood", process, t, "x0"), rtol=1e-12, atol=0)
     torch.testing.assert_close(elbo, -_autograd(process.snr, t) / 2 * L, rtol=1e-9, atol=0)
@@ -320,6 +324,8 @@ def test_sample_t_continuous_is_uniform(continuous_process):
     standard errors (L/sqrt(12 n) and L^2/sqrt(180 n), the variance of U^2 terms); Kolmogorov-Smirnov
     distance below the DKW bound sqrt(log(2/p)/(2n)) at p = 1e-9 (Massart 1990)."""
     p = continuous_process
+    if isinstance(p, EDM):
+        pytest.skip("EDM draws VP's noise levels: test_sample_t_edm_draws_the_noise_levels_of_vp")
     lo, hi = p.t_min, p.t_max
     L = hi - lo
     n = 50_000
@@ -334,6 +340,50 @@ def test_sample_t_continuous_is_uniform(continuous_process):
     ks = torch.maximum(i / n - u, u - (i - 1) / n).max()
     assert float(ks) < math.sqrt(math.log(2 / 1e-9) / (2 * n))
     assert torch.equal(t, sample_t(p, n, generator=_gen(9)))
+
+
+BETA_MIN, BETA_D = 0.1, 19.9  # Karras et al. 2022, Table 1, "VP"
+
+
+def _vp_tau(sigma):
+    """Karras et al. 2022, Table 1 ("VP"): the t whose sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) is
+    sigma, solved from the quadratic beta_d t^2 / 2 + beta_min t = log(1 + sigma^2)."""
+    log1p = torch.log1p(torch.as_tensor(sigma, dtype=F64) ** 2)
+    return (-BETA_MIN + torch.sqrt(BETA_MIN**2 + 2 * BETA_D * log1p)) / BETA_D
+
+
+def test_sample_t_edm_draws_the_noise_levels_of_vp():
+    """EDM trains on VP's noise levels: tau(sigma) of the draws (the closed form above, not the library's
+    VP) is uniform on [tau(t_min), tau(t_max)]: all draws inside, Kolmogorov-Smirnov distance below the DKW
+    bound at p = 1e-9; the ends of train_t are t_min and t_max."""
+    p = EDM()
+    n = 50_000
+    t = sample_t(p, n, generator=_gen(19))
+    assert t.dtype == F64 and t.min() >= p.t_min and t.max() <= p.t_max
+    lo, hi = (float(_vp_tau(x)) for x in (p.t_min, p.t_max))
+    u = ((_vp_tau(t) - lo) / (hi - lo)).sort().values
+    i = torch.arange(1, n + 1, dtype=F64)
+    assert float(torch.maximum(i / n - u, u - (i - 1) / n).max()) < math.sqrt(math.log(2 / 1e-9) / (2 * n))
+    ends = p.train_t(torch.tensor([0.0, 1.0], dtype=F64))
+    torch.testing.assert_close(ends, torch.tensor([p.t_min, p.t_max], dtype=F64), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("process", CONTINUOUS, ids=CONTINUOUS_IDS)
+def test_train_t_density_is_that_of_train_t(process):
+    """train_t is the inverse CDF of the density train_t_density: p(train_t(u)) * d train_t / du = 1 at every
+    u (autograd). Uniform processes: p = 1 / (t_max - t_min). EDM: uniform tau(sigma) (see above) has density
+    1 / ((tau_hi - tau_lo) d sigma / d tau) = 2 sigma / ((1 + sigma^2) (beta_d tau + beta_min) (tau_hi - tau_lo))."""
+    u = torch.tensor([1e-4, 0.01, 0.2, 0.5, 0.8, 0.99, 1 - 1e-4], dtype=F64)
+    t = process.train_t(u)
+    dt_du = _autograd(process.train_t, u)
+    # a handful of float64 roundings (ndtri, exp and their autograd derivatives): 1e-12 leaves a margin of 1e3
+    torch.testing.assert_close(process.train_t_density(t) * dt_du, torch.ones_like(u), rtol=1e-12, atol=0)
+    if isinstance(process, EDM):
+        lo, hi = (float(_vp_tau(x)) for x in (process.t_min, process.t_max))
+        exact = 2 * t / ((1 + t**2) * (BETA_D * _vp_tau(t) + BETA_MIN) * (hi - lo))
+    else:
+        exact = torch.full_like(t, 1 / (process.t_max - process.t_min))
+    torch.testing.assert_close(process.train_t_density(t), exact, rtol=1e-12, atol=0)
 
 
 # --- 6. the bound of the exact denoiser on Gaussian data ----------------------------------------------

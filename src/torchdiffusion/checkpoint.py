@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .parameterization import PREDICTIONS, Preconditioned, as_denoiser
 from .process import NoiseProcess
 from .specs import build_net, build_process
+from .support import clip_denoiser
 
 __all__ = [
     "FORMAT_VERSION",
@@ -121,8 +123,9 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)  # left over by an earlier crash of a process with our pid
     try:
         tmp.mkdir()
-        save_file(_weights(net), str(tmp / MODEL), metadata={"format": "pt"})
-        save_file(_weights(ema_net), str(tmp / EMA), metadata={"format": "pt"})
+        # bytes written with open(): safetensors' save_file creates its files 0600 whatever the umask.
+        (tmp / MODEL).write_bytes(save_safetensors(_weights(net), metadata={"format": "pt"}))
+        (tmp / EMA).write_bytes(save_safetensors(_weights(ema_net), metadata={"format": "pt"}))
         (tmp / CONFIG).write_text(text + "\n", encoding="utf-8")
         with open(tmp / STATE, "wb") as fh:
             torch.save(state, fh)
@@ -239,16 +242,28 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     return Checkpoint(ckpt, config, net.to(device), ema_net.to(device), process, state)
 
 
-def load_denoiser(path: str | os.PathLike, ema: bool = True, *, device: str | torch.device = "cpu"):
-    """``(denoiser, process, config)`` from a checkpoint, ready for any sampler (eval mode).
+def load_denoiser(path: str | os.PathLike, ema: bool = True, *, device: str | torch.device = "cpu", clip: bool = True):
+    """``(denoiser, process, config)`` from a checkpoint, ready for any sampler (eval mode, weights frozen).
 
     The denoiser is ``as_denoiser(Preconditioned(net, process, sigma_data), process, target)``:
     the same wrapping as in training. ``ema=True`` uses the EMA weights (Ho et al. 2020, Sec. 4;
     Song & Ermon 2020, Sec. 3.5), which sample better than the raw ones.
     """
     ckpt = load_checkpoint(path, device=device)
+    # A loaded model is for inference: with frozen weights, sampling it records no autograd graph however it
+    # is called (without torch.no_grad, 2,000 samples x 50 DDPM steps of a moons MLP held 2.7 GB in it).
+    # Gradients with respect to the input still flow, as likelihood.py's divergence needs.
+    ckpt.net.requires_grad_(False)
+    ckpt.ema_net.requires_grad_(False)
     if not isinstance(ckpt.config.get("sigma_data"), (int, float)):
         raise CheckpointError(f"{ckpt.path / CONFIG}: config lacks a numeric 'sigma_data'")
-    model = Preconditioned(ckpt.ema_net if ema else ckpt.net, ckpt.process, float(ckpt.config["sigma_data"]))
+    out = ckpt.config["target"] if ckpt.config.get("precondition_output") is True else None  # absent: older, raw
+    model = Preconditioned(ckpt.ema_net if ema else ckpt.net, ckpt.process, float(ckpt.config["sigma_data"]), out)
     denoiser = as_denoiser(model, ckpt.process, predicts=ckpt.config["target"]).eval()
+    box = ckpt.config.get("data_box")  # absent in checkpoints written before it was recorded
+    if clip and box is not None:
+        try:
+            denoiser = clip_denoiser(denoiser, *box).to(device).eval()  # eval: the wrapper too
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{ckpt.path / CONFIG}: bad 'data_box' (expected [low, high]): {e}") from None
     return denoiser, ckpt.process, ckpt.config

@@ -1,12 +1,15 @@
-"""The command line: ``torchdiffusion train | sample | demo | samplers``.
+"""The command line: ``torchdiffusion train | sample | likelihood | evaluate | demo | samplers``.
 
 Names given on the command line become objects through ``specs`` (processes, networks,
-samplers); everything else is the Python API. Errors are reported as one clear line and
-never leave a half-written file behind.
+samplers); everything else is the Python API. Errors are reported as one clear line, found
+before the work where they can be (devices, outputs, shapes, labels), and never leave a
+half-written file behind. OpenMP threads sleep when idle (``OMP_WAIT_POLICY=PASSIVE``, set in
+``torchdiffusion/__init__.py`` before torch loads); ``--threads`` sets torch's thread count.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +29,140 @@ def _fail(e: Exception) -> None:
     raise click.ClickException(str(e)) from None
 
 
+def _set_threads(ctx, param, value):
+    if value is not None:
+        torch.set_num_threads(value)
+    return value
+
+
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    expose_value=False,
+    callback=_set_threads,
+    help="CPU threads for torch (torch.set_num_threads) [default: torch's, one per core]. On a CPU shared with "
+    "other jobs fewer threads are faster; 1 avoids thread hand-offs altogether.",
+)
+
+
+def _available_devices() -> list[str]:
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    return found + (["mps"] if mps is not None and mps.is_available() else [])
+
+
+def _device(name: str) -> torch.device:
+    """``name`` as a device of this machine, or a usage error naming the devices there are."""
+    here = f"devices on this machine: {', '.join(_available_devices())}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise click.BadParameter(f"{name!r} is not a torch device name; {here}", param_hint="--device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise click.BadParameter(f"{name!r}: CUDA is not available ({why}); {here}", param_hint="--device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise click.BadParameter(f"{name!r}: no such GPU; {here}", param_hint="--device")
+    if device.type not in ("cpu", "cuda") and name not in _available_devices():
+        raise click.BadParameter(f"{name!r} is not available; {here}", param_hint="--device")
+    return device
+
+
+def _writable(path: str | None, option: str) -> None:
+    """Check before the work that ``path`` can be written (at the end, after minutes of sampling)."""
+    from .io import check_writable
+
+    if path is not None:
+        try:
+            check_writable(path, option)
+        except OSError as e:
+            raise click.BadParameter(str(e), param_hint=option) from None
+
+
+def _example_shape(cfg: dict) -> tuple[int, ...]:
+    """The shape of one example of the checkpoint's model: (D,) for points, (C, H, H) for images."""
+    net = cfg["net"]
+    if "dim" in net:
+        return (int(net["dim"]),)
+    return (int(net.get("in_channels", 1)), int(net["image_size"]), int(net["image_size"]))
+
+
+def _class_labels(cfg: dict, ckpt: str, klass: int | None, labels: str | None, n: int):
+    """``(labels (n,) or None, description)`` for --class / --labels (or their default) on this checkpoint.
+
+    A class-conditional net was trained on labels 0..K-1 only; its extra "unconditional" embedding K was
+    never trained, so sampling it without labels gives noise. By default such a model gets labels spread
+    evenly, i mod K; a model without classes refuses labels.
+    """
+    classes = cfg["net"].get("num_classes")
+    if klass is None and labels is None:
+        if not classes:
+            return None, ""
+        return torch.arange(n) % classes, f"labels i mod {classes} (all classes evenly; choose with --class/--labels)"
+    option = "--class" if labels is None else "--labels"
+    if klass is not None and labels is not None:
+        raise click.BadParameter("give --class K or --labels L1,L2,..., not both", param_hint=option)
+    if not classes:
+        raise click.BadParameter(
+            f"{ckpt} is not class-conditional (trained without labels, class_conditional: false); drop {option}",
+            param_hint=option,
+        )
+    if klass is not None:
+        values = torch.tensor([klass])
+    elif labels.endswith(".npy"):
+        try:
+            arr = np.load(labels, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(f"cannot read {labels}: {e}", param_hint=option) from None
+        if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+            raise click.BadParameter(
+                f"{labels} must hold a 1-D array of integer labels, got {arr.dtype} of shape {arr.shape}",
+                param_hint=option,
+            )
+        values = torch.from_numpy(arr.astype(np.int64))
+    else:
+        try:
+            values = torch.tensor([int(v) for v in labels.split(",")])
+        except ValueError:
+            raise click.BadParameter(
+                f"{labels!r} is not a comma-separated list of integers (e.g. 0,3,7) or a .npy file", param_hint=option
+            ) from None
+    bad = values[(values < 0) | (values >= classes)]
+    if len(bad):
+        raise click.BadParameter(
+            f"label {int(bad[0])} is out of range: this model knows classes 0..{classes - 1}", param_hint=option
+        )
+    if len(values) > n:
+        raise click.BadParameter(f"{len(values)} labels for {n} samples (--n); give at most {n}", param_hint=option)
+    how = f"class {klass}" if klass is not None else f"labels {labels} (label i = L[i mod {len(values)}])"
+    return values.repeat(-(-n // len(values)))[:n], how
+
+
+def _draw(sampler, denoiser, process, shape, n, batch_size, ts, gen, device, labels, no_progress, kwargs, record):
+    """``n`` samples of ``shape`` in batches of ``batch_size``: each batch draws its prior noise and then runs
+    the sampler, both from ``gen``, so one seed and batch size always give the same samples (another batch
+    size consumes the stream in another order). ``record`` (or None) is called on the first batch's start
+    and returns a sampler callback that records it."""
+    from .samplers import progress_callback
+    from .specs import get_sampler
+
+    fn, per_batch = get_sampler(sampler), len(ts) if sampler == "ald" else len(ts) - 1
+    starts = range(0, n, batch_size)
+    tick, bar = progress_callback(per_batch * len(starts), f"{sampler} ({n} samples)", disable=no_progress)
+    out = []
+    for start in starts:
+        b = min(batch_size, n - start)
+        x = process.prior_sample((b, *shape), generator=gen, device=device)
+        cond = {"class_labels": labels[start : start + b].to(device)} if labels is not None else {}
+        rec = record(x) if record is not None and start == 0 else None
+        cb = tick if rec is None else (lambda info, rec=rec: (tick(info), rec(info)))
+        with torch.no_grad():
+            out.append(fn(denoiser, process, x, ts, generator=gen, callback=cb, **kwargs, **cond).cpu())
+    bar.close()
+    return torch.cat(out)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="torchdiffusion")
 def main():
@@ -34,6 +171,111 @@ def main():
 
 def _process_spec(process: str, schedule: str, T: int) -> dict:
     return {"name": "ddpm", "schedule": schedule, "T": T} if process == "ddpm" else {"name": process}
+
+
+# What `train --data <images>` trains without --config: the U-Net and batch of configs/digits.yaml (1.1M
+# parameters at 16x16; ~8 steps/s on 2 quiet cores), which suits the small built-in and 28x28 sets.
+IMAGE_NET = {
+    "name": "unet",
+    "channels": 32,
+    "channel_mult": [1, 2, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [4],
+    "dropout": 0.0,
+}
+IMAGE_DEFAULTS = {"batch_size": 64, "lr": 1e-3}
+
+
+def _typed(ctx, name: str) -> bool:
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def _train_config(ctx, config, fields, process, schedule, T, width, depth):
+    """The TrainConfig of `train`'s options: a --config file with the options typed after it, or the options alone.
+
+    Options that could not take effect are refused rather than ignored: --schedule / --T (ddpm only),
+    --width / --depth (the MLP of point data).
+    """
+    from .train import TrainConfig, _is_image_spec
+
+    typed = {k: v for k, v in fields.items() if _typed(ctx, k)}
+    base = TrainConfig.from_yaml(config, **typed) if config else None
+    proc = dict(base.process) if base is not None and not _typed(ctx, "process") else {"name": process}
+    for name, value in (("schedule", schedule), ("T", T)):
+        if _typed(ctx, name):
+            if proc["name"] != "ddpm":
+                raise click.BadParameter(
+                    f"--{name} applies to --process ddpm only (the discrete-time DDPM); the process here is "
+                    f"{proc['name']!r}, whose noise levels are continuous curves: drop --{name} or use --process ddpm",
+                    param_hint=f"--{name}",
+                )
+            proc[name] = value
+    if proc["name"] == "ddpm" and base is None:
+        proc = _process_spec("ddpm", schedule, T)
+    images = _is_image_spec(base.data if base is not None else fields["data"])
+    net = dict(base.net) if base is not None else dict(IMAGE_NET if images else TrainConfig().net)
+    for name, value in (("width", width), ("depth", depth)):
+        if _typed(ctx, name):
+            if net["name"] != "mlp":
+                raise click.BadParameter(
+                    f"--{name} sizes the MLP of point data; this run trains a {net['name']} "
+                    f"({'image data' if images else 'from the config'}): set its size under net: in a --config file",
+                    param_hint=f"--{name}",
+                )
+            net[name] = value
+        elif base is None and not images:
+            net[name] = value
+    if base is not None:
+        return TrainConfig.from_dict({**base.to_dict(), "process": proc, "net": net})
+    if images:  # the batch and rate of the image net's config, unless typed
+        fields = {**fields, **{k: v for k, v in IMAGE_DEFAULTS.items() if not _typed(ctx, k)}}
+    return TrainConfig(process=proc, net=net, **fields)
+
+
+def _resume_notice(out: Path, steps: int) -> str | None:
+    """What a resume with another --steps does to the cosine learning rate, or None."""
+    import json
+
+    from .checkpoint import CONFIG, find_checkpoint
+    from .train import TrainConfig, lr_at
+
+    try:
+        stored = json.loads((find_checkpoint(out) / CONFIG).read_text(encoding="utf-8"))
+        old = TrainConfig.from_dict(stored)
+        step = int(stored["step"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # train() reports a bad checkpoint itself
+    if old.steps == steps or old.lr_schedule != "cosine" or step < old.warmup:
+        return None
+    new = TrainConfig.from_dict({**old.to_dict(), "steps": steps})
+    return (
+        f"note: --steps {old.steps} -> {steps}: the cosine learning rate now decays over {steps} steps, so "
+        f"step {step + 1} runs at lr {lr_at(step, new):.3g} (the checkpoint's last step ran at "
+        f"{lr_at(step - 1, old):.3g}): the rest of the run follows a {steps}-step schedule"
+    )
+
+
+def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: Path | None) -> None:
+    """After a failed `train` that wrote no checkpoint: remove what this invocation created and left empty (a
+    log.csv without rows, empty folders, the run folder and its parents if it made them). Left there, a
+    header-only log.csv would make the next `train` into the same folder refuse it as an existing run."""
+    from .checkpoint import find_checkpoint
+
+    if not out.is_dir() or find_checkpoint(out) is not None or os.environ.get("RANK", "0") != "0":
+        return  # a checkpoint: the run can resume; under torchrun rank 0 owns the folder
+    for path in sorted(set(out.rglob("*")) - before, reverse=True):  # children before their folders
+        if path.name == "log.csv" and path.is_file() and len(path.read_text(encoding="utf-8").splitlines()) <= 1:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    folder = out
+    while first_missing is not None and not any(folder.iterdir()):
+        folder.rmdir()
+        if folder == first_missing:
+            break
+        folder = folder.parent
 
 
 @main.command()
@@ -55,14 +297,26 @@ def _process_spec(process: str, schedule: str, T: int) -> dict:
     help="Allow downloading --data when it names mnist, fashion-mnist or cifar10 (into data/NAME, checksummed).",
 )
 @click.option("--process", type=click.Choice(sorted(PROCESSES)), default="vp", help="Noise process.")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", help="Beta schedule (ddpm only).")
-@click.option("--T", "T", type=click.IntRange(min=2), default=1000, help="Number of discrete steps (ddpm only).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", help="Beta schedule (--process ddpm only).")
+@click.option("--T", "T", type=click.IntRange(min=2), default=1000, help="Discrete steps (--process ddpm only).")
 @click.option("--target", type=click.Choice(TARGETS), default="eps", help="What the network predicts.")
 @click.option("--weighting", type=click.Choice(WEIGHTINGS), default="simple", help="Loss weighting over time.")
-@click.option("--width", type=click.IntRange(min=1), default=256, help="MLP hidden width.")
-@click.option("--depth", type=click.IntRange(min=1), default=4, help="MLP residual blocks.")
-@click.option("--steps", type=click.IntRange(min=1), default=4000, help="Training steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=512, help="Examples per micro-batch.")
+@click.option("--width", type=click.IntRange(min=1), default=256, help="MLP hidden width (point data).")
+@click.option("--depth", type=click.IntRange(min=1), default=4, help="MLP residual blocks (point data).")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=4000,
+    help="Training steps. The cosine learning rate decays to 0 over them: resuming with more steps follows the "
+    "longer schedule from the checkpoint's step on, so the rate rises again (train.lr_at).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=512,
+    help="Examples per micro-batch (image data without --config: 64, with --lr 1e-3 and the U-Net of "
+    "configs/digits.yaml).",
+)
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="Peak learning rate (AdamW).")
 @click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, help="EMA decay of the weights.")
@@ -73,9 +327,15 @@ def _process_spec(process: str, schedule: str, T: int) -> dict:
 @click.option("--seed", type=int, default=0, help="Seed of data, initialisation and noise.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, help="Steps between checkpoints.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/default", help="Run directory.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out from its last checkpoint (--out must hold a run). Bit-exact with the same "
+    "--steps; see --steps for a longer run.",
+)
 @click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@threads_option
 @click.pass_context
 def train(ctx, config, data, download, process, schedule, T, target, weighting, width, depth, steps, batch_size,
           grad_accum, lr, ema_decay, precision, flip, sample_every, tensorboard, seed, checkpoint_every, out, resume,
@@ -84,9 +344,7 @@ def train(ctx, config, data, download, process, schedule, T, target, weighting, 
 
     Several processes or GPUs: torchrun --standalone --nproc_per_node N --no-python torchdiffusion train --config C
     """
-    from click.core import ParameterSource
-
-    from .train import TrainConfig
+    from .checkpoint import find_checkpoint
     from .train import train as run_train
 
     data = _maybe_download(data, download)
@@ -94,17 +352,34 @@ def train(ctx, config, data, download, process, schedule, T, target, weighting, 
                   grad_accum=grad_accum, lr=lr, ema_decay=ema_decay, precision=precision, flip=flip,
                   sample_every=sample_every, tensorboard=tensorboard, seed=seed, checkpoint_every=checkpoint_every,
                   device=device)  # fmt: skip
+    run_dir = Path(out)
+    if resume and find_checkpoint(run_dir) is None and not (run_dir / "log.csv").exists():
+        what = "does not exist" if not run_dir.exists() else "holds no checkpoint/ (nor a log.csv)"
+        raise click.BadParameter(
+            f"nothing to resume: {run_dir} {what}; check --out, or drop --resume to start a new run",
+            param_hint="--resume",
+        )
+    if not config:
+        _check_data(data)
     try:
-        if config:  # the file decides, except for what was typed on the command line
-            typed = {k: v for k, v in fields.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-            cfg = TrainConfig.from_yaml(config, **typed)
-        else:
-            _check_data(data)
-            net = {**TrainConfig.__dataclass_fields__["net"].default_factory(), "width": width, "depth": depth}
-            cfg = TrainConfig(process=_process_spec(process, schedule, T), net=net, **fields)
-        res = run_train(cfg, out, resume=resume, progress=not no_progress)
-    except (ValueError, OSError, RuntimeError, ArithmeticError, ImportError) as e:
+        cfg = _train_config(ctx, config, fields, process, schedule, T, width, depth)
+    except ValueError as e:
         _fail(e)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun, "cuda" means each rank's own GPU
+        _device(cfg.device)
+    notice = _resume_notice(run_dir, cfg.steps) if resume else None
+    if notice:
+        click.echo(notice)
+    here = run_dir.absolute()
+    first_missing = next((p for p in [*reversed(here.parents), here] if not p.exists()), None)  # made by this run
+    before = set(here.rglob("*")) if here.is_dir() else set()
+    try:
+        res = run_train(cfg, out, resume=resume, progress=not no_progress)
+    except BaseException as e:  # a run that fails before its first checkpoint leaves nothing behind
+        _remove_what_a_failed_run_left(here, before, first_missing)
+        if isinstance(e, (ValueError, OSError, RuntimeError, ArithmeticError, ImportError)):
+            _fail(e)
+        raise
     if res.history:  # under torchrun only rank 0 keeps the log
         loss = res.history[-1]["loss"]
         click.echo(f"trained {cfg.steps} steps; final loss {loss:.4g}; checkpoint in {Path(out) / 'checkpoint'}")
@@ -146,16 +421,18 @@ def _check_data(data: str) -> None:
         raise click.BadParameter(str(e), param_hint="--data") from None
 
 
-def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, spread):
+def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, spread, **cond):
     """``grid_fit.fit_grid`` for --grid fit (with ``grid_fit.SPREAD`` for --fit-objective spread), on pilot starts of
-    seed + 1; prints what it found and returns the fit."""
+    seed + 1 (with ``cond``, e.g. their class labels); prints what it found and returns the fit."""
     from .grid_fit import SPREAD, fit_grid
     from .specs import get_sampler
 
     pilot = process.prior_sample(pilot_shape, generator=torch.Generator(device).manual_seed(seed + 1), device=device)
     recipe = SPREAD if spread else {}
     with torch.no_grad():
-        fit = fit_grid(get_sampler(sampler), denoiser, process, steps, pilot, progress=not no_progress, **recipe)
+        fit = fit_grid(
+            get_sampler(sampler), denoiser, process, steps, pilot, progress=not no_progress, **recipe, **cond
+        )
     lam = ", ".join(f"{v:.2f}" for v in process.lam(fit.ts).tolist())
     gap = f"; log-density gap {fit.logp_gap_uniform_lam:+.3g} -> {fit.logp_gap:+.3g} nats" if spread else ""
     click.echo(
@@ -191,8 +468,23 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     "the distance to the teacher alone.",
 )
 @click.option("--n", "n", type=click.IntRange(min=1), default=2000, help="Number of samples.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples drawn at once [default: all of them for points, 1000 for images]; memory grows with it. "
+    "Each batch draws its noise from the seeded stream in turn: one seed and batch size always give the same "
+    "samples, another batch size gives other (equally valid) samples.",
+)
 @click.option("--n-steps-each", type=click.IntRange(min=1), default=10, help="Langevin steps per level (ald).")
 @click.option("--seed", type=int, default=0, help="Seed of the sampler's noise.")
+@click.option("--class", "klass", type=click.IntRange(min=0), default=None, help="Class-conditional models: one class.")
+@click.option(
+    "--labels",
+    default=None,
+    help="Class-conditional models: labels, e.g. 0,3,7, or a .npy of integers; sample i gets label "
+    "L[i mod len(L)] [default: i mod the number of classes, every class evenly].",
+)
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.npy", help="Samples (.npy).")
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Picture (default: --out with .png).")
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of their EMA.")
@@ -202,8 +494,10 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     "--figure",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Also draw the reverse process and trajectories (PNG).",
+    help="Also draw the reverse process (PNG): snapshots and trajectories of 2-D points, or x_t of the first "
+    "images at six moments (from the first batch).",
 )
+@threads_option
 def sample(
     ckpt,
     sampler,
@@ -212,8 +506,11 @@ def sample(
     fit_pilot,
     fit_objective,
     n,
+    batch_size,
     n_steps_each,
     seed,
+    klass,
+    labels,
     out,
     png,
     no_ema,
@@ -225,60 +522,62 @@ def sample(
     from . import timesteps
     from .checkpoint import load_denoiser
     from .io import atomic_write
-    from .plotting import save_samples_png
-    from .specs import get_sampler
+    from .plotting import TrajectoryRecorder, reverse_process_figure, reverse_process_images, save_samples_png
+    from .samplers import INFO
 
     if not out.endswith(".npy"):
         raise click.BadParameter(f"samples are written as .npy; got {out!r}", param_hint="--out")
+    png = png or str(Path(out).with_suffix(".png"))
+    for path, option in ((out, "--out"), (png, "--png"), (figure, "--figure")):
+        _writable(path, option)  # before the sampling, not after it
+    device = _device(device)
     try:
-        denoiser, process, cfg = load_denoiser(ckpt, ema=not no_ema)
-        from .samplers import INFO
-
+        denoiser, process, cfg = load_denoiser(ckpt, ema=not no_ema, device=device)
         grid = INFO[sampler].grid if grid == "auto" else grid
         if grid == "fit" and INFO[sampler].stochastic:
             raise ValueError(f"--grid fit needs a deterministic sampler; {sampler!r} draws noise")
         ts = None if grid == "fit" else getattr(timesteps, f"grid_{grid}")(process, steps)
     except (ValueError, OSError) as e:
         _fail(e)
-    denoiser = denoiser.to(device)
+    shape = _example_shape(cfg)
+    images = len(shape) == 3
+    class_labels, how = _class_labels(cfg, ckpt, klass, labels, n)
+    if how:
+        click.echo(f"class-conditional model: {how}")
     kwargs = {"n_steps_each": n_steps_each} if sampler == "ald" else {}
     gen = torch.Generator(device).manual_seed(seed)
-    net_cfg = cfg["net"]
-    if "dim" in net_cfg:  # an MLP on (N, D) data
-        shape = (n, int(net_cfg["dim"]))
-    else:  # an image network
-        size = int(net_cfg["image_size"])
-        shape = (n, int(net_cfg.get("in_channels", 1)), size, size)
     if ts is None:
-        pilot_shape = (fit_pilot, *shape[1:])
-        fit = _fit_grid(
-            sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, fit_objective == "spread"
-        )
+        # the pilot starts get the samples' labels (cycled), so the grid is fitted to what will be sampled
+        pilot = None if class_labels is None else class_labels.repeat(-(-fit_pilot // n))[:fit_pilot]
+        cond = {} if pilot is None else {"class_labels": pilot.to(device)}
+        pilot_shape, spread = (fit_pilot, *shape), fit_objective == "spread"
+        fit = _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, spread, **cond)
         ts, kwargs = fit.ts, {**kwargs, "final_denoise": fit.final_denoise}
-    x = process.prior_sample(shape, generator=gen, device=device)
-    from .plotting import TrajectoryRecorder, reverse_process_figure
-    from .samplers import progress_callback
+    recorders = []
 
-    tick, bar = progress_callback(len(ts) if sampler == "ald" else len(ts) - 1, sampler, disable=no_progress)
-    rec = TrajectoryRecorder(x) if figure else None
+    def record(x):  # the first batch only: a figure shows a few images, or one cloud of points
+        recorders.append(TrajectoryRecorder(x, keep=8 if images else None))
+        return recorders[0]
 
-    def cb(info):
-        tick(info)
-        if rec is not None:
-            rec(info)
-
-    with torch.no_grad():
-        xs = get_sampler(sampler)(denoiser, process, x, ts, generator=gen, callback=cb, **kwargs).cpu()
-    bar.close()
+    batch = batch_size or (1000 if images else n)
+    xs = _draw(sampler, denoiser, process, shape, n, batch, ts, gen, device, class_labels, no_progress, kwargs,
+               record if figure else None)  # fmt: skip
     if figure:
-        reverse_process_figure(rec, xs, None, figure, f"reverse process: {sampler}, {process!r}")
+        title = f"reverse process: {sampler}, {process!r}"
+        if images:
+            reverse_process_images(recorders[0], shape, figure, title)
+        else:
+            reverse_process_figure(recorders[0], xs, None, figure, title)
         click.echo(f"wrote the reverse-process figure to {figure}")
     atomic_write(out, lambda p: np.save(p, xs.numpy()))
-    png = png or str(Path(out).with_suffix(".png"))
-    if xs.ndim == 4:
+    if images:
         from .image_grid import save_image_grid
 
-        save_image_grid(xs[:256].clamp(-1, 1), png, nrow=16 if len(xs) >= 256 else 8)
+        if class_labels is not None and klass is None and labels is None:
+            nrow = cfg["net"]["num_classes"]  # labels i mod K: every class in its own column
+        else:
+            nrow = 16 if len(xs) >= 256 else 8
+        save_image_grid(xs[:256].clamp(-1, 1), png, nrow=nrow)
     else:
         save_samples_png(xs, png, f"{sampler}, {len(ts)} levels, {process!r}")
     click.echo(f"wrote {n} samples to {out} and a picture to {png}")
@@ -291,6 +590,7 @@ def sample(
 @click.option("--seed", type=int, default=0, help="Seed.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted demo run in --out.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@threads_option
 def demo(out, data, steps, seed, resume, no_progress):
     """Train a VP model on built-in 2-D data (~1 minute on 2 cores), sample it two ways, draw it."""
     from .demo import quick_config, run_demo
@@ -320,13 +620,18 @@ def demo(out, data, steps, seed, resume, no_progress):
 @click.option("--n", "n", type=click.IntRange(min=2), default=2000, help="Examples drawn from a built-in set.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, help="Examples per batch.")
 @click.option("--n-t", type=click.IntRange(min=1), default=16, help="Times drawn per example (elbo, vlb).")
-@click.option("--rtol", type=float, default=1e-5, help="ODE solver relative tolerance.")
-@click.option("--atol", type=float, default=1e-5, help="ODE solver absolute tolerance.")
+@click.option(
+    "--rtol", type=click.FloatRange(min=0, min_open=True), default=1e-5, help="ODE solver relative tolerance (> 0)."
+)
+@click.option(
+    "--atol", type=click.FloatRange(min=0, min_open=True), default=1e-5, help="ODE solver absolute tolerance (> 0)."
+)
 @click.option("--hutchinson", is_flag=True, help="Estimate the divergence with a Rademacher probe (high dimension).")
 @click.option("--seed", type=int, default=0, help="Seed of the held-out draw, times and probes.")
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of their EMA.")
 @click.option("--device", default="cpu", help="torch device.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@threads_option
 def likelihood(ckpt, data, method, n, batch_size, n_t, rtol, atol, hutchinson, seed, no_ema, device, no_progress):
     """Negative log-likelihood of DATA under a checkpoint, in nats per example and bits per dimension."""
     from tqdm.auto import tqdm
@@ -336,12 +641,34 @@ def likelihood(ckpt, data, method, n, batch_size, n_t, rtol, atol, hutchinson, s
     from .dequantize import bits_per_dim
     from .likelihood import elbo, log_likelihood, vlb
 
+    device = _device(device)
     try:
-        denoiser, process, _ = load_denoiser(ckpt, ema=not no_ema, device=device)
+        denoiser, process, cfg = load_denoiser(ckpt, ema=not no_ema, device=device)
         denoiser = denoiser.double()  # likelihoods integrate in float64; so does the network here
         x = load_dataset(data, n, generator=torch.Generator().manual_seed(seed + 1)).to(device, torch.float64)
     except (ValueError, OSError) as e:
         _fail(e)
+    shape = _example_shape(cfg)
+    if tuple(x.shape[1:]) != shape:
+        kind = f"{shape[0]}-D points" if len(shape) == 1 else f"images {'x'.join(map(str, shape))}"
+        raise click.BadParameter(
+            f"the model in {ckpt} was trained on {kind} (data {cfg.get('data')!r}), but {data!r} has examples of "
+            f"shape {tuple(x.shape[1:])}; give data of the model's dimension",
+            param_hint="--data",
+        )
+    discrete = process.n_steps is not None
+    if method == "vlb" and not discrete:
+        raise click.BadParameter(
+            f"vlb is DDPM's discrete-time bound and needs a discrete-time process (trained with --process ddpm); "
+            f"this checkpoint's process is {process!r}: use --method elbo (continuous-time bound) or ode",
+            param_hint="--method",
+        )
+    if method == "elbo" and discrete:
+        raise click.BadParameter(
+            f"elbo is the continuous-time bound; this checkpoint's process is discrete-time ({process!r}): use "
+            "--method vlb (DDPM's discrete bound) or ode",
+            param_hint="--method",
+        )
     gen = torch.Generator(device).manual_seed(seed)
     nll = []
     try:
@@ -380,13 +707,27 @@ def likelihood(ckpt, data, method, n, batch_size, n_t, rtol, atol, hutchinson, s
 @click.option("--kid-subsets", type=click.IntRange(min=1), default=100, help="KID subsets.")
 @click.option("--pr-k", type=click.IntRange(min=1), default=3, help="k of the k-NN precision/recall.")
 @click.option("--seed", type=int, default=0, help="Seed.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1000,
+    help="Images generated at once; memory grows with it. One seed and batch size always give the same images.",
+)
+@click.option("--class", "klass", type=click.IntRange(min=0), default=None, help="Class-conditional models: one class.")
+@click.option(
+    "--labels",
+    default=None,
+    help="Class-conditional models: labels, e.g. 0,3,7, or a .npy of integers; image i gets label "
+    "L[i mod len(L)] [default: i mod the number of classes, every class evenly].",
+)
 @click.option("--device", default="cpu", help="torch device.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, pr_k, seed, device, out, no_progress):
+@threads_option
+def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, pr_k, seed, batch_size, klass, labels,
+             device, out, no_progress):  # fmt: skip
     """FID, KID and precision/recall of a checkpoint's samples against image DATA."""
     import json
-    import os
 
     from . import timesteps
     from .checkpoint import load_denoiser
@@ -394,26 +735,50 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
     from .image_metrics import evaluate_images
     from .io import atomic_write
     from .nets.features import feature_net_for, load_inception
-    from .samplers import INFO, progress_callback
+    from .samplers import INFO
 
+    _writable(out, "--out")  # before the sampling, not after it
+    device = _device(device)
     try:
-        real, labels = load_images(data)
-        denoiser, process, _ = load_denoiser(ckpt, device=device)
+        denoiser, process, cfg = load_denoiser(ckpt, device=device)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    shape = _example_shape(cfg)
+    if len(shape) != 3:
+        raise click.BadParameter(
+            f"{ckpt} holds a model of {shape[0]}-D points (data {cfg.get('data')!r}); evaluate measures image "
+            "models (for points: `torchdiffusion likelihood`, or sample it and compare)",
+            param_hint="--checkpoint",
+        )
+    try:
+        real, real_labels = load_images(data)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    if tuple(real.shape[1:]) != shape:
+        got, want = "x".join(map(str, real.shape[1:])), "x".join(map(str, shape))
+        options = cfg.get("data_options") or {}
+        raise click.BadParameter(
+            f"the model makes {want} images (channels x height x width) but {data!r} holds {got} images; "
+            f"compare it with the data it was trained on: --data {cfg.get('data')}"
+            + (f" (loaded with {options})" if options else ""),
+            param_hint="--data",
+        )
+    class_labels, how = _class_labels(cfg, ckpt, klass, labels, n)
+    if how:
+        click.echo(f"class-conditional model: {how}")
+    try:
         if inception:
             net = load_inception(inception)
         else:
             cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "torchdiffusion", "features")
             name = data if data in ("digits", "digits16") else os.path.basename(os.path.normpath(data))
-            net = feature_net_for(name, cache, images=real, labels=labels, device=device)
+            net = feature_net_for(name, cache, images=real, labels=real_labels, device=device)
     except (ValueError, OSError) as e:
         _fail(e)
     gen = torch.Generator(device).manual_seed(seed)
     ts = getattr(timesteps, f"grid_{INFO[sampler].grid}")(process, steps)
-    tick, bar = progress_callback(len(ts) - 1, sampler, disable=no_progress)
-    x = process.prior_sample((n, *real.shape[1:]), generator=gen, device=device)
-    with torch.no_grad():
-        fake = SAMPLERS[sampler](denoiser, process, x, ts, generator=gen, callback=tick).cpu()
-    bar.close()
+    fake = _draw(sampler, denoiser, process, shape, n, batch_size, ts, gen, device, class_labels, no_progress, {},
+                 None)  # fmt: skip
     try:
         result = evaluate_images(
             fake,

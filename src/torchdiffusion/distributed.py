@@ -218,13 +218,24 @@ class Autocast(nn.Module):
 class ScaledStep:
     """The gradient of one optimizer step at scale: micro-batches, data-parallel ranks, mixed precision.
 
-    ``model`` is what the loss calls: ``Preconditioned`` around the raw net, wrapped (inside out) in
-    DistributedDataParallel when there are several ranks and in ``Autocast`` for bf16 / fp16. fp16 adds a
-    ``GradScaler`` (loss scaling, Micikevicius et al. 2018): an inf gradient then skips the step and
-    lowers the scale instead of stopping the run.
+    ``model`` is what the loss calls: ``Preconditioned`` around the raw net (its output preconditioned for
+    target ``predicts``, see TrainConfig.precondition_output), wrapped (inside out) in DistributedDataParallel
+    when there are several ranks and in ``Autocast`` for bf16 / fp16. fp16 adds a ``GradScaler`` (loss scaling,
+    Micikevicius et al. 2018): an inf gradient then skips the step and lowers the scale instead of stopping the run.
     """
 
-    def __init__(self, net: nn.Module, opt, process, sigma_data: float, *, dtype, info: DistInfo, device: torch.device):
+    def __init__(
+        self,
+        net: nn.Module,
+        opt,
+        process,
+        sigma_data: float,
+        *,
+        dtype,
+        info: DistInfo,
+        device: torch.device,
+        predicts: str | None = None,
+    ):
         self.opt, self.info, self.process = opt, info, process
         self.ddp = None
         if info.enabled:  # averages the gradients of the ranks during backward
@@ -232,7 +243,7 @@ class ScaledStep:
             self.ddp = nn.parallel.DistributedDataParallel(net, device_ids=ids)
         inner = self.ddp or net
         inner = inner if dtype is None else Autocast(inner, device.type, dtype)
-        self.model = Preconditioned(inner, process, sigma_data)
+        self.model = Preconditioned(inner, process, sigma_data, predicts)
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     def backward(self, data: Tensor, labels: Tensor | None, batch: Batch, *, target: str, weighting: str) -> float:
@@ -253,6 +264,7 @@ class ScaledStep:
                     weighting=weighting,
                     t=batch.t[k],
                     noise=batch.noise[k],
+                    sigma_data=self.model.sigma_data if self.model.predicts is not None else None,
                     **cond,
                 )
                 loss = loss.mean() / accum

@@ -250,7 +250,7 @@ def fit_grid(
     ts = grid(v)
     e, g = measure(v)
     count = count_nfe(denoiser)  # one more run, on one start, to count the sampler's NFE
-    sampler(count, process, x_T[:1], ts, **kw)
+    sampler(count, process, x_T[:1], ts, **{k: v[:1] if isinstance(v, Tensor) else v for k, v in kw.items()})
     runs += 3  # the determinism check (2) and the count
     nfe = len(fine) - 1 + final_denoise + runs * count.nfe + logp_evals * int(logp_nodes)
     return GridFit(ts, e, e0, evals, nfe, g, g0, bool(final_denoise))

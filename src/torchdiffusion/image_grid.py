@@ -79,14 +79,18 @@ def sample_grid(
     seed: int = 0,
     num_classes: int | None = None,
     device=None,
+    precondition_output: bool = False,
 ) -> Tensor:
     """``n`` samples (n, *shape) from a raw network with DPM-Solver++(2M) on ``grid_lam(process, steps)``.
 
-    The network is wrapped as in training (``Preconditioned``, then ``as_denoiser``) and run in eval
-    mode (no dropout); the prior noise comes from a generator seeded with ``seed``, and sample i of a
-    class-conditional net gets label i mod num_classes. Neither the global RNG nor ``net``'s mode change.
+    The network is wrapped as in training (``Preconditioned``, its output preconditioned for ``target`` if
+    ``precondition_output``, as TrainConfig says; then ``as_denoiser``) and run in eval mode (no dropout); the
+    prior noise comes from a generator seeded with ``seed``, and sample i of a class-conditional net gets label
+    i mod num_classes. Neither the global RNG nor ``net``'s mode change.
     """
-    denoiser = as_denoiser(Preconditioned(net, process, sigma_data), process, target)
+    denoiser = as_denoiser(
+        Preconditioned(net, process, sigma_data, target if precondition_output else None), process, target
+    )
     gen = torch.Generator(device or "cpu").manual_seed(seed)
     x = process.prior_sample((n, *shape), generator=gen, device=device)
     cond = {"class_labels": torch.arange(n, device=device) % num_classes} if num_classes else {}

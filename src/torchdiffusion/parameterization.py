@@ -11,6 +11,15 @@ With x = alpha x0 + sigma eps (seed 003; Tweedie's formula for the score):
 
 The currency between models and samplers is the denoiser ``D(x, t, **cond) -> x0_hat``;
 ``as_denoiser`` turns a network predicting any of the above into one, once.
+
+Networks train best when their output, like their input, has unit scale whatever the noise level
+(Karras et al. 2022, Sec. 5). The raw targets do not: score = -eps / sigma grows without bound as
+sigma -> 0, v and the flow velocity grow with sigma on VE and EDM, and x0 has no skip connection at
+all (eps, v, score and flow give x0_hat = c(t) x + c'(t) out with c' -> 0 as sigma -> 0, while an x0
+network must learn the identity map at low noise, where an error e in x0_hat is a score error
+e alpha / sigma^2). ``Preconditioned(..., predicts=...)`` therefore also scales the output
+(``output_scalings``: EDM's c_skip and c_out for x0, the target's standard deviation for the
+others), and ``losses`` weight its raw output F as EDM does (Eq. 8).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ __all__ = [
     "score_from_x0",
     "eps_from_x0",
     "x0_error_scale",
+    "output_scalings",
 ]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
@@ -137,27 +147,86 @@ def x0_error_scale(predicts: str, process: NoiseProcess, t: Tensor) -> Tensor:
     return (sigma / (process.d_sigma(t) * alpha - sigma * process.d_alpha(t))) ** 2
 
 
+def output_scalings(
+    predicts: str, process: NoiseProcess, t: Tensor, x: Tensor, sigma_data: float, alpha_sigma=None
+) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out), broadcast against x, of ``predicts`` = c_skip x + c_out F for a raw network F whose
+    target has unit variance when x0 has variance sigma_data^2 (Karras et al. 2022, Eq. 7 and Sec. 5).
+
+    x0 (EDM's preconditioning, Table 1): for alpha = 1, c_skip = sigma_data^2 / (sigma^2 + sigma_data^2) and
+    c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2), the skip that amplifies F's error least (their
+    Appendix B.6). For alpha != 1 the same holds for x / alpha = x0 + (sigma / alpha) eps (their Eq. 4,
+    s(t) = alpha): put sigma / alpha for sigma and x / alpha for x, and
+
+        c_skip = alpha sigma_data^2 / (alpha^2 sigma_data^2 + sigma^2),
+        c_out  = sigma sigma_data / sqrt(alpha^2 sigma_data^2 + sigma^2);
+
+    F's target (x0 - c_skip x_t) / c_out = (sigma x0 - alpha sigma_data^2 eps) / (sigma_data sqrt(alpha^2
+    sigma_data^2 + sigma^2)): -eps as sigma -> 0, x0 / sigma_data as alpha -> 0, -v on VP with sigma_data = 1.
+
+    The other targets already have a skip (their conversion to x0); c_skip = 0 and c_out is the target's
+    standard deviation for independent x0 (variance sigma_data^2) and eps: eps 1; score = -eps / sigma,
+    1 / sigma (Song & Ermon 2020, Technique 3: s(x, sigma) = F(x) / sigma); v = alpha eps - sigma x0,
+    sqrt(alpha^2 + sigma^2 sigma_data^2); flow u = alpha' x0 + sigma' eps, sqrt(alpha'^2 sigma_data^2 + sigma'^2).
+
+    Unit weight on F, as ``losses`` "simple" puts on a preconditioned output, is EDM's lambda = 1 / c_out^2
+    (their Eq. 8) on |prediction - target|^2; for score it is NCSN's lambda = sigma^2 (Song & Ermon 2019, Eq. 6).
+    ``alpha_sigma``: (alpha, sigma) already broadcast against x, when the caller has them.
+    """
+    _check(predicts)
+    alpha, sigma = alpha_sigma if alpha_sigma is not None else _alpha_sigma(process, t, x)
+    zero = torch.zeros_like(alpha)
+    if predicts == "eps":
+        return zero, torch.ones_like(alpha)
+    if predicts == "x0":
+        denom = alpha**2 * sigma_data**2 + sigma**2
+        return alpha * sigma_data**2 / denom, sigma * sigma_data * torch.rsqrt(denom)
+    if predicts == "score":
+        return zero, 1 / sigma
+    if predicts == "v":
+        return zero, torch.sqrt(alpha**2 + sigma**2 * sigma_data**2)
+    d_alpha, d_sigma = _coeffs(process, t, x, "d_alpha", "d_sigma")
+    return zero, torch.sqrt(d_alpha**2 * sigma_data**2 + d_sigma**2)
+
+
+# The network sees c_noise = -lam / 4; where alpha = 0 (Flow at t = 1) lam is -inf. Capped here, far below
+# any lam training draws (t < 1 in float64 gives lam > -37), so that x0 (with its skip), v and flow
+# networks give a finite x0_hat there, as samplers that start at t = 1 need.
+_LAM_FLOOR = -40.0
+
+
 class Preconditioned(nn.Module):
-    """Wrap a raw network so its inputs have unit scale whatever the process.
+    """Wrap a raw network so its inputs, and with ``predicts`` its output, have unit scale whatever the process.
 
     The network sees ``c_in x`` with c_in = 1 / sqrt(alpha^2 sigma_data^2 + sigma^2), which has
     unit variance when the data do (Karras et al. 2022, Eq. 7 / Table 1, c_in), and the time as
     ``c_noise = -lam(t) / 4`` (a bounded, process-independent noise level; EDM uses log(sigma)/4,
-    which is the same for alpha = 1). It returns the raw output, in the units of ``predicts``.
+    which is the same for alpha = 1). With ``predicts`` (a target name) it returns c_skip x + c_out F
+    (``output_scalings``), in the units of ``predicts``; train it with ``losses.denoising_loss(...,
+    target=predicts, sigma_data=sigma_data)``, whose "simple" weighting is then unit weight on F (EDM's
+    Eq. 8). With ``predicts=None`` it returns F itself: the wrapping of checkpoints written before output
+    preconditioning existed (their config lacks ``precondition_output``). For eps the two are the same.
     """
 
-    def __init__(self, net: nn.Module, process: NoiseProcess, sigma_data: float = 1.0):
+    def __init__(self, net: nn.Module, process: NoiseProcess, sigma_data: float = 1.0, predicts: str | None = None):
         super().__init__()
-        self.net, self.process, self.sigma_data = net, process, sigma_data
+        if predicts is not None:
+            _check(predicts)
+        self.net, self.process, self.sigma_data, self.predicts = net, process, sigma_data, predicts
 
     def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        return self.forward_with(x, *_alpha_sigma(self.process, _batch(t, x), x), **cond)
+        t = _batch(t, x)
+        return self.forward_with(x, t, *_alpha_sigma(self.process, t, x), **cond)
 
-    def forward_with(self, x: Tensor, alpha: Tensor, sigma: Tensor, **cond) -> Tensor:
-        """The same, given alpha(t), sigma(t) broadcast against x (saves recomputing them)."""
+    def forward_with(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, **cond) -> Tensor:
+        """The same, given (B,) times and alpha(t), sigma(t) broadcast against x (saves recomputing them)."""
         c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2)
-        c_noise = (torch.log(sigma) - torch.log(alpha)).flatten() / 4  # -lam / 4
-        return self.net(c_in * x, c_noise, **cond)
+        c_noise = (torch.log(sigma) - torch.log(alpha)).clamp(max=-_LAM_FLOOR).flatten() / 4  # -lam / 4
+        out = self.net(c_in * x, c_noise, **cond)
+        if self.predicts is None or self.predicts == "eps":  # eps: c_skip = 0, c_out = 1
+            return out
+        c_skip, c_out = output_scalings(self.predicts, self.process, t, x, self.sigma_data, (alpha, sigma))
+        return c_out * out if self.predicts != "x0" else c_skip * x + c_out * out
 
 
 class _NetDenoiser(nn.Module):
@@ -171,7 +240,7 @@ class _NetDenoiser(nn.Module):
         t = _batch(t, x)
         if isinstance(self.model, Preconditioned):  # share alpha, sigma between the two halves
             ab = _alpha_sigma(self.process, t, x)
-            return to_x0(self.predicts, self.process, x, t, self.model.forward_with(x, *ab, **cond), ab)
+            return to_x0(self.predicts, self.process, x, t, self.model.forward_with(x, t, *ab, **cond), ab)
         return to_x0(self.predicts, self.process, x, t, self.model(x, t, **cond))
 
 
@@ -180,9 +249,13 @@ def as_denoiser(net, process: NoiseProcess, predicts: str = "eps") -> _NetDenois
 
     Args:
         net: callable (x (B, ...), t (B,), **cond) -> prediction shaped like x. Wrap a raw
-            network in ``Preconditioned`` first if it expects unit-scale inputs.
+            network in ``Preconditioned`` first if it expects unit-scale inputs (and, with
+            ``Preconditioned(..., predicts=predicts)``, gives a unit-scale output).
         process: the ``NoiseProcess`` the network was trained with.
         predicts: one of ``PREDICTIONS``.
     """
     _check(predicts)
+    scaled_for = getattr(net, "predicts", None) if isinstance(net, Preconditioned) else None
+    if scaled_for is not None and scaled_for != predicts:
+        raise ValueError(f"the network's output is preconditioned for {scaled_for!r}, not {predicts!r}")
     return _NetDenoiser(net, process, predicts)

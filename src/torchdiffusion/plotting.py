@@ -52,14 +52,37 @@ def loss_curve(ax, steps, losses, title: str = "training loss") -> None:
     ax.tick_params(labelsize=7)
 
 
-def save_samples_png(x: Tensor, path, title: str = "samples") -> None:
-    """One scatter plot of 2-D samples (or of the first two coordinates)."""
-    from .io import atomic_write
+def fit_title(fig, ax, title: str, fontsize: float = 9) -> None:
+    """Set ``ax``'s title, wrapped at spaces onto more lines until it is no wider than the figure.
 
+    A sample plot's title names the process with its parameters, longer than a 4-inch figure is wide;
+    ``tight_layout`` then makes room for the extra lines above the panel.
+    """
+    import textwrap
+
+    renderer, width = fig.canvas.get_renderer(), len(title)
+    while True:
+        text = ax.set_title(textwrap.fill(title, width) if width < len(title) else title, fontsize=fontsize)
+        if text.get_window_extent(renderer).width <= 0.95 * fig.bbox.width or width <= 12:
+            return
+        width = int(width * 0.85)
+
+
+def samples_figure(x: Tensor, title: str = "samples"):
+    """The figure of ``save_samples_png``: a scatter plot of 2-D samples (or of their first two coordinates)."""
     fig, ax = plt.subplots(figsize=(4, 4))
     lim = max(LIM, float(x.detach().abs().quantile(0.99)) * 1.1)
     scatter(ax, x, title, lim=lim)
+    fit_title(fig, ax, title)
     fig.tight_layout()
+    return fig
+
+
+def save_samples_png(x: Tensor, path, title: str = "samples") -> None:
+    """One scatter plot of 2-D samples (or of the first two coordinates), title wrapped to the figure's width."""
+    from .io import atomic_write
+
+    fig = samples_figure(x, title)
     atomic_write(path, lambda p: fig.savefig(p, dpi=120))
     plt.close(fig)
 
@@ -71,14 +94,18 @@ class TrajectoryRecorder:
     ``reverse_process_figure(rec, ...)``.
     """
 
-    def __init__(self, x_start: Tensor, n_paths: int = 24):
-        self.n_paths = n_paths
+    def __init__(self, x_start: Tensor, n_paths: int = 24, keep: int | None = None):
+        self.n_paths, self.keep = n_paths, keep  # keep: store only the first examples (images: a few suffice)
         self.ts: list[float] = [float("nan")]
-        self.states: list[Tensor] = [x_start.detach().cpu().reshape(x_start.shape[0], -1).clone()]
+        self.states: list[Tensor] = [self._flat(x_start)]
+
+    def _flat(self, x: Tensor) -> Tensor:
+        x = x[: self.keep] if self.keep is not None else x
+        return x.detach().cpu().reshape(x.shape[0], -1).clone()
 
     def __call__(self, info: dict) -> None:
         self.ts.append(info["t"])
-        self.states.append(info["x"].detach().cpu().reshape(info["x"].shape[0], -1).clone())
+        self.states.append(self._flat(info["x"]))
 
     def paths(self) -> Tensor:
         """(steps + 1, n_paths, D) positions of the first examples along the way."""
@@ -114,6 +141,31 @@ def reverse_process_figure(rec: TrajectoryRecorder, final: Tensor, data: Tensor 
         d = data.detach().cpu().reshape(data.shape[0], -1)
         ax2.scatter(d[:, 0], d[:, 1], s=1, color="C7", alpha=0.3, linewidths=0)
     fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    atomic_write(path, lambda q: fig.savefig(q, dpi=100))
+    plt.close(fig)
+
+
+def reverse_process_images(rec: TrajectoryRecorder, shape: tuple[int, ...], path, title: str) -> None:
+    """The reverse process of images: the recorded examples (rows) at six moments (columns), from x_T to the end.
+
+    ``shape`` is one image's (C, H, W); values are shown clamped to [-1, 1], so the early, noisy moments
+    look like the noise they are.
+    """
+    from .image_grid import make_grid
+    from .io import atomic_write
+
+    n = len(rec.states)
+    picks = sorted({round(i * (n - 1) / 5) for i in range(6)})
+    rows = rec.states[0].shape[0]
+    fig, axes = plt.subplots(1, len(picks), figsize=(1.6 * len(picks), 1.6 * rows / 2 + 0.9), squeeze=False)
+    for ax, i in zip(axes[0], picks, strict=True):
+        grid = make_grid(rec.states[i].reshape(-1, *shape), nrow=1)
+        ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title("start x_T" if i == 0 else f"step {i}, t={rec.ts[i]:.3g}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda q: fig.savefig(q, dpi=100))
     plt.close(fig)

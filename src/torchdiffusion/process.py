@@ -112,6 +112,20 @@ class NoiseProcess:
             hi = torch.where(right, hi, mid)
         return (lo + hi) / 2
 
+    # -- training times -------------------------------------------------------------
+    def train_t(self, u: Tensor) -> Tensor:
+        """Training times t = F^-1(u) for u uniform on [0, 1): by default uniform on [t_min, t_max].
+
+        ``losses.sample_t`` draws from it (continuous time); a process whose t is not a good scale to
+        spread training over (EDM's t = sigma) overrides this and ``train_t_density`` together.
+        """
+        return self.t_min + (self.t_max - self.t_min) * _as_t(u)
+
+    def train_t_density(self, t: Tensor) -> Tensor:
+        """Density of ``train_t(U)`` at t: the importance weight 1 / p(t) turns a mean over training
+        times into the integral over [t_min, t_max] that a continuous-time bound is."""
+        return torch.full_like(_as_t(t), 1.0 / (self.t_max - self.t_min))
+
     # -- sampling the forward process -----------------------------------------------
     def perturb(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = alpha(t) x0 + sigma(t) noise (seed 003, the closed-form forward marginal).

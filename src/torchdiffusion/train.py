@@ -33,6 +33,7 @@ import copy
 import csv
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -44,8 +45,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import losses
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from . import losses, support
+from .checkpoint import TMP_PREFIX, find_checkpoint, load_checkpoint, save_checkpoint
 from .data import IMAGE_DATASETS, load_dataset, load_images
 from .distributed import DistInfo, GlobalBatches, ScaledStep, process_group, resolve_device
 from .image_grid import open_tensorboard, write_sample_grid
@@ -95,11 +96,15 @@ class TrainConfig:
     sample_count: int = 64  # images per sample grid
     tensorboard: bool = False  # also log to run_dir/tensorboard (needs the tensorboard package)
     sigma_data: float | None = None  # data std for preconditioning; None: estimated
+    precondition_output: bool | None = None  # Preconditioned(predicts=target): EDM's c_out; None: yes but for eps
+    data_box: list | None = None  # [low, high] of the training data (support.data_box); None: measured
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"; under torchrun "cuda" means cuda:LOCAL_RANK
 
     def __post_init__(self):
         if isinstance(self.process, str):  # convenience: "vp" means {"name": "vp"}
             object.__setattr__(self, "process", {"name": self.process})
+        if self.precondition_output is None:  # eps: c_out = 1, nothing to do; a checkpoint without it: none
+            object.__setattr__(self, "precondition_output", self.target != "eps")
         if isinstance(self.data, os.PathLike):  # keep the config JSON-able
             object.__setattr__(self, "data", os.fspath(self.data))
         checks = {
@@ -124,6 +129,8 @@ class TrainConfig:
             "sample_every": self.sample_every >= 0,
             "sample_count": self.sample_count >= 1,
             "sigma_data": self.sigma_data is None or self.sigma_data > 0,
+            "precondition_output": isinstance(self.precondition_output, bool),
+            "data_box": self.data_box is None or (isinstance(self.data_box, list | tuple) and len(self.data_box) == 2),
             **{k: isinstance(getattr(self, k), bool) for k in ("flip", "class_conditional", "tensorboard")},
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -152,7 +159,10 @@ class TrainConfig:
         import yaml  # PyYAML
 
         with open(path, encoding="utf-8") as fh:
-            d = yaml.safe_load(fh) or {}
+            try:
+                d = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:  # its message names the line and column
+                raise ValueError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
         for key, value in overrides.items():
@@ -229,7 +239,8 @@ def load_training_data(config: TrainConfig, generator: torch.Generator | None = 
 
 
 def _resolve(config: TrainConfig, data: Tensor, labels: Tensor | None) -> TrainConfig:
-    """Fill in what the data decide: the net's input shape (and classes); if unset, sigma_data = std(data)."""
+    """Fill in what the data decide: the net's input shape (and classes); if unset, sigma_data = std(data) and
+    data_box = the data's bounding box (``support.data_box``, which sampling a loaded checkpoint clamps x0_hat to)."""
     net = dict(config.net)
     if data.ndim == 2:
         filled = {"dim": data.shape[1]}
@@ -247,7 +258,8 @@ def _resolve(config: TrainConfig, data: Tensor, labels: Tensor | None) -> TrainC
             raise ValueError(f"net spec has {key}={net[key]} but the data {config.data!r} give {key}={value}")
         net[key] = value
     sigma_data = config.sigma_data if config.sigma_data is not None else data.double().std().item()
-    return TrainConfig.from_dict({**config.to_dict(), "net": net, "sigma_data": float(sigma_data)})
+    box = list(config.data_box) if config.data_box is not None else list(support.data_box(data))
+    return TrainConfig.from_dict({**config.to_dict(), "net": net, "sigma_data": float(sigma_data), "data_box": box})
 
 
 def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
@@ -271,9 +283,32 @@ def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
     return rows
 
 
+def _remove_stale_temp_dirs(run_dir: Path) -> None:
+    """Delete the ``.checkpoint-tmp-<pid>`` folders of processes that no longer run.
+
+    ``save_checkpoint`` removes its temp folder on any exception, but a process killed while saving (kill -9,
+    or SIGTERM, whose default action runs no handler) leaves it, and a resumed run has another pid. Only
+    folders of dead processes go: a run directory has one writer, but a live pid may be one that still is.
+    """
+    if os.name != "posix":
+        return  # os.kill(pid, 0) would terminate the process on Windows
+    for tmp in run_dir.glob(f"{TMP_PREFIX}*"):
+        pid = tmp.name[len(TMP_PREFIX) :]
+        if not (tmp.is_dir() and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (OverflowError, OSError):
+            pass  # alive under another user (PermissionError), or not a pid at all: leave it
+
+
 def _config_diff(stored: dict, given: dict) -> list[str]:
     defaults = TrainConfig().to_dict()  # a checkpoint written before a field existed has its default
     keys = (set(stored) | set(given)) - {*_MAY_CHANGE_ON_RESUME, *_META_KEYS}
+    if "data_box" not in stored:  # written before the box was recorded: it is measured now, not a change
+        keys.discard("data_box")
     return sorted(k for k in keys if stored.get(k, defaults.get(k)) != given.get(k))
 
 
@@ -316,8 +351,8 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, resume: bool, pro
     existing = find_checkpoint(run_dir)
     if not resume and (existing is not None or log_path.exists()):
         raise FileExistsError(
-            f"{run_dir} already holds a training run ({existing or log_path}); pass resume=True to "
-            "continue it, or choose another directory"
+            f"{run_dir} already holds a training run ({existing or log_path}); pass resume=True "
+            "(--resume on the command line) to continue it, or choose another directory"
         )
     seeds = torch.randint(0, 2**62, (4,), generator=torch.Generator().manual_seed(config.seed)).tolist()
     data, labels = load_training_data(config, generator=torch.Generator().manual_seed(seeds[0]))
@@ -346,6 +381,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, resume: bool, pro
         info.barrier()  # every rank has read the checkpoint before rank 0 writes to run_dir
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temp_dirs(run_dir)
             if progress:  # the size of what is being trained, as users expect to see it
                 n_params = sum(p.numel() for p in net.parameters())
                 tqdm.write(f"{type(net).__name__}: {n_params:,} parameters; {len(data):,} training examples")
@@ -364,8 +400,9 @@ class _Loop:
         self.process = build_process(cfg.process)
         self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         dtype = PRECISIONS[cfg.precision]
+        out = cfg.target if cfg.precondition_output else None  # Preconditioned's output preconditioning
         self.scaled = ScaledStep(
-            net, self.opt, self.process, cfg.sigma_data, dtype=dtype, info=info, device=self.device
+            net, self.opt, self.process, cfg.sigma_data, dtype=dtype, info=info, device=self.device, predicts=out
         )
         self.gen = torch.Generator(self.device).manual_seed(seeds[3])  # diffusion times, noise and flips
         order = torch.Generator().manual_seed(seeds[2])
@@ -445,7 +482,7 @@ class _Loop:
             raise FloatingPointError(
                 f"non-finite loss {info['loss']} / grad norm {info['grad_norm']} at step {self.step + 1}; "
                 "the weights were not updated and no checkpoint is written of them. "
-                "Try a lower lr, grad_clip, precision='fp32', or check the data"
+                "Try a lower lr (--lr), grad_clip, precision='fp32' (--precision fp32), or check the data"
             )
         self.updating = True  # from here to the end the weights, EMA and step change together
         for group in self.opt.param_groups:
@@ -472,6 +509,7 @@ class _Loop:
         classes = cfg.net.get("num_classes") if cfg.class_conditional else None
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
         kw = dict(target=cfg.target, sigma_data=cfg.sigma_data, n=cfg.sample_count, seed=self.seeds[0])
+        kw["precondition_output"] = cfg.precondition_output  # as in training
         shape = tuple(self.data.shape[1:])
         write_sample_grid(
             self.ema_net, self.process, shape, path, num_classes=classes, writer=writer, step=self.step, **kw
