@@ -1,7 +1,7 @@
 """The libraries people use today, driven by an exact denoiser: the anchors of the sampler benchmark.
 
 Both reference libraries are run the way their users run them, with the exact Gaussian-mixture
-denoiser E[x0 | x_t] (``torchdiffusion.testing``) in place of a network, so what is measured is
+denoiser E[x0 | x_t] (``torchdiffusion.core.mixture``) in place of a network, so what is measured is
 solver error alone.
 
 k-diffusion (Karras et al. 2022 conventions): the model is a denoiser ``model(x, sigma)`` on the
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from torchdiffusion import EDM, GaussianMixture, NoiseProcess
-from torchdiffusion.process import _as_t
+from torchdiffusion.core.process import _as_t
 
 __all__ = [
     "load_k_diffusion_sampling",
@@ -66,8 +66,8 @@ BETA_KW = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "b
 
 
 def load_k_diffusion_sampling():
-    """``k_diffusion.sampling`` without the package's ``__init__``: see ``torchdiffusion.anchors``."""
-    from torchdiffusion.anchors import load_k_diffusion_sampling as load
+    """``k_diffusion.sampling`` without the package's ``__init__``: see ``torchdiffusion.interop.k_diffusion``."""
+    from torchdiffusion.interop.k_diffusion import load_k_diffusion_sampling as load
 
     return load()
 

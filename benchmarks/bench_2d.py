@@ -38,7 +38,7 @@ def _data(n):
 
 def train_ours(steps):
     from torchdiffusion import Discrete, Preconditioned
-    from torchdiffusion.losses import denoising_loss
+    from torchdiffusion.objectives.denoising import denoising_loss
 
     process = Discrete.from_schedule("linear", T)
     model = Preconditioned(_net(), process)

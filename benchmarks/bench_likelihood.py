@@ -32,7 +32,8 @@ import torch
 from bench_samplers import make_mixtures
 
 from torchdiffusion import EDM, VP
-from torchdiffusion.likelihood import elbo, log_likelihood
+from torchdiffusion.likelihood.bounds import elbo
+from torchdiffusion.likelihood.ode import log_likelihood
 
 F64 = torch.float64
 
@@ -115,9 +116,9 @@ def bench_mixtures(args, K) -> list[dict]:
 def bench_checkpoint(args) -> dict:
     """NLL (ODE) and -ELBO of a trained 2-D model on held-out samples; the exact entropy for 8gaussians."""
     from torchdiffusion import GaussianMixture
-    from torchdiffusion.checkpoint import load_denoiser
     from torchdiffusion.data import make_2d
     from torchdiffusion.data.toy import eight_gaussians_mixture_params
+    from torchdiffusion.training.checkpoint import load_denoiser
 
     denoiser, process, config = load_denoiser(args.checkpoint)
     data = config.get("data")

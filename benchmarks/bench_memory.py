@@ -43,7 +43,7 @@ def child(case: str, checkpoint: str, n: int, steps: int) -> dict:
     import torch
 
     import torchdiffusion as td
-    from torchdiffusion.checkpoint import load_denoiser
+    from torchdiffusion.training.checkpoint import load_denoiser
 
     torch.set_num_threads(1)
     denoiser, process, _ = load_denoiser(checkpoint)
@@ -63,7 +63,8 @@ def child(case: str, checkpoint: str, n: int, steps: int) -> dict:
 
 
 def train_moons(out: Path) -> None:
-    from torchdiffusion.train import TrainConfig, train
+    from torchdiffusion.training.config import TrainConfig
+    from torchdiffusion.training.loop import train
 
     cfg = TrainConfig(data="moons", process={"name": "vp"}, target="eps", steps=100, checkpoint_every=100)
     train(cfg, out, progress=False)

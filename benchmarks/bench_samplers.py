@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 import torchdiffusion.samplers as S
 from torchdiffusion import EDM, VP, GaussianMixture, grid_karras, grid_lam, grid_t
-from torchdiffusion.grid_fit import SPREAD, fit_grid
-from torchdiffusion.metrics import mixture_weight_error
+from torchdiffusion.evaluation.metrics import mixture_weight_error
+from torchdiffusion.samplers.grid_fit import SPREAD, fit_grid
 
 F64, DTYPE = torch.float64, torch.float32  # samplers run in float32, as users run them
 LIBS = ("torchdiffusion", "k-diffusion", "diffusers")

@@ -43,13 +43,15 @@ import torch
 from bench_samplers import ADAPTIVE_TOLS
 from scipy.spatial import cKDTree
 
-from torchdiffusion import timesteps
-from torchdiffusion.checkpoint import find_checkpoint, load_denoiser
+from torchdiffusion.app.demo import DEMO_CONFIG
+from torchdiffusion.core import timesteps
 from torchdiffusion.data import load_images, make_2d
-from torchdiffusion.demo import DEMO_CONFIG
-from torchdiffusion.metrics import sliced_wasserstein
-from torchdiffusion.samplers import INFO, count_nfe
-from torchdiffusion.train import TrainConfig, train
+from torchdiffusion.evaluation.metrics import sliced_wasserstein
+from torchdiffusion.names import INFO
+from torchdiffusion.samplers import count_nfe
+from torchdiffusion.training.checkpoint import find_checkpoint, load_denoiser
+from torchdiffusion.training.config import TrainConfig
+from torchdiffusion.training.loop import train
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,8 +341,8 @@ def _bind(fn, sampler, process, seed):
 
 
 def bench_digits(args, budgets, notes) -> dict:
-    from torchdiffusion.image_metrics import extract_features, feature_statistics, frechet_distance
-    from torchdiffusion.nets.features import feature_net_for
+    from torchdiffusion.evaluation.features import feature_net_for
+    from torchdiffusion.evaluation.image_metrics import extract_features, feature_statistics, frechet_distance
 
     config = TrainConfig.from_yaml(ROOT / "configs" / "digits.yaml")
     run, train_s = ensure_model("digits", config, Path(args.models))

@@ -94,7 +94,7 @@ def _times(fn, warmup, reps):
 
 def train_ours(name, warmup, reps):
     from torchdiffusion import Discrete, Preconditioned
-    from torchdiffusion.losses import denoising_loss
+    from torchdiffusion.objectives.denoising import denoising_loss
 
     process = Discrete.from_schedule("linear", T)
     model = Preconditioned(ours(name), process)

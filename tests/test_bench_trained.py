@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from torchdiffusion import EDM, VP, GaussianMixture
-from torchdiffusion.metrics import sliced_wasserstein
+from torchdiffusion.evaluation.metrics import sliced_wasserstein
 from torchdiffusion.samplers import count_nfe
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]

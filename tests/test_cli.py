@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from torchdiffusion.cli import main
+from torchdiffusion.app.cli import main
 
 TINY = ["--width", "32", "--depth", "1", "--batch-size", "64", "--no-progress", "--checkpoint-every", "10"]
 
@@ -150,13 +150,13 @@ def test_bad_checkpoint_is_a_clear_error_and_keeps_output(trained, tmp_path, dam
 
 
 def test_samplers_lists_the_registry():
-    from torchdiffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
+    from torchdiffusion.names import DEFAULT_SAMPLER_NAME, SAMPLERS
 
     r = run("samplers")
     assert r.exit_code == 0
     for name in SAMPLERS:
         assert name in r.output
-    assert f"For few steps: {DEFAULT_SAMPLER}" in r.output
+    assert f"For few steps: {DEFAULT_SAMPLER_NAME}" in r.output
 
 
 def test_sample_draws_the_reverse_process(trained, tmp_path):

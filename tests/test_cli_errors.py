@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from torchdiffusion.cli import IMAGE_NET, main
+from torchdiffusion.app.cli import IMAGE_NET, main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,7 +42,8 @@ def moons(tmp_path_factory):
 @pytest.fixture(scope="module")
 def digits16(tmp_path_factory):
     """A tiny U-Net on the 16x16 digits."""
-    from torchdiffusion.train import TrainConfig, train
+    from torchdiffusion.training.config import TrainConfig
+    from torchdiffusion.training.loop import train
 
     out = tmp_path_factory.mktemp("d16") / "run"
     net = {**UNET, "attention_resolutions": [8]}  # levels 16 and 8
@@ -53,7 +54,7 @@ def digits16(tmp_path_factory):
 @pytest.fixture
 def no_sampling(monkeypatch):
     """Fail the test if any sampler runs: checks that must come before the work."""
-    import torchdiffusion.specs as specs
+    import torchdiffusion.names as specs
 
     def refuse(name):
         raise AssertionError(f"sampler {name!r} was run before the error")
@@ -254,7 +255,8 @@ def test_a_resumed_run_removes_temp_folders_of_dead_processes(moons, tmp_path):
 def test_resume_with_more_steps_says_what_the_learning_rate_does(tmp_path):
     """Documented in --help and announced: the rate follows the longer cosine schedule from the checkpoint on
     (after the warm-up, which does not depend on --steps)."""
-    from torchdiffusion.train import TrainConfig, lr_at
+    from torchdiffusion.training.config import TrainConfig
+    from torchdiffusion.training.step import lr_at
 
     config = tmp_path / "c.yaml"
     config.write_text("data: moons\nnet: {name: mlp, width: 16, depth: 1}\nbatch_size: 32\nwarmup: 4\n")
@@ -302,7 +304,7 @@ def test_the_sample_figure_title_fits_the_figure():
     """A long title (the process with its parameters) is wrapped, not cut at the figure's edges."""
     import matplotlib.pyplot as plt
 
-    from torchdiffusion.plotting import samples_figure
+    from torchdiffusion.app.plotting import samples_figure
 
     title = "dpmpp_2m, 21 levels, " + "VP(beta_min=0.1, beta_max=20.0, t_min=0.001, t_max=1.0) " * 2
     fig = samples_figure(torch.randn(100, 2), title)
@@ -314,7 +316,7 @@ def test_the_sample_figure_title_fits_the_figure():
 
 def test_the_figure_of_an_image_model_shows_images(digits16, tmp_path, monkeypatch):
     """sample --figure on images draws x_t of the first images (not a scatter of two pixel values)."""
-    import torchdiffusion.plotting as plotting
+    import torchdiffusion.app.plotting as plotting
 
     seen = []
 

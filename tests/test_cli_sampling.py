@@ -20,10 +20,11 @@ import torch
 from click.testing import CliRunner
 
 import torchdiffusion as td
-from torchdiffusion.checkpoint import load_denoiser
-from torchdiffusion.cli import main
-from torchdiffusion.specs import get_sampler
-from torchdiffusion.train import TrainConfig, train
+from torchdiffusion.app.cli import main
+from torchdiffusion.names import get_sampler
+from torchdiffusion.training.checkpoint import load_denoiser
+from torchdiffusion.training.config import TrainConfig
+from torchdiffusion.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -226,8 +227,8 @@ def test_bad_labels_are_refused_before_sampling(request, tmp_path, model, option
 
 def test_evaluate_samples_with_labels_in_batches(conditional, tmp_path, monkeypatch):
     """evaluate draws its images like sample (labels, batches); the metric itself is stubbed out here."""
-    import torchdiffusion.image_metrics as image_metrics
-    import torchdiffusion.nets.features as features
+    import torchdiffusion.evaluation.features as features
+    import torchdiffusion.evaluation.image_metrics as image_metrics
 
     seen = {}
 

@@ -18,11 +18,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from torchdiffusion import train as train_mod
-from torchdiffusion.checkpoint import load_checkpoint
-from torchdiffusion.nets import NETS
+from torchdiffusion.names import NETS
 from torchdiffusion.nets.unet import UNet
-from torchdiffusion.train import TrainConfig, train
+from torchdiffusion.training import loop as train_mod
+from torchdiffusion.training.checkpoint import load_checkpoint
+from torchdiffusion.training.config import TrainConfig
+from torchdiffusion.training.loop import train
 
 NETS.setdefault("unet", UNet)  # until nets/__init__ registers it (the spawned workers import this module too)
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,11 +132,11 @@ def test_resume_under_ddp_is_bit_exact(tmp_path):
 
 
 def test_torchrun_entry_point(tmp_path):
-    """The documented command: torchrun --standalone --nproc_per_node 2 -m torchdiffusion.distributed --config ..."""
+    """The documented command: torchrun --standalone --nproc_per_node 2 -m torchdiffusion train --config ..."""
     overrides = ["steps=4", "n_data=256", f"batch_size={B}", "net={name: mlp, width: 32, depth: 2, emb_dim: 16}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "torchdiffusion.distributed", "--config", str(ROOT / "configs" / "moons.yaml")]
-    cmd += ["--run-dir", str(tmp_path / "ddp"), "--no-progress"] + [a for o in overrides for a in ("--set", o)]
+    cmd += ["-m", "torchdiffusion", "train", "--config", str(ROOT / "configs" / "moons.yaml")]
+    cmd += ["--out", str(tmp_path / "ddp"), "--no-progress"] + [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

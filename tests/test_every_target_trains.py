@@ -21,13 +21,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from torchdiffusion.checkpoint import load_denoiser
-from torchdiffusion.cli import TARGETS, main
+from torchdiffusion.app.cli import TARGETS, main
+from torchdiffusion.core.timesteps import grid_lam
 from torchdiffusion.data import load_dataset
-from torchdiffusion.metrics import sw_against
+from torchdiffusion.evaluation.metrics import sw_against
+from torchdiffusion.names import PROCESSES
 from torchdiffusion.samplers import sample_ddpm
-from torchdiffusion.specs import PROCESSES
-from torchdiffusion.timesteps import grid_lam
+from torchdiffusion.training.checkpoint import load_denoiser
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 

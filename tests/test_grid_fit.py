@@ -11,8 +11,8 @@ import torch
 
 from mixture_checks import gaussian_flow_map
 from torchdiffusion import VP, Flow, GaussianMixture, grid_lam
-from torchdiffusion.grid_fit import SPREAD, fit_grid, lam_grid_from_params, logp_difference
 from torchdiffusion.samplers import count_nfe, sample_ddim, sample_ddpm, sample_dpm_solver_pp
+from torchdiffusion.samplers.grid_fit import SPREAD, fit_grid, lam_grid_from_params, logp_difference
 
 F64 = torch.float64
 M, S = [1.5, -0.5], [0.3, 0.8]  # data mean != 0, std != 1
@@ -128,7 +128,10 @@ def test_logp_weight_must_be_a_number_at_least_zero():
 
 
 def test_default_sampler_is_a_deterministic_registered_sampler():
-    """``DEFAULT_SAMPLER`` names a row of the sampler table, and a deterministic one, so ``--grid fit`` takes it."""
-    from torchdiffusion.samplers import DEFAULT_SAMPLER, INFO
+    """``DEFAULT_SAMPLER`` is a sampler function with a row in the sampler table, and a deterministic one, so
+    ``--grid fit`` takes it."""
+    from torchdiffusion.names import DEFAULT_SAMPLER_NAME, INFO
+    from torchdiffusion.samplers import DEFAULT_SAMPLER
 
-    assert DEFAULT_SAMPLER in INFO and not INFO[DEFAULT_SAMPLER].stochastic
+    assert callable(DEFAULT_SAMPLER) and INFO[DEFAULT_SAMPLER_NAME].fn is DEFAULT_SAMPLER
+    assert DEFAULT_SAMPLER_NAME in INFO and not INFO[DEFAULT_SAMPLER_NAME].stochastic

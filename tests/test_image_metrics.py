@@ -8,15 +8,8 @@ import pytest
 import torch
 
 from torchdiffusion.data.images import load_digits
-from torchdiffusion.image_metrics import (
-    evaluate_images,
-    feature_statistics,
-    frechet_distance,
-    kernel_inception_distance,
-    precision_recall,
-)
-from torchdiffusion.nets import features as feats
-from torchdiffusion.nets.features import (
+from torchdiffusion.evaluation import features as feats
+from torchdiffusion.evaluation.features import (
     INCEPTION_FILE,
     FeatureNetError,
     InceptionFeatures,
@@ -25,6 +18,13 @@ from torchdiffusion.nets.features import (
     load_feature_net,
     load_inception,
     train_feature_net,
+)
+from torchdiffusion.evaluation.image_metrics import (
+    evaluate_images,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
 )
 
 F64 = torch.float64

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture
-from torchdiffusion.dequantize import bits_per_dim, dequantize, discretized_gaussian_logp, nll_8bit
-from torchdiffusion.likelihood import LAM_FLOOR, elbo, log_likelihood, vlb_terms
+from torchdiffusion.likelihood.bounds import LAM_FLOOR, elbo, vlb_terms
+from torchdiffusion.likelihood.dequantize import bits_per_dim, dequantize, discretized_gaussian_logp, nll_8bit
+from torchdiffusion.likelihood.ode import log_likelihood
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")

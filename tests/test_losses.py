@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, SubVP
-from torchdiffusion.losses import WEIGHTINGS, denoising_loss, sample_t, weight
-from torchdiffusion.parameterization import PREDICTIONS, x0_to
+from torchdiffusion.core.predictions import PREDICTIONS, x0_to
+from torchdiffusion.objectives.denoising import WEIGHTINGS, denoising_loss, sample_t, weight
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

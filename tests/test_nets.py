@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, SubVP
-from torchdiffusion.nets import EMBEDDINGS, MLP, NETS, FourierEmbedding, SinusoidalEmbedding
-from torchdiffusion.parameterization import PREDICTIONS, Preconditioned, as_denoiser, to_x0
+from torchdiffusion.core.denoiser import Preconditioned, as_denoiser
+from torchdiffusion.core.predictions import PREDICTIONS, to_x0
+from torchdiffusion.names import NETS
+from torchdiffusion.nets import EMBEDDINGS, MLP, FourierEmbedding, SinusoidalEmbedding
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -18,12 +18,14 @@ import pytest
 import torch
 
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
-from torchdiffusion.checkpoint import load_denoiser, save_checkpoint
-from torchdiffusion.losses import WEIGHTINGS, denoising_loss, weight
+from torchdiffusion.core.denoiser import Preconditioned, as_denoiser
+from torchdiffusion.core.predictions import PREDICTIONS, output_scalings, x0_to
+from torchdiffusion.names import build_net
 from torchdiffusion.nets import MLP
-from torchdiffusion.parameterization import PREDICTIONS, Preconditioned, as_denoiser, output_scalings, x0_to
-from torchdiffusion.specs import build_net
-from torchdiffusion.train import TrainConfig, train
+from torchdiffusion.objectives.denoising import WEIGHTINGS, denoising_loss, weight
+from torchdiffusion.training.checkpoint import load_denoiser, save_checkpoint
+from torchdiffusion.training.config import TrainConfig
+from torchdiffusion.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

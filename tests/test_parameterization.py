@@ -11,16 +11,8 @@ import pytest
 import torch
 
 from torchdiffusion import VP, Flow, GaussianMixture
-from torchdiffusion.parameterization import (
-    PREDICTIONS,
-    Preconditioned,
-    as_denoiser,
-    eps_from_x0,
-    score_from_x0,
-    to_x0,
-    x0_error_scale,
-    x0_to,
-)
+from torchdiffusion.core.denoiser import Preconditioned, as_denoiser
+from torchdiffusion.core.predictions import PREDICTIONS, eps_from_x0, score_from_x0, to_x0, x0_error_scale, x0_to
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, SubVP, make_betas
-from torchdiffusion.process import NoiseProcess
-from torchdiffusion.processes import BETA_SCHEDULES
+from torchdiffusion.core.process import NoiseProcess
+from torchdiffusion.core.processes import BETA_SCHEDULES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,10 +8,11 @@ reference sets, because one distance between finite samples varies by about 2x b
 import torch
 
 from torchdiffusion import grid_t, sample_ddpm
-from torchdiffusion.checkpoint import load_denoiser
 from torchdiffusion.data import make_2d
-from torchdiffusion.metrics import noise_floor, sw_against
-from torchdiffusion.train import TrainConfig, train
+from torchdiffusion.evaluation.metrics import noise_floor, sw_against
+from torchdiffusion.training.checkpoint import load_denoiser
+from torchdiffusion.training.config import TrainConfig
+from torchdiffusion.training.loop import train
 
 
 def test_two_moons_training_reaches_twice_the_noise_floor(tmp_path):

@@ -20,11 +20,11 @@ import torch
 
 from mixture_checks import gaussian_flow_map, observed_order
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
+from torchdiffusion.core.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
 from torchdiffusion.samplers import count_nfe, sample_ddpm
 from torchdiffusion.samplers.ddim import sample_ddim
 from torchdiffusion.samplers.dpm_solver import sample_dpm_solver, sample_dpm_solver_pp, sample_dpm_solver_pp_sde
 from torchdiffusion.samplers.unipc import sample_unipc
-from torchdiffusion.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -444,8 +444,8 @@ def test_rejects_bad_options():
 
 
 def _k_sampling():
-    """k-diffusion's sampling module without its package __init__ (torchdiffusion.anchors)."""
-    from torchdiffusion.anchors import load_k_diffusion_sampling
+    """k-diffusion's sampling module without its package __init__ (torchdiffusion.interop.k_diffusion)."""
+    from torchdiffusion.interop.k_diffusion import load_k_diffusion_sampling
 
     sampling = load_k_diffusion_sampling()
     if sampling is None:

@@ -18,9 +18,9 @@ import torch
 
 from mixture_checks import check_mixture, gaussian_flow_map, observed_order
 from torchdiffusion import EDM, VE, VP, Cosine, Flow, GaussianMixture, SubVP
+from torchdiffusion.core.timesteps import grid_karras, grid_lam, grid_t
 from torchdiffusion.samplers import count_nfe
 from torchdiffusion.samplers.ode import sample_euler, sample_heun, sample_ode_adaptive, sample_rk4
-from torchdiffusion.timesteps import grid_karras, grid_lam, grid_t
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -368,8 +368,8 @@ def test_batch_independence(name):
 
 @pytest.fixture(scope="module")
 def k_sampling():
-    """k_diffusion.sampling without its package __init__ (torchdiffusion.anchors)."""
-    from torchdiffusion.anchors import load_k_diffusion_sampling
+    """k_diffusion.sampling without its package __init__ (torchdiffusion.interop.k_diffusion)."""
+    from torchdiffusion.interop.k_diffusion import load_k_diffusion_sampling
 
     sampling = load_k_diffusion_sampling()
     if sampling is None:

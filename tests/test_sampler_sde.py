@@ -17,9 +17,9 @@ import torch
 
 from mixture_checks import check_mixture, observed_order
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
+from torchdiffusion.core.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
 from torchdiffusion.samplers import count_nfe
 from torchdiffusion.samplers.sde import sample_pc, sample_reverse_sde
-from torchdiffusion.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -18,8 +18,9 @@ import torch
 
 from mixture_checks import check_mixture
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture
-from torchdiffusion.samplers import SAMPLERS, count_nfe, langevin_dynamics, sample_annealed_langevin, sample_ddpm
-from torchdiffusion.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
+from torchdiffusion.core.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
+from torchdiffusion.names import SAMPLERS
+from torchdiffusion.samplers import count_nfe, langevin_dynamics, sample_annealed_langevin, sample_ddpm
 
 Z = 5.0
 F64 = torch.float64

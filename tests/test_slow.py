@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_main_job_reaches_the_noise_floor(tmp_path):
     """The demo (VP, 8 Gaussians, DDPM and annealed Langevin): both samplers within 2x the noise floor."""
-    from torchdiffusion.demo import run_demo
+    from torchdiffusion.app.demo import run_demo
 
     m = run_demo(tmp_path, progress=False)
     assert m["sw2_ddpm"] < 2 * m["sw2_floor"]

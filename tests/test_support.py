@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from torchdiffusion import VP, GaussianMixture, grid_lam, grid_t
-from torchdiffusion.checkpoint import CheckpointError, load_denoiser
-from torchdiffusion.samplers import INFO, SAMPLERS
-from torchdiffusion.support import ClippedDenoiser, clip_denoiser, data_box
-from torchdiffusion.train import TrainConfig, train
+from torchdiffusion.core.support import ClippedDenoiser, clip_denoiser, data_box
+from torchdiffusion.names import INFO, SAMPLERS
+from torchdiffusion.training.checkpoint import CheckpointError, load_denoiser
+from torchdiffusion.training.config import TrainConfig
+from torchdiffusion.training.loop import train
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps

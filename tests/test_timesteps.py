@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from torchdiffusion import EDM, VE, VP, Discrete, Flow
-from torchdiffusion.timesteps import LAM_MIN, check_grid, grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
+from torchdiffusion.core.timesteps import (
+    LAM_MIN,
+    check_grid,
+    grid_discrete,
+    grid_karras,
+    grid_lam,
+    grid_quadratic,
+    grid_t,
+)
 
 F64 = torch.float64
 GRIDS = {"t": grid_t, "lam": grid_lam, "karras": grid_karras, "quadratic": grid_quadratic}

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from torchdiffusion import checkpoint as ckpt_mod
-from torchdiffusion import losses
-from torchdiffusion.checkpoint import (
+from torchdiffusion.core.denoiser import Preconditioned, as_denoiser
+from torchdiffusion.names import build_net
+from torchdiffusion.objectives import denoising as losses
+from torchdiffusion.training import checkpoint as ckpt_mod
+from torchdiffusion.training.checkpoint import (
     FILES,
     FORMAT_VERSION,
     CheckpointError,
@@ -24,9 +26,10 @@ from torchdiffusion.checkpoint import (
     load_denoiser,
     save_checkpoint,
 )
-from torchdiffusion.parameterization import Preconditioned, as_denoiser
-from torchdiffusion.specs import build_net
-from torchdiffusion.train import LOG_COLUMNS, TrainConfig, ema_update, lr_at, train
+from torchdiffusion.training.config import TrainConfig
+from torchdiffusion.training.ema import ema_update
+from torchdiffusion.training.loop import LOG_COLUMNS, train
+from torchdiffusion.training.step import lr_at
 
 NET = {"name": "mlp", "width": 32, "depth": 2, "emb_dim": 16}
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from torchdiffusion import losses
-from torchdiffusion.checkpoint import load_checkpoint, load_denoiser
-from torchdiffusion.image_grid import grid_size, make_grid, save_image_grid
-from torchdiffusion.nets import NETS
+from torchdiffusion.names import NETS
 from torchdiffusion.nets.unet import UNet
-from torchdiffusion.train import TrainConfig, train
+from torchdiffusion.objectives import denoising as losses
+from torchdiffusion.training.checkpoint import load_checkpoint, load_denoiser
+from torchdiffusion.training.config import TrainConfig
+from torchdiffusion.training.loop import train
+from torchdiffusion.utils.image_grid import grid_size, make_grid, save_image_grid
 
 NETS.setdefault("unet", UNet)  # until nets/__init__ registers it
 ROOT = Path(__file__).resolve().parents[1]

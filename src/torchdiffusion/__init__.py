@@ -19,22 +19,16 @@ import sys as _sys
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .dequantize import bits_per_dim, dequantize, nll_8bit
-from .likelihood import elbo, log_likelihood, vlb, vlb_terms
-from .parameterization import (
-    PREDICTIONS,
-    Preconditioned,
-    as_denoiser,
-    eps_from_x0,
-    score_from_x0,
-    to_x0,
-    x0_to,
-)
-from .process import NoiseProcess, append_dims
-from .processes import EDM, VE, VP, Cosine, Discrete, Flow, SubVP, make_betas
+from .core.denoiser import Preconditioned, as_denoiser
+from .core.mixture import GaussianMixture
+from .core.predictions import PREDICTIONS, eps_from_x0, score_from_x0, to_x0, x0_to
+from .core.process import NoiseProcess, append_dims
+from .core.processes import EDM, VE, VP, Cosine, Discrete, Flow, SubVP, make_betas
+from .core.timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
+from .likelihood.bounds import elbo, vlb, vlb_terms
+from .likelihood.dequantize import bits_per_dim, dequantize, nll_8bit
+from .likelihood.ode import log_likelihood
 from .samplers import count_nfe, langevin_dynamics, sample_annealed_langevin, sample_ddpm
-from .testing import GaussianMixture
-from .timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
 
 __version__ = "0.1.0"
 

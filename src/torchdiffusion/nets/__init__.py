@@ -4,6 +4,4 @@ from .embeddings import EMBEDDINGS, FourierEmbedding, SinusoidalEmbedding
 from .mlp import MLP
 from .unet import UNet
 
-NETS = {"mlp": MLP, "unet": UNet}
-
-__all__ = ["MLP", "UNet", "NETS", "EMBEDDINGS", "FourierEmbedding", "SinusoidalEmbedding"]
+__all__ = ["MLP", "UNet", "EMBEDDINGS", "FourierEmbedding", "SinusoidalEmbedding"]

@@ -18,24 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..process import NoiseProcess
-from ..timesteps import check_grid
-
-
-class CountingDenoiser:
-    """Wraps a denoiser and counts its calls (the NFE); ``nfe`` is the count so far."""
-
-    def __init__(self, denoiser):
-        self.denoiser, self.nfe = denoiser, 0
-
-    def __call__(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        self.nfe += 1
-        return self.denoiser(x, t, **cond)
-
-
-def count_nfe(denoiser) -> CountingDenoiser:
-    """``d = count_nfe(denoiser); sample_xxx(d, ...); d.nfe`` is the number of evaluations used."""
-    return CountingDenoiser(denoiser)
+from ..core.process import NoiseProcess
+from ..core.timesteps import check_grid
 
 
 def prepare(x: Tensor, ts) -> tuple[Tensor, Tensor]:

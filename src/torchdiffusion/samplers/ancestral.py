@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..process import NoiseProcess
+from ..core.process import NoiseProcess
 from . import _loop
 
 __all__ = ["sample_ddpm"]

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..process import NoiseProcess
+from ..core.process import NoiseProcess
 from . import _loop
 
 __all__ = ["sample_dpm_solver", "sample_dpm_solver_pp", "sample_dpm_solver_pp_sde"]

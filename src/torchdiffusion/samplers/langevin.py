@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..process import NoiseProcess
+from ..core.process import NoiseProcess
 from . import _loop
 
 __all__ = ["langevin_dynamics", "sample_annealed_langevin"]

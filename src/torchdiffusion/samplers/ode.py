@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..parameterization import x0_to
-from ..process import NoiseProcess
+from ..core.predictions import x0_to
+from ..core.process import NoiseProcess
 from . import _loop
 
 __all__ = ["sample_euler", "sample_heun", "sample_rk4", "sample_ode_adaptive"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..process import NoiseProcess, append_dims
+from ..core.process import NoiseProcess, append_dims
 from . import _loop
 
 __all__ = ["sample_reverse_sde", "sample_pc", "PREDICTORS", "CORRECTORS"]

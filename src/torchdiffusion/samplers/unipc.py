@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..process import NoiseProcess
+from ..core.process import NoiseProcess
 from . import _loop
 from .dpm_solver import grid_curves, multistep_orders, one_minus_exp
 

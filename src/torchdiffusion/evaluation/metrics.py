@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .testing import GaussianMixture
+from ..core.mixture import GaussianMixture
 
 __all__ = ["sliced_wasserstein", "sw_against", "mixture_weight_error", "noise_floor"]
 

@@ -24,18 +24,13 @@ others), and ``losses`` weight its raw output F as EDM does (Eq. 8).
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .process import NoiseProcess, _as_t, append_dims
 
 __all__ = [
-    "Denoiser",
     "PREDICTIONS",
-    "as_denoiser",
-    "Preconditioned",
     "x0_to",
     "to_x0",
     "score_from_x0",
@@ -45,12 +40,6 @@ __all__ = [
 ]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
-
-
-class Denoiser(Protocol):
-    """Anything callable as ``denoiser(x, t, **cond) -> x0_hat`` with x (B, ...) and t (B,)."""
-
-    def __call__(self, x: Tensor, t: Tensor, **cond) -> Tensor: ...
 
 
 def _check(predicts: str) -> None:
@@ -187,75 +176,3 @@ def output_scalings(
         return zero, torch.sqrt(alpha**2 + sigma**2 * sigma_data**2)
     d_alpha, d_sigma = _coeffs(process, t, x, "d_alpha", "d_sigma")
     return zero, torch.sqrt(d_alpha**2 * sigma_data**2 + d_sigma**2)
-
-
-# The network sees c_noise = -lam / 4; where alpha = 0 (Flow at t = 1) lam is -inf. Capped here, far below
-# any lam training draws (t < 1 in float64 gives lam > -37), so that x0 (with its skip), v and flow
-# networks give a finite x0_hat there, as samplers that start at t = 1 need.
-_LAM_FLOOR = -40.0
-
-
-class Preconditioned(nn.Module):
-    """Wrap a raw network so its inputs, and with ``predicts`` its output, have unit scale whatever the process.
-
-    The network sees ``c_in x`` with c_in = 1 / sqrt(alpha^2 sigma_data^2 + sigma^2), which has
-    unit variance when the data do (Karras et al. 2022, Eq. 7 / Table 1, c_in), and the time as
-    ``c_noise = -lam(t) / 4`` (a bounded, process-independent noise level; EDM uses log(sigma)/4,
-    which is the same for alpha = 1). With ``predicts`` (a target name) it returns c_skip x + c_out F
-    (``output_scalings``), in the units of ``predicts``; train it with ``losses.denoising_loss(...,
-    target=predicts, sigma_data=sigma_data)``, whose "simple" weighting is then unit weight on F (EDM's
-    Eq. 8). With ``predicts=None`` it returns F itself: the wrapping of checkpoints written before output
-    preconditioning existed (their config lacks ``precondition_output``). For eps the two are the same.
-    """
-
-    def __init__(self, net: nn.Module, process: NoiseProcess, sigma_data: float = 1.0, predicts: str | None = None):
-        super().__init__()
-        if predicts is not None:
-            _check(predicts)
-        self.net, self.process, self.sigma_data, self.predicts = net, process, sigma_data, predicts
-
-    def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        t = _batch(t, x)
-        return self.forward_with(x, t, *_alpha_sigma(self.process, t, x), **cond)
-
-    def forward_with(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, **cond) -> Tensor:
-        """The same, given (B,) times and alpha(t), sigma(t) broadcast against x (saves recomputing them)."""
-        c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2)
-        c_noise = (torch.log(sigma) - torch.log(alpha)).clamp(max=-_LAM_FLOOR).flatten() / 4  # -lam / 4
-        out = self.net(c_in * x, c_noise, **cond)
-        if self.predicts is None or self.predicts == "eps":  # eps: c_skip = 0, c_out = 1
-            return out
-        c_skip, c_out = output_scalings(self.predicts, self.process, t, x, self.sigma_data, (alpha, sigma))
-        return c_out * out if self.predicts != "x0" else c_skip * x + c_out * out
-
-
-class _NetDenoiser(nn.Module):
-    """A network predicting ``predicts``, seen as a denoiser (x, t, **cond) -> x0_hat."""
-
-    def __init__(self, model: nn.Module, process: NoiseProcess, predicts: str):
-        super().__init__()
-        self.model, self.process, self.predicts = model, process, predicts
-
-    def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        t = _batch(t, x)
-        if isinstance(self.model, Preconditioned):  # share alpha, sigma between the two halves
-            ab = _alpha_sigma(self.process, t, x)
-            return to_x0(self.predicts, self.process, x, t, self.model.forward_with(x, t, *ab, **cond), ab)
-        return to_x0(self.predicts, self.process, x, t, self.model(x, t, **cond))
-
-
-def as_denoiser(net, process: NoiseProcess, predicts: str = "eps") -> _NetDenoiser:
-    """Turn a network ``net(x, t, **cond)`` predicting eps, x0, v, score or flow into a denoiser.
-
-    Args:
-        net: callable (x (B, ...), t (B,), **cond) -> prediction shaped like x. Wrap a raw
-            network in ``Preconditioned`` first if it expects unit-scale inputs (and, with
-            ``Preconditioned(..., predicts=predicts)``, gives a unit-scale output).
-        process: the ``NoiseProcess`` the network was trained with.
-        predicts: one of ``PREDICTIONS``.
-    """
-    _check(predicts)
-    scaled_for = getattr(net, "predicts", None) if isinstance(net, Preconditioned) else None
-    if scaled_for is not None and scaled_for != predicts:
-        raise ValueError(f"the network's output is preconditioned for {scaled_for!r}, not {predicts!r}")
-    return _NetDenoiser(net, process, predicts)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..io import atomic_write
+from ..utils.io import atomic_write
 
 __all__ = [
     "DigitFeatures",

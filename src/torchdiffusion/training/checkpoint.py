@@ -32,10 +32,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .parameterization import PREDICTIONS, Preconditioned, as_denoiser
-from .process import NoiseProcess
-from .specs import build_net, build_process
-from .support import clip_denoiser
+from ..core.denoiser import Preconditioned, as_denoiser
+from ..core.predictions import PREDICTIONS
+from ..core.process import NoiseProcess
+from ..core.support import clip_denoiser
+from ..names import build_net, build_process
 
 __all__ = [
     "FORMAT_VERSION",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .nets.features import InceptionFeatures, load_inception
+from .features import InceptionFeatures, load_inception
 
 __all__ = [
     "feature_statistics",

@@ -37,148 +37,26 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from . import losses, support
+from ..names import PRECISIONS, build_net, build_process
 from .checkpoint import TMP_PREFIX, find_checkpoint, load_checkpoint, save_checkpoint
-from .data import IMAGE_DATASETS, load_dataset, load_images
-from .distributed import DistInfo, GlobalBatches, ScaledStep, process_group, resolve_device
-from .image_grid import open_tensorboard, write_sample_grid
-from .parameterization import PREDICTIONS
-from .specs import build_net, build_process
+from .config import _MAY_CHANGE_ON_RESUME, TrainConfig, config_diff
+from .distributed import DistInfo, process_group, resolve_device
+from .ema import ema_decay_at, ema_update
+from .resolve import load_training_data, resolve_config
+from .sample_grids import open_tensorboard, write_sample_grid
+from .step import GlobalBatches, ScaledStep, lr_at
 
-__all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "ema_update", "load_training_data", "LOG_COLUMNS"]
+__all__ = ["TrainResult", "train", "LOG_COLUMNS"]
 
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "steps_per_s")
-SCHEDULES = ("cosine", "constant")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_META_KEYS = ("step", "format_version")  # added to config.json by checkpoints, not config fields
-_MAY_CHANGE_ON_RESUME = ("steps", "device", "tensorboard", "sample_every", "sample_count")
-
-
-def _spec(**kw) -> Any:
-    return field(default_factory=lambda: dict(kw))
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a training run; JSON-able via ``to_dict`` / ``from_dict``, or ``from_yaml``."""
-
-    data: str = "moons"  # 2-D set name, .npy / .csv path, or images: name in data.IMAGE_DATASETS, folder, .npz, IDX
-    n_data: int = 20000  # points drawn for a built-in 2-D set (files and images: all rows)
-    data_options: dict = _spec()  # keyword arguments of data.load_images, e.g. {pad_to: 16}, {split: train}
-    flip: bool = False  # random left-right flips of image batches (from the training generator)
-    class_conditional: bool = False  # pass labels to the net as class_labels; the net gets num_classes
-    process: dict = _spec(name="vp")  # noise-process spec for specs.build_process
-    target: str = "eps"  # network output: eps, x0, v, score or flow
-    weighting: str = "simple"  # loss weighting, one of losses.WEIGHTINGS
-    net: dict = _spec(name="mlp", width=256, depth=4)  # network spec; dim / in_channels, image_size from the data
-    steps: int = 4000  # total optimizer steps
-    batch_size: int = 512  # examples per micro-batch per process; global batch = batch_size * grad_accum * world
-    grad_accum: int = 1  # micro-batches whose gradients add up to one optimizer step
-    lr: float = 2e-3  # peak AdamW learning rate
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warmup: int = 200  # linear LR warm-up steps (Goyal et al. 2017)
-    lr_schedule: str = "cosine"  # after warm-up: "cosine" (to 0) or "constant"
-    grad_clip: float | None = 1.0  # max global grad norm; None or 0: no clipping
-    ema_decay: float = 0.999  # EMA decay per step; 0: EMA equals the net
-    precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or CUDA) or "fp16" (autocast + GradScaler, CUDA)
-    seed: int = 0  # seeds data, init, batch order and noise
-    checkpoint_every: int = 1000  # steps between checkpoints (one more at the end)
-    log_every: int = 50  # steps between rows of log.csv
-    sample_every: int = 0  # steps between sample grids (image data; one more at the end); 0: none
-    sample_count: int = 64  # images per sample grid
-    tensorboard: bool = False  # also log to run_dir/tensorboard (needs the tensorboard package)
-    sigma_data: float | None = None  # data std for preconditioning; None: estimated
-    precondition_output: bool | None = None  # Preconditioned(predicts=target): EDM's c_out; None: yes but for eps
-    data_box: list | None = None  # [low, high] of the training data (support.data_box); None: measured
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1"; under torchrun "cuda" means cuda:LOCAL_RANK
-
-    def __post_init__(self):
-        if isinstance(self.process, str):  # convenience: "vp" means {"name": "vp"}
-            object.__setattr__(self, "process", {"name": self.process})
-        if self.precondition_output is None:  # eps: c_out = 1, nothing to do; a checkpoint without it: none
-            object.__setattr__(self, "precondition_output", self.target != "eps")
-        if isinstance(self.data, os.PathLike):  # keep the config JSON-able
-            object.__setattr__(self, "data", os.fspath(self.data))
-        checks = {
-            "process": isinstance(self.process, dict) and "name" in self.process,
-            "net": isinstance(self.net, dict) and "name" in self.net,
-            "data_options": isinstance(self.data_options, dict),
-            "target": self.target in PREDICTIONS,
-            "weighting": self.weighting in losses.WEIGHTINGS,
-            "lr_schedule": self.lr_schedule in SCHEDULES,
-            "precision": self.precision in PRECISIONS,
-            "n_data": self.n_data >= 2,
-            "steps": self.steps >= 1,
-            "batch_size": self.batch_size >= 1,
-            "grad_accum": self.grad_accum >= 1,
-            "lr": self.lr > 0,
-            "weight_decay": self.weight_decay >= 0,
-            "warmup": self.warmup >= 0,
-            "grad_clip": self.grad_clip is None or self.grad_clip >= 0,
-            "ema_decay": 0 <= self.ema_decay <= 1,
-            "checkpoint_every": self.checkpoint_every >= 1,
-            "log_every": self.log_every >= 1,
-            "sample_every": self.sample_every >= 0,
-            "sample_count": self.sample_count >= 1,
-            "sigma_data": self.sigma_data is None or self.sigma_data > 0,
-            "precondition_output": isinstance(self.precondition_output, bool),
-            "data_box": self.data_box is None or (isinstance(self.data_box, list | tuple) and len(self.data_box) == 2),
-            **{k: isinstance(getattr(self, k), bool) for k in ("flip", "class_conditional", "tensorboard")},
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid TrainConfig value(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(asdict(self))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "") -> TrainConfig:
-        """Inverse of ``to_dict``; also accepts a checkpoint's config.json (ignores step, format_version)."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names - set(_META_KEYS))
-        if unknown:
-            raise ValueError(f"{source}unknown TrainConfig keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
-        """A config from a YAML mapping of fields (see configs/), then ``overrides``.
-
-        Override keys may be dotted to change one entry of a spec: ``**{"net.channels": 64}``. Numbers
-        written as strings (YAML 1.1 reads ``2e-4`` as a string) are converted for number fields.
-        """
-        import yaml  # PyYAML
-
-        with open(path, encoding="utf-8") as fh:
-            try:
-                d = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as e:  # its message names the line and column
-                raise ValueError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
-        for key, value in overrides.items():
-            head, _, sub = key.partition(".")
-            if sub and head in ("net", "process", "data_options"):
-                d[head] = {**(d.get(head) or {}), sub: value}
-            else:
-                d[key] = value
-        for f in fields(cls):
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0])
-            if kind is not None and isinstance(d.get(f.name), str):
-                try:
-                    d[f.name] = kind(d[f.name])
-                except ValueError:
-                    raise ValueError(f"{path}: {f.name}={d[f.name]!r} is not a number") from None
-        return cls.from_dict(d, source=f"{path}: ")
 
 
 @dataclass
@@ -189,77 +67,6 @@ class TrainResult:
     config: dict[str, Any]  # the resolved config (net "dim" or image shape, and sigma_data filled in)
     history: list[dict[str, float]]  # the rows of log.csv (on rank 0; empty on the others)
     run_dir: Path
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based: the update that completes step + 1).
-
-    Warm-up: lr (step + 1) / warmup for step < warmup, so the first update already moves.
-    Then "constant": lr; "cosine": lr (1 + cos(pi p)) / 2 with p = (step - warmup) / (steps - warmup).
-    """
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    if config.lr_schedule == "constant":
-        return config.lr
-    p = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay at 0-based step k: min(decay, (1 + k) / (10 + k)).
-
-    The warm-up keeps a short run's EMA from being mostly the random initialisation (with
-    decay 0.999, after 800 steps 0.999^800 = 45% of the EMA would still be the init); it is the
-    num_updates rule of TensorFlow's ExponentialMovingAverage, also used by diffusers' EMAModel.
-    """
-    return min(decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def ema_update(ema_net: nn.Module, net: nn.Module, decay: float) -> None:
-    """ema <- decay ema + (1 - decay) param, in place (lerp); buffers are copied as they are."""
-    for e, p in zip(ema_net.parameters(), net.parameters(), strict=True):
-        e.lerp_(p.detach(), 1.0 - decay)  # lerp with weight 1 returns p exactly: decay 0 gives ema == net
-    for e, b in zip(ema_net.buffers(), net.buffers(), strict=True):
-        e.copy_(b)
-
-
-def _is_image_spec(spec: str) -> bool:
-    name = spec.lower()
-    return spec in IMAGE_DATASETS or Path(spec).is_dir() or name.endswith((".npz", "-ubyte", "-ubyte.gz"))
-
-
-def load_training_data(config: TrainConfig, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-    """``(data, labels or None)``: images (N, C, H, W) via ``data.load_images``, else points (N, D)."""
-    if _is_image_spec(config.data):
-        return load_images(config.data, **config.data_options)
-    if config.data_options:
-        raise ValueError(f"data_options {config.data_options} apply to image data; {config.data!r} is not an image set")
-    return load_dataset(config.data, config.n_data, generator=generator), None
-
-
-def _resolve(config: TrainConfig, data: Tensor, labels: Tensor | None) -> TrainConfig:
-    """Fill in what the data decide: the net's input shape (and classes); if unset, sigma_data = std(data) and
-    data_box = the data's bounding box (``support.data_box``, which sampling a loaded checkpoint clamps x0_hat to)."""
-    net = dict(config.net)
-    if data.ndim == 2:
-        filled = {"dim": data.shape[1]}
-    elif data.ndim == 4 and data.shape[2] == data.shape[3]:
-        filled = {"in_channels": data.shape[1], "image_size": data.shape[2]}
-    else:
-        shape = tuple(data.shape)
-        raise ValueError(f"data {config.data!r}: expected points (N, D) or square images (N, C, H, H), got {shape}")
-    if config.class_conditional:
-        if labels is None:
-            raise ValueError(f"class_conditional needs labels, but the data {config.data!r} have none")
-        filled["num_classes"] = int(labels.max()) + 1
-    for key, value in filled.items():
-        if net.get(key, value) != value:
-            raise ValueError(f"net spec has {key}={net[key]} but the data {config.data!r} give {key}={value}")
-        net[key] = value
-    sigma_data = config.sigma_data if config.sigma_data is not None else data.double().std().item()
-    box = list(config.data_box) if config.data_box is not None else list(support.data_box(data))
-    return TrainConfig.from_dict({**config.to_dict(), "net": net, "sigma_data": float(sigma_data), "data_box": box})
 
 
 def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
@@ -302,14 +109,6 @@ def _remove_stale_temp_dirs(run_dir: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         except (OverflowError, OSError):
             pass  # alive under another user (PermissionError), or not a pid at all: leave it
-
-
-def _config_diff(stored: dict, given: dict) -> list[str]:
-    defaults = TrainConfig().to_dict()  # a checkpoint written before a field existed has its default
-    keys = (set(stored) | set(given)) - {*_MAY_CHANGE_ON_RESUME, *_META_KEYS}
-    if "data_box" not in stored:  # written before the box was recorded: it is measured now, not a change
-        keys.discard("data_box")
-    return sorted(k for k in keys if stored.get(k, defaults.get(k)) != given.get(k))
 
 
 def train(
@@ -356,13 +155,13 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, resume: bool, pro
         )
     seeds = torch.randint(0, 2**62, (4,), generator=torch.Generator().manual_seed(config.seed)).tolist()
     data, labels = load_training_data(config, generator=torch.Generator().manual_seed(seeds[0]))
-    cfg = _resolve(config, data, labels)
+    cfg = resolve_config(config, data, labels)
     resolved = cfg.to_dict()
     # Every random draw of the run happens inside fork_rng: the caller's global RNG is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         ckpt = load_checkpoint(existing) if existing is not None and resume else None
         if ckpt is not None:
-            diff = _config_diff(ckpt.config, resolved)
+            diff = config_diff(ckpt.config, resolved)
             if diff:
                 detail = "; ".join(f"{k}: {ckpt.config.get(k)!r} -> {resolved.get(k)!r}" for k in diff)
                 raise ValueError(

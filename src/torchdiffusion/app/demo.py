@@ -20,16 +20,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ..core.mixture import GaussianMixture
+from ..core.predictions import score_from_x0
+from ..core.timesteps import grid_lam, grid_t
+from ..data import TOY_DATASETS, eight_gaussians_mixture_params, make_2d
+from ..evaluation.metrics import noise_floor, sw_against
+from ..samplers import progress_callback, sample_annealed_langevin, sample_ddpm
+from ..training.checkpoint import load_denoiser
+from ..training.config import TrainConfig
+from ..training.loop import train
+from ..utils.io import atomic_write
 from . import plotting
-from .checkpoint import load_denoiser
-from .data import TOY_DATASETS, eight_gaussians_mixture_params, make_2d
-from .io import atomic_write
-from .metrics import noise_floor, sw_against
-from .parameterization import score_from_x0
-from .samplers import progress_callback, sample_annealed_langevin, sample_ddpm
-from .testing import GaussianMixture
-from .timesteps import grid_lam, grid_t
-from .train import TrainConfig, train
 
 DEMO_CONFIG = TrainConfig(data="8gaussians", process={"name": "vp"}, target="eps", steps=3000)
 

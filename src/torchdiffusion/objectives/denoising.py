@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .parameterization import PREDICTIONS, output_scalings, x0_error_scale, x0_to
-from .process import NoiseProcess, _as_t
+from ..core.predictions import PREDICTIONS, output_scalings, x0_error_scale, x0_to
+from ..core.process import NoiseProcess, _as_t
 
 __all__ = ["WEIGHTINGS", "weight", "sample_t", "denoising_loss"]
 

@@ -80,7 +80,7 @@ def samples_figure(x: Tensor, title: str = "samples"):
 
 def save_samples_png(x: Tensor, path, title: str = "samples") -> None:
     """One scatter plot of 2-D samples (or of the first two coordinates), title wrapped to the figure's width."""
-    from .io import atomic_write
+    from ..utils.io import atomic_write
 
     fig = samples_figure(x, title)
     atomic_write(path, lambda p: fig.savefig(p, dpi=120))
@@ -114,7 +114,7 @@ class TrajectoryRecorder:
 
 def reverse_process_figure(rec: TrajectoryRecorder, final: Tensor, data: Tensor | None, path, title: str) -> None:
     """Snapshots of the reverse process at six moments and the trajectories of a few samples (2-D)."""
-    from .io import atomic_write
+    from ..utils.io import atomic_write
 
     n = len(rec.states)
     picks = sorted({round(i * (n - 1) / 5) for i in range(6)})
@@ -152,8 +152,8 @@ def reverse_process_images(rec: TrajectoryRecorder, shape: tuple[int, ...], path
     ``shape`` is one image's (C, H, W); values are shown clamped to [-1, 1], so the early, noisy moments
     look like the noise they are.
     """
-    from .image_grid import make_grid
-    from .io import atomic_write
+    from ..utils.image_grid import make_grid
+    from ..utils.io import atomic_write
 
     n = len(rec.states)
     picks = sorted({round(i * (n - 1) / 5) for i in range(6)})

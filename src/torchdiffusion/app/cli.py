@@ -17,12 +17,8 @@ import click
 import numpy as np
 import torch
 
-from .specs import PROCESSES, SAMPLERS
-
-GRIDS = ("auto", "t", "lam", "karras", "quadratic", "discrete", "fit")
-TARGETS = ("eps", "x0", "v", "score", "flow")
-WEIGHTINGS = ("simple", "elbo", "likelihood", "snr", "sigma2", "min_snr")
-SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")
+from ..names import GRIDS, PRECISIONS, PROCESSES, SAMPLERS, SCHEDULES, WEIGHTINGS
+from ..names import PREDICTIONS as TARGETS
 
 
 def _fail(e: Exception) -> None:
@@ -71,7 +67,7 @@ def _device(name: str) -> torch.device:
 
 def _writable(path: str | None, option: str) -> None:
     """Check before the work that ``path`` can be written (at the end, after minutes of sampling)."""
-    from .io import check_writable
+    from ..utils.io import check_writable
 
     if path is not None:
         try:
@@ -144,8 +140,8 @@ def _draw(sampler, denoiser, process, shape, n, batch_size, ts, gen, device, lab
     the sampler, both from ``gen``, so one seed and batch size always give the same samples (another batch
     size consumes the stream in another order). ``record`` (or None) is called on the first batch's start
     and returns a sampler callback that records it."""
-    from .samplers import progress_callback
-    from .specs import get_sampler
+    from ..names import get_sampler
+    from ..samplers import progress_callback
 
     fn, per_batch = get_sampler(sampler), len(ts) if sampler == "ald" else len(ts) - 1
     starts = range(0, n, batch_size)
@@ -186,22 +182,39 @@ IMAGE_NET = {
 IMAGE_DEFAULTS = {"batch_size": 64, "lr": 1e-3}
 
 
+def _parse_overrides(ctx, param, values) -> tuple[tuple[str, object], ...]:
+    """``KEY=VALUE`` strings -> (key, value parsed as YAML: numbers, true/false, null, [lists], {dicts})."""
+    import yaml
+
+    parsed = []
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE (e.g. steps=2000 or net.channels=64), got {text!r}")
+        try:
+            parsed.append((key.strip(), yaml.safe_load(value)))
+        except yaml.YAMLError as e:
+            raise click.BadParameter(f"{text!r}: the value is not valid YAML ({e})") from None
+    return tuple(parsed)
+
+
 def _typed(ctx, name: str) -> bool:
     from click.core import ParameterSource
 
     return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
-def _train_config(ctx, config, fields, process, schedule, T, width, depth):
+def _train_config(ctx, config, fields, process, schedule, T, width, depth, sets=()):
     """The TrainConfig of `train`'s options: a --config file with the options typed after it, or the options alone.
 
     Options that could not take effect are refused rather than ignored: --schedule / --T (ddpm only),
     --width / --depth (the MLP of point data).
     """
-    from .train import TrainConfig, _is_image_spec
+    from ..training.config import TrainConfig, merge_overrides
+    from ..training.resolve import is_image_spec
 
     typed = {k: v for k, v in fields.items() if _typed(ctx, k)}
-    base = TrainConfig.from_yaml(config, **typed) if config else None
+    base = TrainConfig.from_yaml(config, **typed, **dict(sets)) if config else None
     proc = dict(base.process) if base is not None and not _typed(ctx, "process") else {"name": process}
     for name, value in (("schedule", schedule), ("T", T)):
         if _typed(ctx, name):
@@ -214,7 +227,7 @@ def _train_config(ctx, config, fields, process, schedule, T, width, depth):
             proc[name] = value
     if proc["name"] == "ddpm" and base is None:
         proc = _process_spec("ddpm", schedule, T)
-    images = _is_image_spec(base.data if base is not None else fields["data"])
+    images = is_image_spec(base.data if base is not None else fields["data"])
     net = dict(base.net) if base is not None else dict(IMAGE_NET if images else TrainConfig().net)
     for name, value in (("width", width), ("depth", depth)):
         if _typed(ctx, name):
@@ -231,15 +244,17 @@ def _train_config(ctx, config, fields, process, schedule, T, width, depth):
         return TrainConfig.from_dict({**base.to_dict(), "process": proc, "net": net})
     if images:  # the batch and rate of the image net's config, unless typed
         fields = {**fields, **{k: v for k, v in IMAGE_DEFAULTS.items() if not _typed(ctx, k)}}
-    return TrainConfig(process=proc, net=net, **fields)
+    cfg = TrainConfig(process=proc, net=net, **fields)
+    return TrainConfig.from_dict(merge_overrides(cfg.to_dict(), dict(sets))) if sets else cfg
 
 
 def _resume_notice(out: Path, steps: int) -> str | None:
     """What a resume with another --steps does to the cosine learning rate, or None."""
     import json
 
-    from .checkpoint import CONFIG, find_checkpoint
-    from .train import TrainConfig, lr_at
+    from ..training.checkpoint import CONFIG, find_checkpoint
+    from ..training.config import TrainConfig
+    from ..training.step import lr_at
 
     try:
         stored = json.loads((find_checkpoint(out) / CONFIG).read_text(encoding="utf-8"))
@@ -261,7 +276,7 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
     """After a failed `train` that wrote no checkpoint: remove what this invocation created and left empty (a
     log.csv without rows, empty folders, the run folder and its parents if it made them). Left there, a
     header-only log.csv would make the next `train` into the same folder refuse it as an existing run."""
-    from .checkpoint import find_checkpoint
+    from ..training.checkpoint import find_checkpoint
 
     if not out.is_dir() or find_checkpoint(out) is not None or os.environ.get("RANK", "0") != "0":
         return  # a checkpoint: the run can resume; under torchrun rank 0 owns the folder
@@ -320,7 +335,7 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="Peak learning rate (AdamW).")
 @click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, help="EMA decay of the weights.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Mixed precision.")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", help="Mixed precision.")
 @click.option("--flip", is_flag=True, help="Random left-right flips of image batches.")
 @click.option("--sample-every", type=click.IntRange(min=0), default=0, help="Steps between sample grids (images).")
 @click.option("--tensorboard", is_flag=True, help="Also log to TensorBoard (needs the tensorboard package).")
@@ -335,17 +350,26 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
 )
 @click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    callback=_parse_overrides,
+    metavar="KEY=VALUE",
+    help="Override a training field (after --config and the options); repeatable. VALUE is YAML; dotted keys reach "
+    "into net / process / data_options: --set steps=2000 --set net.channels=64.",
+)
 @threads_option
 @click.pass_context
 def train(ctx, config, data, download, process, schedule, T, target, weighting, width, depth, steps, batch_size,
           grad_accum, lr, ema_decay, precision, flip, sample_every, tensorboard, seed, checkpoint_every, out, resume,
-          device, no_progress):  # fmt: skip
+          device, no_progress, sets):  # fmt: skip
     """Train a denoiser on DATA (or a --config file) and write checkpoints and log.csv to --out.
 
     Several processes or GPUs: torchrun --standalone --nproc_per_node N --no-python torchdiffusion train --config C
     """
-    from .checkpoint import find_checkpoint
-    from .train import train as run_train
+    from ..training.checkpoint import find_checkpoint
+    from ..training.loop import train as run_train
 
     data = _maybe_download(data, download)
     fields = dict(data=data, target=target, weighting=weighting, steps=steps, batch_size=batch_size,
@@ -362,7 +386,7 @@ def train(ctx, config, data, download, process, schedule, T, target, weighting, 
     if not config:
         _check_data(data)
     try:
-        cfg = _train_config(ctx, config, fields, process, schedule, T, width, depth)
+        cfg = _train_config(ctx, config, fields, process, schedule, T, width, depth, sets)
     except ValueError as e:
         _fail(e)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun, "cuda" means each rank's own GPU
@@ -387,7 +411,7 @@ def train(ctx, config, data, download, process, schedule, T, target, weighting, 
 
 def _maybe_download(data: str, allowed: bool) -> str:
     """``data`` itself, or the folder a named downloadable set was fetched into (only with --download)."""
-    from .data import DOWNLOADABLE, download_images
+    from ..data import DOWNLOADABLE, download_images
 
     if data not in DOWNLOADABLE:
         return data
@@ -405,7 +429,7 @@ def _maybe_download(data: str, allowed: bool) -> str:
 
 
 def _check_data(data: str) -> None:
-    from .data import IMAGE_DATASETS, TOY_DATASETS, load_array
+    from ..data import IMAGE_DATASETS, TOY_DATASETS, load_array
 
     if data in TOY_DATASETS or data in IMAGE_DATASETS or Path(data).is_dir() or data.endswith((".npz", "ubyte", ".gz")):
         return
@@ -424,8 +448,8 @@ def _check_data(data: str) -> None:
 def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, spread, **cond):
     """``grid_fit.fit_grid`` for --grid fit (with ``grid_fit.SPREAD`` for --fit-objective spread), on pilot starts of
     seed + 1 (with ``cond``, e.g. their class labels); prints what it found and returns the fit."""
-    from .grid_fit import SPREAD, fit_grid
-    from .specs import get_sampler
+    from ..names import get_sampler
+    from ..samplers.grid_fit import SPREAD, fit_grid
 
     pilot = process.prior_sample(pilot_shape, generator=torch.Generator(device).manual_seed(seed + 1), device=device)
     recipe = SPREAD if spread else {}
@@ -519,11 +543,11 @@ def sample(
     figure,
 ):
     """Draw samples from a trained checkpoint; write them as .npy and a PNG."""
-    from . import timesteps
-    from .checkpoint import load_denoiser
-    from .io import atomic_write
+    from ..core import timesteps
+    from ..names import INFO
+    from ..training.checkpoint import load_denoiser
+    from ..utils.io import atomic_write
     from .plotting import TrajectoryRecorder, reverse_process_figure, reverse_process_images, save_samples_png
-    from .samplers import INFO
 
     if not out.endswith(".npy"):
         raise click.BadParameter(f"samples are written as .npy; got {out!r}", param_hint="--out")
@@ -571,7 +595,7 @@ def sample(
         click.echo(f"wrote the reverse-process figure to {figure}")
     atomic_write(out, lambda p: np.save(p, xs.numpy()))
     if images:
-        from .image_grid import save_image_grid
+        from ..utils.image_grid import save_image_grid
 
         if class_labels is not None and klass is None and labels is None:
             nrow = cfg["net"]["num_classes"]  # labels i mod K: every class in its own column
@@ -636,10 +660,11 @@ def likelihood(ckpt, data, method, n, batch_size, n_t, rtol, atol, hutchinson, s
     """Negative log-likelihood of DATA under a checkpoint, in nats per example and bits per dimension."""
     from tqdm.auto import tqdm
 
-    from .checkpoint import load_denoiser
-    from .data import load_dataset
-    from .dequantize import bits_per_dim
-    from .likelihood import elbo, log_likelihood, vlb
+    from ..data import load_dataset
+    from ..likelihood.bounds import elbo, vlb
+    from ..likelihood.dequantize import bits_per_dim
+    from ..likelihood.ode import log_likelihood
+    from ..training.checkpoint import load_denoiser
 
     device = _device(device)
     try:
@@ -729,13 +754,13 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
     """FID, KID and precision/recall of a checkpoint's samples against image DATA."""
     import json
 
-    from . import timesteps
-    from .checkpoint import load_denoiser
-    from .data import load_images
-    from .image_metrics import evaluate_images
-    from .io import atomic_write
-    from .nets.features import feature_net_for, load_inception
-    from .samplers import INFO
+    from ..core import timesteps
+    from ..data import load_images
+    from ..evaluation.features import feature_net_for, load_inception
+    from ..evaluation.image_metrics import evaluate_images
+    from ..names import INFO
+    from ..training.checkpoint import load_denoiser
+    from ..utils.io import atomic_write
 
     _writable(out, "--out")  # before the sampling, not after it
     device = _device(device)
@@ -803,14 +828,15 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
 @main.command()
 def samplers():
     """List the samplers: order, network evaluations per step, default grid, stochastic or not, paper."""
-    from .samplers import DEFAULT_SAMPLER, INFO
+    from ..names import DEFAULT_SAMPLER_NAME as DEFAULT_SAMPLER
+    from ..names import INFO
 
     click.echo(f"{'name':<14} {'order':<11} {'NFE/step':<24} {'grid':<7} {'noise':<6} paper")
     for name, info in INFO.items():
         noise = "yes" if info.stochastic else "no"
         click.echo(f"{name:<14} {info.order:<11} {info.nfe:<24} {info.grid:<7} {noise:<6} {info.paper}")
     click.echo(
-        f"\nFor few steps: {DEFAULT_SAMPLER} (samplers.DEFAULT_SAMPLER) on a grid fitted to the model, "
+        f"\nFor few steps: {DEFAULT_SAMPLER} (torchdiffusion.DEFAULT_SAMPLER) on a grid fitted to the model, "
         f"`sample --sampler {DEFAULT_SAMPLER} --grid fit` (docs/bench/samplers.md)."
     )
 

@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .parameterization import score_from_x0
-from .process import NoiseProcess, _as_t
-from .samplers import count_nfe, sample_dpm_solver_pp
-from .samplers._loop import batch_t
-from .timesteps import _ends, _lam_start, grid_lam
+from ..core.predictions import score_from_x0
+from ..core.process import NoiseProcess, _as_t
+from ..core.timesteps import _ends, _lam_start, grid_lam
+from . import count_nfe, sample_dpm_solver_pp
+from ._loop import batch_t
 
 __all__ = ["SPREAD", "GridFit", "fit_grid", "lam_grid_from_params", "logp_difference"]
 

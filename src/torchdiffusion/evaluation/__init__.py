@@ -1,0 +1,2 @@
+"""Measuring samples: sliced Wasserstein and mixture metrics for points (``metrics``), FID / KID /
+precision-recall for images (``image_metrics``) with their feature networks (``features``)."""

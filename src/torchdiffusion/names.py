@@ -1,0 +1,144 @@
+"""Names to objects: the one table that maps the strings of the command line, config files and checkpoints to
+the library's objects (processes, networks, samplers and their facts, prediction targets, weightings, precisions).
+
+Strings stop here: below this module every choice is an object or a function, and the command line's
+``--help`` lists come from these tables. Adding a sampler is one function in ``samplers`` and one row in
+``INFO`` below. A spec is a JSON-able dict ``{"name": ..., **kwargs}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from .core.predictions import PREDICTIONS
+from .core.processes import BETA_SCHEDULES, EDM, VE, VP, Cosine, Discrete, Flow, SubVP
+from .nets import MLP, UNet
+from .objectives.denoising import WEIGHTINGS
+from .samplers import (
+    DEFAULT_SAMPLER,
+    sample_annealed_langevin,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpm_solver,
+    sample_dpm_solver_pp,
+    sample_dpm_solver_pp_sde,
+    sample_euler,
+    sample_heun,
+    sample_ode_adaptive,
+    sample_pc,
+    sample_reverse_sde,
+    sample_rk4,
+    sample_unipc,
+)
+
+__all__ = [
+    "PROCESSES", "NETS", "INFO", "SAMPLERS", "SamplerInfo", "DEFAULT_SAMPLER_NAME", "PREDICTIONS", "WEIGHTINGS",
+    "PRECISIONS", "GRIDS", "SCHEDULES", "build_process", "build_net", "get_sampler",
+]  # fmt: skip
+
+NETS = {"mlp": MLP, "unet": UNet}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRIDS = ("auto", "t", "lam", "karras", "quadratic", "discrete", "fit")  # "auto": the sampler's own (INFO.grid)
+SCHEDULES = tuple(BETA_SCHEDULES)
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    fn: Callable
+    order: str  # convergence order of the deterministic part, or "weak 1" for SDE solvers
+    nfe: str  # network evaluations per step
+    paper: str
+    stochastic: bool
+    grid: str = "lam"  # the time grid the command line uses when none is named
+
+
+def _bind(fn, **kwargs):
+    """fn with default knobs, keeping its name and docstring for help texts."""
+    p = partial(fn, **kwargs)
+    p.__doc__, p.__name__ = fn.__doc__, fn.__name__
+    return p
+
+
+INFO: dict[str, SamplerInfo] = {
+    "ddpm": SamplerInfo(sample_ddpm, "weak 1", "1", "Ho et al. 2020, Algorithm 2", True, "t"),
+    "ald": SamplerInfo(sample_annealed_langevin, "-", "n_steps_each per level", "Song & Ermon 2019, Algorithm 1", True),
+    "reverse_sde": SamplerInfo(
+        sample_reverse_sde, "weak 1", "1", "Song et al. 2021, Eq. 6 (reverse-time SDE), Euler-Maruyama", True, "t"
+    ),
+    "pc": SamplerInfo(
+        sample_pc, "weak 1", "1 + n_corrector", "Song et al. 2021, Algorithms 1-5 (predictor-corrector)", True, "t"
+    ),
+    "euler": SamplerInfo(sample_euler, "1", "1", "Song et al. 2021, Eq. 13 (probability-flow ODE), Euler", False),
+    "heun": SamplerInfo(sample_heun, "2", "2 (1 on the last)", "Karras et al. 2022, Algorithms 1-2", False, "karras"),
+    "rk4": SamplerInfo(sample_rk4, "4", "4", "Runge-Kutta 4 on the probability-flow ODE", False),
+    "ode_adaptive": SamplerInfo(
+        sample_ode_adaptive, "5 (dopri5)", "adaptive", "Dormand & Prince 1980 via torchdiffeq", False
+    ),
+    "ddim": SamplerInfo(sample_ddim, "1", "1", "Song, Meng & Ermon 2021, Eqs. 12, 16 (eta = 0)", False),
+    "ddim_eta1": SamplerInfo(
+        _bind(sample_ddim, eta=1.0), "weak 1", "1", "Song, Meng & Ermon 2021, Eq. 16 (eta = 1: DDPM)", True
+    ),
+    "dpm_solver_2": SamplerInfo(_bind(sample_dpm_solver, order=2), "2", "2", "Lu et al. 2022, Algorithm 1", False),
+    "dpm_solver_3": SamplerInfo(_bind(sample_dpm_solver, order=3), "3", "3", "Lu et al. 2022, Algorithm 2", False),
+    "dpmpp_2m": SamplerInfo(_bind(sample_dpm_solver_pp, order=2), "2", "1", "Lu et al. 2023, Algorithm 2", False),
+    "dpmpp_3m": SamplerInfo(
+        _bind(sample_dpm_solver_pp, order=3),
+        "3",
+        "1",
+        "Lu et al. 2023, 3M (second difference weighted for order 3)",
+        False,
+    ),
+    "dpmpp_2m_sde": SamplerInfo(sample_dpm_solver_pp_sde, "weak 1", "1", "Lu et al. 2023, SDE-DPM-Solver++(2M)", True),
+    "unipc_2": SamplerInfo(_bind(sample_unipc, order=2), "3", "1", "Zhao et al. 2023, UniP-2 + UniC (bh2)", False),
+    "unipc_3": SamplerInfo(DEFAULT_SAMPLER, "4", "1", "Zhao et al. 2023, UniP-3 + UniC (bh2)", False),
+}
+
+SAMPLERS: dict[str, Callable] = {name: info.fn for name, info in INFO.items()}
+DEFAULT_SAMPLER_NAME = next(name for name, info in INFO.items() if info.fn is DEFAULT_SAMPLER)
+
+
+PROCESSES = {
+    "vp": VP,
+    "subvp": SubVP,
+    "ve": VE,
+    "cosine": Cosine,
+    "edm": EDM,
+    "flow": Flow,
+    "ddpm": Discrete.from_schedule,  # kwargs: schedule ("linear", "cosine", "sigmoid", "quadratic"), T
+}
+
+
+def _pick(kind: str, table: dict, name: str):
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(table)}")
+    return table[name]
+
+
+def build_process(spec: dict[str, Any] | str):
+    """A NoiseProcess from ``"vp"`` or ``{"name": "ddpm", "schedule": "cosine", "T": 1000}``."""
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    cls = _pick("process", PROCESSES, spec.pop("name"))
+    try:
+        return cls(**spec)
+    except TypeError as e:
+        raise ValueError(f"bad options for process: {e}") from None
+
+
+def build_net(spec: dict[str, Any]):
+    """A network from ``{"name": "mlp", "dim": 2, "width": 256, ...}``."""
+    spec = dict(spec)
+    cls = _pick("network", NETS, spec.pop("name"))
+    try:
+        return cls(**spec)
+    except TypeError as e:
+        raise ValueError(f"bad options for network: {e}") from None
+
+
+def get_sampler(name: str):
+    """A sampler function by name (see ``torchdiffusion.samplers.SAMPLERS``)."""
+    return _pick("sampler", SAMPLERS, name)

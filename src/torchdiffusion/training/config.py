@@ -1,0 +1,155 @@
+"""The run's configuration: ``TrainConfig``, every field that determines a training run, JSON- and YAML-able.
+
+Its names (process, net, target, weighting, precision) become objects through ``torchdiffusion.names``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..names import PRECISIONS, PREDICTIONS, WEIGHTINGS
+
+SCHEDULES = ("cosine", "constant")
+
+
+_META_KEYS = ("step", "format_version")  # added to config.json by checkpoints, not config fields
+
+
+_MAY_CHANGE_ON_RESUME = ("steps", "device", "tensorboard", "sample_every", "sample_count")
+
+
+def _spec(**kw) -> Any:
+    return field(default_factory=lambda: dict(kw))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run; JSON-able via ``to_dict`` / ``from_dict``, or ``from_yaml``."""
+
+    data: str = "moons"  # 2-D set name, .npy / .csv path, or images: name in data.IMAGE_DATASETS, folder, .npz, IDX
+    n_data: int = 20000  # points drawn for a built-in 2-D set (files and images: all rows)
+    data_options: dict = _spec()  # keyword arguments of data.load_images, e.g. {pad_to: 16}, {split: train}
+    flip: bool = False  # random left-right flips of image batches (from the training generator)
+    class_conditional: bool = False  # pass labels to the net as class_labels; the net gets num_classes
+    process: dict = _spec(name="vp")  # noise-process spec for specs.build_process
+    target: str = "eps"  # network output: eps, x0, v, score or flow
+    weighting: str = "simple"  # loss weighting, one of WEIGHTINGS
+    net: dict = _spec(name="mlp", width=256, depth=4)  # network spec; dim / in_channels, image_size from the data
+    steps: int = 4000  # total optimizer steps
+    batch_size: int = 512  # examples per micro-batch per process; global batch = batch_size * grad_accum * world
+    grad_accum: int = 1  # micro-batches whose gradients add up to one optimizer step
+    lr: float = 2e-3  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup: int = 200  # linear LR warm-up steps (Goyal et al. 2017)
+    lr_schedule: str = "cosine"  # after warm-up: "cosine" (to 0) or "constant"
+    grad_clip: float | None = 1.0  # max global grad norm; None or 0: no clipping
+    ema_decay: float = 0.999  # EMA decay per step; 0: EMA equals the net
+    precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or CUDA) or "fp16" (autocast + GradScaler, CUDA)
+    seed: int = 0  # seeds data, init, batch order and noise
+    checkpoint_every: int = 1000  # steps between checkpoints (one more at the end)
+    log_every: int = 50  # steps between rows of log.csv
+    sample_every: int = 0  # steps between sample grids (image data; one more at the end); 0: none
+    sample_count: int = 64  # images per sample grid
+    tensorboard: bool = False  # also log to run_dir/tensorboard (needs the tensorboard package)
+    sigma_data: float | None = None  # data std for preconditioning; None: estimated
+    precondition_output: bool | None = None  # Preconditioned(predicts=target): EDM's c_out; None: yes but for eps
+    data_box: list | None = None  # [low, high] of the training data (support.data_box); None: measured
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1"; under torchrun "cuda" means cuda:LOCAL_RANK
+
+    def __post_init__(self):
+        if isinstance(self.process, str):  # convenience: "vp" means {"name": "vp"}
+            object.__setattr__(self, "process", {"name": self.process})
+        if self.precondition_output is None:  # eps: c_out = 1, nothing to do; a checkpoint without it: none
+            object.__setattr__(self, "precondition_output", self.target != "eps")
+        if isinstance(self.data, os.PathLike):  # keep the config JSON-able
+            object.__setattr__(self, "data", os.fspath(self.data))
+        checks = {
+            "process": isinstance(self.process, dict) and "name" in self.process,
+            "net": isinstance(self.net, dict) and "name" in self.net,
+            "data_options": isinstance(self.data_options, dict),
+            "target": self.target in PREDICTIONS,
+            "weighting": self.weighting in WEIGHTINGS,
+            "lr_schedule": self.lr_schedule in SCHEDULES,
+            "precision": self.precision in PRECISIONS,
+            "n_data": self.n_data >= 2,
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "grad_accum": self.grad_accum >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup": self.warmup >= 0,
+            "grad_clip": self.grad_clip is None or self.grad_clip >= 0,
+            "ema_decay": 0 <= self.ema_decay <= 1,
+            "checkpoint_every": self.checkpoint_every >= 1,
+            "log_every": self.log_every >= 1,
+            "sample_every": self.sample_every >= 0,
+            "sample_count": self.sample_count >= 1,
+            "sigma_data": self.sigma_data is None or self.sigma_data > 0,
+            "precondition_output": isinstance(self.precondition_output, bool),
+            "data_box": self.data_box is None or (isinstance(self.data_box, list | tuple) and len(self.data_box) == 2),
+            **{k: isinstance(getattr(self, k), bool) for k in ("flip", "class_conditional", "tensorboard")},
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid TrainConfig value(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "") -> TrainConfig:
+        """Inverse of ``to_dict``; also accepts a checkpoint's config.json (ignores step, format_version)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names - set(_META_KEYS))
+        if unknown:
+            raise ValueError(f"{source}unknown TrainConfig keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        """A config from a YAML mapping of fields (see configs/), then ``overrides``.
+
+        Override keys may be dotted to change one entry of a spec: ``**{"net.channels": 64}``. Numbers
+        written as strings (YAML 1.1 reads ``2e-4`` as a string) are converted for number fields.
+        """
+        import yaml  # PyYAML
+
+        with open(path, encoding="utf-8") as fh:
+            try:
+                d = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:  # its message names the line and column
+                raise ValueError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
+        d = merge_overrides(d, overrides)
+        for f in fields(cls):
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0])
+            if kind is not None and isinstance(d.get(f.name), str):
+                try:
+                    d[f.name] = kind(d[f.name])
+                except ValueError:
+                    raise ValueError(f"{path}: {f.name}={d[f.name]!r} is not a number") from None
+        return cls.from_dict(d, source=f"{path}: ")
+
+
+def config_diff(stored: dict, given: dict) -> list[str]:
+    defaults = TrainConfig().to_dict()  # a checkpoint written before a field existed has its default
+    keys = (set(stored) | set(given)) - {*_MAY_CHANGE_ON_RESUME, *_META_KEYS}
+    if "data_box" not in stored:  # written before the box was recorded: it is measured now, not a change
+        keys.discard("data_box")
+    return sorted(k for k in keys if stored.get(k, defaults.get(k)) != given.get(k))
+
+
+def merge_overrides(d: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with ``overrides`` applied; a dotted key changes one entry of a spec (``net.channels``)."""
+    d = copy.deepcopy(d)
+    for key, value in overrides.items():
+        head, _, sub = key.partition(".")
+        if sub and head in ("net", "process", "data_options"):
+            d[head] = {**(d.get(head) or {}), sub: value}
+        else:
+            d[key] = value
+    return d

@@ -1,0 +1,152 @@
+"""Training at scale: data-parallel processes (torchrun + DDP), gradient accumulation, mixed precision.
+
+Launch one process per GPU (or several on the CPU, with the gloo backend) with the ``train`` command;
+``--standalone`` is one machine::
+
+    torchrun --standalone --nproc_per_node 2 -m torchdiffusion train --config configs/digits.yaml --out runs/d
+    ... -m torchdiffusion train --config c.yaml --out r --resume --set steps=2000 --set net.dropout=0
+
+``training.loop.train`` joins the process group that torchrun describes in the environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT): backend nccl with one GPU per process (``cuda:LOCAL_RANK``) on CUDA,
+gloo on the CPU.
+
+How the work is split, so that N processes compute what one process would (Goyal et al. 2017, Sec. 2.1):
+every rank holds the whole data set and the same seeded generators, and each step draws the *global*
+batch of G = batch_size * grad_accum * world_size example indices, diffusion times, noise and flips
+(``GlobalBatches.next``). Rank r takes the contiguous slice ``[r A B, (r + 1) A B)``, and micro-batch k of
+it the rows ``[k B, (k + 1) B)`` (B = batch_size, A = grad_accum). Each micro-batch's loss is its mean
+divided by A, and DDP averages the gradients of the ranks, so the update is that of the mean loss over
+the G examples: the same examples, times and noise as a single process with batch_size * grad_accum *
+world_size, up to the order of floating-point sums (``ScaledStep.backward``). Drawing all G noise tensors
+on every rank costs G examples' worth of memory, small next to the activations. Only rank 0 writes files
+(log, checkpoints, sample grids, TensorBoard) and shows a progress bar. Dropout masks come from each rank's
+own torch RNG (seeded per rank), so with dropout > 0 a run agrees with a single process in distribution
+only; checkpoints keep every rank's RNG state, so a resumed run still equals an uninterrupted one.
+
+Mixed precision (``Autocast``): the network runs under ``torch.autocast``, its output is cast back to
+float32, and the loss, weights and optimizer stay float32; fp16 adds loss scaling.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["DistInfo", "process_group", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: rank in 0..world_size-1, and its GPU index on the node (LOCAL_RANK)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, x: Tensor) -> Tensor:
+        """The mean of ``x`` over the ranks (x itself in one process)."""
+        if not self.enabled:
+            return x
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        return x / self.world_size
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+
+
+@contextmanager
+def process_group(device: str = "cpu") -> Iterator[DistInfo]:
+    """The process group of this run: joined (and left at exit) when torchrun set WORLD_SIZE > 1.
+
+    An already initialised default group (e.g. by the caller) is used as it is and left open. Without
+    either, this is a single process: ``DistInfo(0, 1, 0)``.
+    """
+    if dist.is_available() and dist.is_initialized():
+        yield DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
+        return
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        yield DistInfo()
+        return
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
+    info = DistInfo(_env_int("RANK", 0), world, _env_int("LOCAL_RANK", 0))
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        resolve_device(device, info)  # a clear error before NCCL fails without CUDA
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend="nccl" if cuda else "gloo", rank=info.rank, world_size=world)
+    try:
+        yield info
+        # Rank 0 hosts the rendezvous store: had it torn the group down while another rank was still in its
+        # last collective or its own teardown, that rank would abort ("terminate called without an active
+        # exception", seen once in the torchrun test). Meet first; on an exception, tear down at once.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
+    """The torch device of this process: ``name`` ("cpu", "cuda", "cuda:1"), with ``cuda:LOCAL_RANK`` under torchrun.
+
+    Raises ValueError, saying what to change, when CUDA is requested but not available or the index
+    does not exist.
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"invalid device {name!r} ({e}); valid examples: 'cpu', 'cuda', 'cuda:1'") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} requested but CUDA is not available (torch {torch.__version__}, "
+            "torch.cuda.is_available() is False); use device: cpu, or install a CUDA build of torch"
+        )
+    if info.enabled:
+        if device.index is not None:
+            raise ValueError(f"device {name!r}: under torchrun each process uses cuda:LOCAL_RANK; set device: cuda")
+        device = torch.device("cuda", info.local_rank)
+    index, count = device.index or 0, torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"device {name!r} requested but only {count} CUDA device(s) exist (cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", index)
+
+
+if __name__ == "__main__":
+    from torchdiffusion.training.distributed import main as _main
+
+    _main()

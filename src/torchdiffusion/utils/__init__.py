@@ -1,0 +1,1 @@
+"""The bottom of the stack: atomic file writes and PNG image grids (no torchdiffusion imports)."""
