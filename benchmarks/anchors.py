@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from torchdiffusion import EDM, GaussianMixture, NoiseProcess
-from torchdiffusion.core.process import _as_t
+from torchdiffusion.core.process import as_time
 
 __all__ = [
     "load_k_diffusion_sampling",
@@ -179,7 +179,7 @@ class DiffusersProcess(NoiseProcess):
         self.t_min, self.t_max = 0.0, float(len(ab) - 1)
 
     def _sigma_ve(self, t: Tensor) -> Tensor:
-        t = _as_t(t).clamp(self.t_min, self.t_max)
+        t = as_time(t).clamp(self.t_min, self.t_max)
         i = t.floor().clamp(max=self.t_max - 1)
         frac = t - i
         i = i.long()
@@ -201,8 +201,8 @@ def exact_eps(gm: GaussianMixture, process: NoiseProcess):
     """eps(x_t, t) = (x_t - alpha x0_hat) / sigma with the exact x0_hat: a perfect eps-prediction network."""
 
     def eps(x: Tensor, t) -> Tensor:
-        t = _as_t(torch.as_tensor(t)).expand(x.shape[0])
-        a, s = process._coeffs(t, x.to(torch.float64))
+        t = as_time(torch.as_tensor(t)).expand(x.shape[0])
+        a, s = process.at(t, x.to(torch.float64))
         x64 = x.to(torch.float64)
         return ((x64 - a * gm.x0_mean(x64, process, t)) / s).to(x.dtype)
 

@@ -18,6 +18,26 @@ DISCRETE_IDS = [
 ]
 CONTINUOUS_IDS = [type(p).__name__ for p in CONTINUOUS]
 
+# The one statistical tolerance of the suite: a Monte Carlo estimate must lie within Z of its own
+# standard errors of the exact value. Under the CLT a correct implementation misses by chance with
+# two-sided probability p = erfc(Z / sqrt 2) per check: 5.7e-7 at Z = 5, 2.0e-9 at Z = 6. Sample
+# variances have a skewed (chi-square) law, heavier in its right tail: at n = 500 the miss
+# probability is 2.4e-6 at Z = 5 and 3.4e-8 at Z = 6. The fast suite makes about 10^3 such
+# comparisons (941 uses of Z, counted one per element of a vector check, plus a few dozen written as
+# k * se), so the expected number of false alarms, if its seeds changed or a platform's rounding
+# moved a sample, is at most ~1e-3 at Z = 5 and ~3e-5 at Z = 6. Z = 6 makes it negligible; the
+# price is power: a biased mean or variance is caught once the bias exceeds about 6 (not 5)
+# standard errors, and each test sizes n so that the defect it guards against does.
+Z = 6.0
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    """A CPU generator with a fixed seed: every random draw in the suite is reproducible.
+    Test modules import this module by name (``from conftest import Z, gen``): ``tests/`` has no
+    ``__init__.py``, so pytest's default import mode puts it on ``sys.path`` and registers this file
+    as the module ``conftest``, the same object the import returns (as for ``mixture_checks``)."""
+    return torch.Generator().manual_seed(seed)
+
 
 @pytest.fixture(params=CONTINUOUS + DISCRETE, ids=CONTINUOUS_IDS + DISCRETE_IDS)
 def process(request):

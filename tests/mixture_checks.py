@@ -5,7 +5,7 @@ import math
 
 import torch
 
-Z = 5.0  # standard errors (two-sided p ~ 6e-7 per check)
+from conftest import Z
 
 
 def check_mixture(x, gm, var_law=lambda v: v, z=Z):

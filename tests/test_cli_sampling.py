@@ -97,7 +97,7 @@ def test_a_training_time_denoiser_keeps_its_gradients(tmp_path):
     cfg = TrainConfig(data="moons", net={"name": "mlp", "width": 16, "depth": 1}, steps=2)
     res = train(cfg, tmp_path / "r", progress=False)
     assert all(p.requires_grad for p in res.net.parameters())
-    denoiser = td.as_denoiser(td.Preconditioned(res.net, res.process, res.config["sigma_data"]), res.process, "eps")
+    denoiser = td.as_denoiser(td.Preconditioned(res.net, res.process, res.config["sigma_data"]), res.process, td.EPS)
     out = denoiser(torch.randn(8, 2), torch.full((8,), 0.5))
     assert out.grad_fn is not None
     load_denoiser(tmp_path / "r")

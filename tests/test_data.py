@@ -1,6 +1,6 @@
 """Tests for torchdiffusion.data: toy 2-D distributions and array loaders.
 
-Statistical checks use z = 5 standard errors (two-sided p ~ 6e-7 per check), with the standard
+Statistical checks use Z standard errors (conftest.Z: two-sided p ~ 2e-9 per check), with the standard
 error taken from theory or, for fourth moments, estimated from the same sample.
 """
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import Z, gen
 from torchdiffusion.data import (
     TOY_DATASETS,
     eight_gaussians,
@@ -19,13 +20,8 @@ from torchdiffusion.data import (
     make_2d,
 )
 
-Z = 5.0
 N_STAT = 20_000
 NAMES = sorted(TOY_DATASETS)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --- toy datasets ----------------------------------------------------------------------------------
@@ -38,7 +34,7 @@ def test_registry_keys():
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_shape_dtype_finite(name, dtype):
-    x = make_2d(name, 1000, generator=_gen(0), dtype=dtype)
+    x = make_2d(name, 1000, generator=gen(0), dtype=dtype)
     assert x.shape == (1000, 2) and x.dtype == dtype
     assert torch.isfinite(x).all()
     assert make_2d(name, 0).shape == (0, 2)
@@ -54,17 +50,17 @@ def test_bad_n(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_seeded_determinism(name):
-    a = make_2d(name, 500, generator=_gen(7))
-    b = make_2d(name, 500, generator=_gen(7))
-    c = make_2d(name, 500, generator=_gen(8))
+    a = make_2d(name, 500, generator=gen(7))
+    b = make_2d(name, 500, generator=gen(7))
+    c = make_2d(name, 500, generator=gen(8))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
-    assert torch.equal(a, TOY_DATASETS[name](500, generator=_gen(7)))
+    assert torch.equal(a, TOY_DATASETS[name](500, generator=gen(7)))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_standardised_moments(name):
-    x = make_2d(name, N_STAT, generator=_gen(1), dtype=torch.float64)
+    x = make_2d(name, N_STAT, generator=gen(1), dtype=torch.float64)
     # Each set is built with total variance E||x||^2 = 2, so no coordinate variance exceeds 2.
     assert (x.mean(0).abs() < Z * math.sqrt(2.0 / N_STAT)).all(), x.mean(0)
     std = x.std(0)
@@ -108,7 +104,7 @@ def test_mixture_params_closed_form():
 def test_eight_gaussians_matches_mixture_moments():
     weights, means, variances = eight_gaussians_mixture_params()
     mean, cov = _mixture_moments(weights, means, variances)
-    x = eight_gaussians(N_STAT, generator=_gen(2), dtype=torch.float64)
+    x = eight_gaussians(N_STAT, generator=gen(2), dtype=torch.float64)
     se_mean = (torch.diag(cov) / N_STAT).sqrt()
     assert ((x.mean(0) - mean).abs() < Z * se_mean).all()
     xc = x - mean
@@ -119,7 +115,7 @@ def test_eight_gaussians_matches_mixture_moments():
 
 def test_eight_gaussians_components():
     weights, means, variances = eight_gaussians_mixture_params()
-    x = eight_gaussians(N_STAT, generator=_gen(3), dtype=torch.float64)
+    x = eight_gaussians(N_STAT, generator=gen(3), dtype=torch.float64)
     # Modes are > 7 component stds apart, so nearest-mean assignment recovers the component.
     k = torch.cdist(x, means).argmin(1)
     freq = torch.bincount(k, minlength=8).double() / N_STAT
@@ -134,7 +130,7 @@ def test_eight_gaussians_components():
 
 
 def _data(n=40, d=3, seed=0):
-    return torch.randn(n, d, generator=_gen(seed), dtype=torch.float64).numpy()
+    return torch.randn(n, d, generator=gen(seed), dtype=torch.float64).numpy()
 
 
 def _write_csv(path, rows, header=None):
@@ -243,7 +239,7 @@ def test_csv_errors(tmp_path, text, fragments):
 
 
 def test_load_dataset_builtin_and_file(tmp_path):
-    assert torch.equal(load_dataset("moons", 64, generator=_gen(4)), make_2d("moons", 64, generator=_gen(4)))
+    assert torch.equal(load_dataset("moons", 64, generator=gen(4)), make_2d("moons", 64, generator=gen(4)))
     a = _data(n=40)
     np.save(tmp_path / "a.npy", a)
     # Files are returned whole: n does not truncate.

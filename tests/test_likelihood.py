@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import gen
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture
 from torchdiffusion.likelihood.bounds import LAM_FLOOR, elbo, vlb_terms
 from torchdiffusion.likelihood.dequantize import bits_per_dim, dequantize, discretized_gaussian_logp, nll_8bit
@@ -17,13 +18,9 @@ F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def _mixture(D):
     """Three components, unequal weights, anisotropic variances, means of size ~0.7."""
-    g = _gen(D)
+    g = gen(D)
     means = 0.7 * torch.randn(3, D, generator=g, dtype=F64)
     return GaussianMixture([0.5, 0.3, 0.2], means, 0.05 + 0.15 * torch.rand(3, D, generator=g, dtype=F64))
 
@@ -55,7 +52,7 @@ def test_ode_likelihood_matches_mixture_density(process, D):
     """Chen et al. 2018 Thm 1; Song et al. 2021 Eq. 39: with the exact denoiser and exact trace, the ODE
     gives log p_{t_start}(x) exactly but for the prior mismatch at T, which is computed and bounded."""
     gm = _mixture(D)
-    x = gm.sample(24, generator=_gen(1))
+    x = gm.sample(24, generator=gen(1))
     ll, info = log_likelihood(gm.denoiser(process), process, x, return_info=True)
     truth = gm.log_prob(x, process, process.t_min)
     mismatch = gm.log_prob(info["x_T"], process, process.t_max) - info["prior"]
@@ -74,15 +71,15 @@ def test_hutchinson_estimate_is_unbiased(probe):
     """Song et al. 2021, Appendix D.2 (Hutchinson 1989): E_e[e^T J e] = tr J, so with probes fixed along the
     ODE the estimate averages to the exact-trace log-likelihood; n_probes = 4 divides its variance by 4."""
     gm, process, R = _mixture(4), VP(), 200
-    x = gm.sample(3, generator=_gen(2))
+    x = gm.sample(3, generator=gen(2))
     exact = log_likelihood(gm.denoiser(process), process, x, exact_trace=True)
     xr = x.repeat_interleave(R, 0)
-    est = log_likelihood(gm.denoiser(process), process, xr, exact_trace=False, probe=probe, generator=_gen(3))
+    est = log_likelihood(gm.denoiser(process), process, xr, exact_trace=False, probe=probe, generator=gen(3))
     est = est.view(3, R)
     se = est.std(1) / math.sqrt(R)
     assert (se > 1e-3).all() and ((est.mean(1) - exact).abs() < 3 * se).all()
     est4 = log_likelihood(
-        gm.denoiser(process), process, xr, exact_trace=False, n_probes=4, probe=probe, generator=_gen(4)
+        gm.denoiser(process), process, xr, exact_trace=False, n_probes=4, probe=probe, generator=gen(4)
     )
     ratio = est4.view(3, R).var(1) / est.var(1)
     assert ((ratio > 0.15) & (ratio < 0.5)).all()
@@ -91,11 +88,11 @@ def test_hutchinson_estimate_is_unbiased(probe):
 def test_log_likelihood_batches_and_generator():
     """Probes are drawn once per call from the generator: batching changes only the adaptive steps."""
     gm, process = _mixture(4), VP()
-    x = gm.sample(12, generator=_gen(5))
+    x = gm.sample(12, generator=gen(5))
     kw = dict(exact_trace=False, n_probes=2)
-    one = log_likelihood(gm.denoiser(process), process, x, generator=_gen(6), **kw)
-    again = log_likelihood(gm.denoiser(process), process, x, generator=_gen(6), **kw)
-    split = log_likelihood(gm.denoiser(process), process, x, generator=_gen(6), batch_size=5, **kw)
+    one = log_likelihood(gm.denoiser(process), process, x, generator=gen(6), **kw)
+    again = log_likelihood(gm.denoiser(process), process, x, generator=gen(6), **kw)
+    split = log_likelihood(gm.denoiser(process), process, x, generator=gen(6), batch_size=5, **kw)
     assert torch.equal(one, again) and float((one - split).abs().max()) < 1e-3
 
 
@@ -115,7 +112,7 @@ def test_vlb_terms_match_closed_form_for_gaussian_data():
     x0_hat(x_1), beta_1). For Gaussian data each expectation over the noise is closed form (``_gauss_mse``)."""
     process, m, v, R = Discrete.from_schedule("linear", 50), torch.tensor([0.5, -0.3], dtype=F64), 0.2, 600
     gm = GaussianMixture([1.0], m[None], v)
-    x0 = gm.sample(3, generator=_gen(7))
+    x0 = gm.sample(3, generator=gen(7))
     b = process.betas
     ab = torch.cat([torch.ones(1, dtype=F64), torch.cumprod(1 - b, 0)])
     t = torch.arange(2, 51)
@@ -127,7 +124,7 @@ def test_vlb_terms_match_closed_form_for_gaussian_data():
     prior = ab[-1] * (x0**2).sum(1) / (2 * (1 - ab[-1]))
     xr = x0.repeat_interleave(R, 0)
     for n_t, importance in [(None, True), (4, True), (4, False)]:
-        terms = vlb_terms(gm.denoiser(process), process, xr, n_t=n_t, importance=importance, generator=_gen(8))
+        terms = vlb_terms(gm.denoiser(process), process, xr, n_t=n_t, importance=importance, generator=gen(8))
         torch.testing.assert_close(terms["prior"].view(3, R)[:, 0], prior, rtol=1e-10, atol=1e-14)
         for key, cf in [("diffusion", diffusion), ("decoder", decoder)]:
             est = terms[key].view(3, R)
@@ -150,12 +147,12 @@ def test_vlb_bounds_mixture_density_and_tightens_with_T():
     """Ho et al. 2020 Eq. 3/5 (-ELBO >= -log p) and Kingma et al. 2021 Sec. 4 / Appendix: inserting steps
     between fixed end points cannot loosen the bound when E||x0 - x0_hat||^2 falls with SNR (the MMSE does)."""
     gm = _mixture(2)
-    x0 = gm.sample(500, generator=_gen(9))
+    x0 = gm.sample(500, generator=gen(9))
     logp = gm.log_prob(x0)
     gaps, ses = [], []
     for n in (10, 50, 250, 1000):
         process = _nested_family(n)
-        gap = vlb_terms(gm.denoiser(process), process, x0, generator=_gen(n))["total"] + logp
+        gap = vlb_terms(gm.denoiser(process), process, x0, generator=gen(n))["total"] + logp
         gaps.append(float(gap.mean()))
         ses.append(float(gap.std()) / math.sqrt(len(gap)))
         assert gaps[-1] > -3 * ses[-1]  # -total never exceeds the mean log-density beyond MC error
@@ -165,7 +162,7 @@ def test_vlb_bounds_mixture_density_and_tightens_with_T():
 
 def test_discretized_decoder_is_a_probability():
     """Ho et al. 2020 Eq. 13: the bins tile the real line (edge bins open), so the 256 masses sum to 1."""
-    g = _gen(10)
+    g = gen(10)
     mean, std = 1.5 * torch.rand(1, 5, generator=g, dtype=F64) - 0.75, 0.002 + 0.05 * torch.rand(1, 5, generator=g)
     bins = -1 + 2 * torch.arange(256, dtype=F64)[:, None] / 255  # every pixel value
     logp = torch.stack([discretized_gaussian_logp(bins, mean[:, j].expand(256, 1), std[0, j]) for j in range(5)])
@@ -213,7 +210,7 @@ def test_elbo_matches_closed_form_for_gaussian_data(process):
     exact score is exact)."""
     m, v, D, R = torch.tensor([0.5, -0.3], dtype=F64), 0.2, 2, 1500
     gm = GaussianMixture([1.0], m[None], v)
-    x0 = gm.sample(3, generator=_gen(11))
+    x0 = gm.sample(3, generator=gen(11))
     exact, (a, s, lam_lo, lam_hi) = _gauss_neg_elbo(process, ((x0 - m) ** 2).sum(1), (x0**2).sum(1), v, D)
     lam = torch.linspace(lam_lo, lam_hi, 200_001, dtype=F64)
     quad = torch.trapezoid(torch.exp(2 * lam) * _gauss_mse(x0[:, None], m, v, torch.exp(2 * lam)), lam)
@@ -221,7 +218,7 @@ def test_elbo_matches_closed_form_for_gaussian_data(process):
     neg = sum(exact.values())
     for importance in (True, False) if type(process) in (VP, VE) else (True,):
         den, xr = gm.denoiser(process), x0.repeat_interleave(R, 0)
-        est, se, terms = elbo(den, process, xr, n_t=2, importance=importance, generator=_gen(12), return_terms=True)
+        est, se, terms = elbo(den, process, xr, n_t=2, importance=importance, generator=gen(12), return_terms=True)
         for key in ("prior", "reconstruction"):
             torch.testing.assert_close(terms[key].view(3, R)[:, 0], torch.as_tensor(exact[key], dtype=F64).expand(3))
         est = est.view(3, R)
@@ -240,8 +237,8 @@ def test_elbo_bounds_mixture_density():
     """Kingma et al. 2021 Eq. 17 is a lower bound: averaged over mixture samples, ELBO <= log p_0 + MC error,
     and with the exact denoiser the gap is small (prior and reconstruction mismatch only)."""
     gm, process = _mixture(2), VP()
-    x0 = gm.sample(2000, generator=_gen(13))
-    est, _ = elbo(gm.denoiser(process), process, x0, n_t=4, generator=_gen(14))
+    x0 = gm.sample(2000, generator=gen(13))
+    est, _ = elbo(gm.denoiser(process), process, x0, n_t=4, generator=gen(14))
     gap = gm.log_prob(x0) - est
     se = float(gap.std()) / math.sqrt(len(gap))
     assert -3 * se < float(gap.mean()) < 0.05 + 3 * se
@@ -265,7 +262,7 @@ def test_bits_per_dim_of_8bit_data_is_nonnegative():
     assert (neg_log_mass >= 0).all()
     naive = bits_per_dim(-gm.log_prob(centre), D)
     assert (naive < 0).all()  # density > 1 at the data: a negative "bpd" without dequantization
-    nll, se = nll_8bit(gm.log_prob, x, n_samples=3000, generator=_gen(15), dtype=F64)
+    nll, se = nll_8bit(gm.log_prob, x, n_samples=3000, generator=gen(15), dtype=F64)
     # The uniform bound in closed form: z is uniform on a cell of half-width h = 1/256 around the centre,
     # so E(z - mu)^2 = h^2 / 3 per dim (the other component's density is e^-10^5 smaller).
     k = torch.tensor([0, 0, 1, 1])
@@ -281,7 +278,7 @@ def test_bits_per_dim_of_8bit_data_is_nonnegative():
         log_n = -0.5 * (((z - centre[k]) / s) ** 2 + math.log(2 * math.pi * s**2)).sum(1)
         return (z + 1) * 128 - xq, log_n - torch.log(b - a).sum(1) - D * math.log(128)  # dz/du = 1/128
 
-    tight, _ = nll_8bit(gm.log_prob, x, n_samples=8, generator=_gen(16), variational=truncated, dtype=F64)
+    tight, _ = nll_8bit(gm.log_prob, x, n_samples=8, generator=gen(16), variational=truncated, dtype=F64)
     torch.testing.assert_close(tight, neg_log_mass, rtol=0, atol=1e-6)
 
 
@@ -293,7 +290,7 @@ def test_bits_per_dim_change_of_variables():
     torch.testing.assert_close(
         bits_per_dim(-p_z.log_prob(2 * y - 1), 3, scale=2.0), -p_y.log_prob(y) / (3 * math.log(2))
     )
-    z, corr = dequantize(torch.tensor([[0, 255]]), _gen(17), dtype=F64)
+    z, corr = dequantize(torch.tensor([[0, 255]]), gen(17), dtype=F64)
     assert ((z >= -1) & (z < 1)).all() and torch.allclose(corr, torch.tensor([-2 * math.log(128)], dtype=F64))
 
 
@@ -303,7 +300,7 @@ def test_conditioning_follows_examples_and_bad_arguments():
     process = VP()
     classes = [GaussianMixture([1.0], [[1.0, -0.5]], 0.1), GaussianMixture([1.0], [[-0.8, 0.6]], 0.2)]
     y = torch.tensor([0, 1, 1, 0, 1])
-    x = torch.stack([classes[int(c)].sample(1, generator=_gen(20 + i))[0] for i, c in enumerate(y)])
+    x = torch.stack([classes[int(c)].sample(1, generator=gen(20 + i))[0] for i, c in enumerate(y)])
 
     def conditional(proc):
         def denoiser(xt, t, label):
@@ -321,7 +318,7 @@ def test_conditioning_follows_examples_and_bad_arguments():
         truth = gm.log_prob(x[i : i + 1], process, process.t_min)
         assert abs(float(ll[i] + mismatch - truth)) < 2e-3
     discrete = Discrete.from_schedule("linear", 20)
-    terms = vlb_terms(conditional(discrete), discrete, x, chunk=7, generator=_gen(0), label=y)
+    terms = vlb_terms(conditional(discrete), discrete, x, chunk=7, generator=gen(0), label=y)
     assert torch.isfinite(terms["total"]).all()
     with pytest.raises(ValueError, match="discrete-time"):
         vlb_terms(denoiser, process, x, label=y)

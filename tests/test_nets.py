@@ -12,22 +12,18 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import Z, gen
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, SubVP
 from torchdiffusion.core.denoiser import Preconditioned, as_denoiser
-from torchdiffusion.core.predictions import PREDICTIONS, to_x0
+from torchdiffusion.core.predictions import ALL_PREDICTIONS
 from torchdiffusion.names import NETS
 from torchdiffusion.nets import EMBEDDINGS, MLP, FourierEmbedding, SinusoidalEmbedding
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-Z = 6.0  # standard errors allowed in a statistical comparison
 PROCESSES = [VP(), SubVP(), VE(), Cosine(), EDM(), Flow(), Discrete.from_schedule("linear", 50)]
 PROCESS_IDS = [type(p).__name__ for p in PROCESSES]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _mlp(seed: int = 0, **kw) -> MLP:
@@ -37,7 +33,7 @@ def _mlp(seed: int = 0, **kw) -> MLP:
 
 
 def _perturb_last_layer(net: MLP, seed: int = 1) -> None:
-    g = _gen(seed)
+    g = gen(seed)
     last = net.out[-1]
     with torch.no_grad():
         last.weight.copy_(torch.randn(last.weight.shape, generator=g, dtype=F64) * 0.3)
@@ -45,7 +41,7 @@ def _perturb_last_layer(net: MLP, seed: int = 1) -> None:
 
 
 def _inputs(B: int, D: int, seed: int = 2):
-    g = _gen(seed)
+    g = gen(seed)
     return torch.randn(B, D, generator=g, dtype=F64), torch.rand(B, generator=g, dtype=F64) * 4 - 2
 
 
@@ -118,7 +114,7 @@ def test_mlp_gradients_flow():
     net = _mlp(num_classes=2)
     x, c = _inputs(9, 2)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
-    target = torch.randn(9, 2, generator=_gen(3), dtype=F64)
+    target = torch.randn(9, 2, generator=gen(3), dtype=F64)
     ((net(x, c, class_labels=labels) - target) ** 2).mean().backward()
     last = {"out.2.weight", "out.2.bias"}
     for name, p in net.named_parameters():
@@ -224,7 +220,7 @@ def test_preconditioned_feeds_c_in_x_and_c_noise(process, sigma_data):
     own closed form); it returns the raw output unchanged; conditioning passes through."""
     B, D = 8, 3
     t = _times(process, B)
-    x = torch.randn(B, D, generator=_gen(4), dtype=F64) * 3
+    x = torch.randn(B, D, generator=gen(4), dtype=F64) * 3
     rec = _Recorder()
     pre = Preconditioned(rec, process, sigma_data=sigma_data)
     labels = torch.arange(B)
@@ -245,7 +241,7 @@ def test_preconditioned_input_has_unit_variance(process):
     sigma_data, n = 0.5, 20_000
     rec = _Recorder()
     pre = Preconditioned(rec, process, sigma_data=sigma_data)
-    g = _gen(5)
+    g = gen(5)
     for t in _times(process, 4).tolist():
         x0 = sigma_data * torch.randn(n, 1, generator=g, dtype=F64)
         tt = torch.full((n,), t, dtype=F64)
@@ -259,22 +255,22 @@ def test_preconditioned_input_has_unit_variance(process):
 def test_preconditioned_scalar_time_broadcasts(process):
     """A scalar t means that time for the whole batch."""
     t = float(_times(process, 3)[1])
-    x = torch.randn(5, 2, generator=_gen(6), dtype=F64)
+    x = torch.randn(5, 2, generator=gen(6), dtype=F64)
     pre = Preconditioned(_Recorder(), process)
     torch.testing.assert_close(pre(x, torch.tensor(t, dtype=F64)), pre(x, torch.full((5,), t, dtype=F64)))
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=PROCESS_IDS)
-@pytest.mark.parametrize("predicts", PREDICTIONS)
+@pytest.mark.parametrize("predicts", ALL_PREDICTIONS, ids=repr)
 def test_as_denoiser_of_preconditioned_is_to_x0_of_its_output(process, predicts):
     """as_denoiser(Preconditioned(net)) shares alpha, sigma between the wrapper and the conversion;
-    it must equal to_x0(predicts, process, x, t, Preconditioned(net)(x, t)) computed separately."""
+    it must equal predicts.to_x0(process, x, t, Preconditioned(net)(x, t)) computed separately."""
     B, D = 6, 2
     t = _times(process, B)
-    x = torch.randn(B, D, generator=_gen(7), dtype=F64)
+    x = torch.randn(B, D, generator=gen(7), dtype=F64)
     pre = Preconditioned(_Recorder(), process, sigma_data=0.7)
     den = as_denoiser(pre, process, predicts)
-    expected = to_x0(predicts, process, x, t, pre(x, t))
+    expected = predicts.to_x0(process, x, t, pre(x, t))
     torch.testing.assert_close(den(x, t), expected, rtol=1e-12, atol=1e-12)
 
     # the same with a real (perturbed) MLP, conditioning included
@@ -283,5 +279,5 @@ def test_as_denoiser_of_preconditioned_is_to_x0_of_its_output(process, predicts)
     pre = Preconditioned(net, process)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     den = as_denoiser(pre, process, predicts)
-    expected = to_x0(predicts, process, x, t, pre(x, t, class_labels=labels))
+    expected = predicts.to_x0(process, x, t, pre(x, t, class_labels=labels))
     torch.testing.assert_close(den(x, t, class_labels=labels), expected, rtol=1e-12, atol=1e-12)

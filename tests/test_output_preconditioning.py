@@ -17,12 +17,13 @@ import math
 import pytest
 import torch
 
+from conftest import Z, gen
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
 from torchdiffusion.core.denoiser import Preconditioned, as_denoiser
-from torchdiffusion.core.predictions import PREDICTIONS, output_scalings, x0_to
-from torchdiffusion.names import build_net
+from torchdiffusion.core.predictions import ALL_PREDICTIONS, EPS, FLOW, SCORE, X0, V
+from torchdiffusion.names import PREDICTIONS, WEIGHTINGS, build_net
 from torchdiffusion.nets import MLP
-from torchdiffusion.objectives.denoising import WEIGHTINGS, denoising_loss, weight
+from torchdiffusion.objectives import SIMPLE, denoising_loss
 from torchdiffusion.training.checkpoint import load_denoiser, save_checkpoint
 from torchdiffusion.training.config import TrainConfig
 from torchdiffusion.training.loop import train
@@ -30,14 +31,9 @@ from torchdiffusion.training.loop import train
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-Z = 6.0  # standard errors allowed in a Monte Carlo comparison (two-sided p ~ 2e-9 under the CLT)
 PROCESSES = [VP(), SubVP(), VE(), Cosine(), EDM(), Flow(), Discrete.from_schedule("linear", 50)]
 IDS = [type(p).__name__ for p in PROCESSES]
 GM = GaussianMixture(weights=[0.3, 0.7], means=[[-1.0, 0.5], [0.8, -0.4]], variances=[[0.2, 0.05], [0.1, 0.3]])
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _times(process) -> torch.Tensor:
@@ -58,29 +54,29 @@ def _derivative(fn, t):
 def _expected(predicts, process, t, sigma_data):
     """(c_skip, c_out) per example, written out from the papers (x0: EDM's alpha = 1 table on x / alpha)."""
     a, s = process.alpha(t), process.sigma(t)
-    if predicts == "x0":
+    if predicts is X0:
         r = s / a  # the noise level of x / alpha
         return sigma_data**2 / (r**2 + sigma_data**2) / a, r * sigma_data / torch.sqrt(r**2 + sigma_data**2)
     zero = torch.zeros_like(t)
-    if predicts == "eps":
+    if predicts is EPS:
         return zero, torch.ones_like(t)
-    if predicts == "score":
+    if predicts is SCORE:
         return zero, 1 / s
-    if predicts == "v":
+    if predicts is V:
         return zero, torch.sqrt(a**2 + s**2 * sigma_data**2)
     da, ds = _derivative(process.alpha, t), _derivative(process.sigma, t)
     return zero, torch.sqrt(da**2 * sigma_data**2 + ds**2)
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=IDS)
-@pytest.mark.parametrize("predicts", PREDICTIONS)
+@pytest.mark.parametrize("predicts", ALL_PREDICTIONS, ids=repr)
 def test_scalings_match_the_papers(process, predicts):
     """output_scalings against the closed forms above, for sigma_data 1 and 0.5: a few float64 roundings
     of O(1) numbers (1 / sigma at SubVP's t_min is 1e4, still a relative error)."""
     t = _times(process)
     x = torch.zeros(len(t), 3, dtype=F64)
     for sd in (1.0, 0.5):
-        c_skip, c_out = output_scalings(predicts, process, t, x, sd)
+        c_skip, c_out = predicts.output_scalings(process, t, x, sd)
         assert c_skip.shape == c_out.shape == (len(t), 1)
         skip, out = _expected(predicts, process, t, sd)
         torch.testing.assert_close(c_skip[:, 0], skip, rtol=1e-13, atol=0)
@@ -88,19 +84,19 @@ def test_scalings_match_the_papers(process, predicts):
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=IDS)
-@pytest.mark.parametrize("predicts", PREDICTIONS)
+@pytest.mark.parametrize("predicts", ALL_PREDICTIONS, ids=repr)
 def test_the_raw_target_has_unit_variance(process, predicts):
     """F's target (target - c_skip x_t) / c_out has variance 1 for x0 ~ N(0, sigma_data^2) and eps ~ N(0, 1)
     (Karras et al. 2022, Sec. 5), within Z s.e. sqrt(2 / (n - 1)) of the sample variance."""
     sd, n = 0.6, 20_000
-    g = _gen(1)
+    g = gen(1)
     for t in _times(process).tolist():
         tt = torch.full((n,), t, dtype=F64)
         x0 = sd * torch.randn(n, 1, generator=g, dtype=F64)
         eps = torch.randn(n, 1, generator=g, dtype=F64)
         x = process.perturb(x0, tt, eps)
-        c_skip, c_out = output_scalings(predicts, process, tt, x, sd)
-        raw = (x0_to(predicts, process, x, tt, x0, eps) - c_skip * x) / c_out
+        c_skip, c_out = predicts.output_scalings(process, tt, x, sd)
+        raw = (predicts.from_x0(process, x, tt, x0, eps) - c_skip * x) / c_out
         assert abs(float(raw.var()) - 1) < Z * math.sqrt(2 / (n - 1)), (t, float(raw.var()))
 
 
@@ -110,20 +106,20 @@ def test_x0_raw_target_closed_form_and_limits():
     (an eps-network); alpha = 0 (Flow at t = 1): c_skip = 0, c_out = sigma_data (the target is x0 / sigma_data)."""
     p, sd = VP(), 0.7
     t = _times(p)
-    x0, eps = torch.randn(len(t), 2, generator=_gen(2), dtype=F64), torch.randn(len(t), 2, generator=_gen(3), dtype=F64)
+    x0, eps = torch.randn(len(t), 2, generator=gen(2), dtype=F64), torch.randn(len(t), 2, generator=gen(3), dtype=F64)
     x = p.perturb(x0, t, eps)
     a, s = p.alpha(t)[:, None], p.sigma(t)[:, None]
-    c_skip, c_out = output_scalings("x0", p, t, x, sd)
+    c_skip, c_out = X0.output_scalings(p, t, x, sd)
     closed = (s * x0 - a * sd**2 * eps) / (sd * torch.sqrt(a**2 * sd**2 + s**2))
     # x0 - c_skip x cancels to about sigma relative to |x|: rounding 1e-16 |x| / c_out
     atol = 1e-15 * float(x.abs().max() + 1) / float(c_out.min())
     torch.testing.assert_close((x0 - c_skip * x) / c_out, closed, rtol=0, atol=atol)
-    c_skip1, c_out1 = output_scalings("x0", p, t, x, 1.0)
-    torch.testing.assert_close((x0 - c_skip1 * x) / c_out1, -x0_to("v", p, x, t, x0, eps), rtol=0, atol=atol)
+    c_skip1, c_out1 = X0.output_scalings(p, t, x, 1.0)
+    torch.testing.assert_close((x0 - c_skip1 * x) / c_out1, -V.from_x0(p, x, t, x0, eps), rtol=0, atol=atol)
     one, tiny = torch.tensor([1.0], dtype=F64), torch.tensor([1e-9], dtype=F64)
-    c_skip, c_out = output_scalings("x0", EDM(), tiny, tiny, sd)
+    c_skip, c_out = X0.output_scalings(EDM(), tiny, tiny, sd)
     assert float(c_skip) == pytest.approx(1.0, rel=1e-15) and float(c_out) == pytest.approx(1e-9, rel=1e-15)
-    c_skip, c_out = output_scalings("x0", Flow(), one, one, sd)
+    c_skip, c_out = X0.output_scalings(Flow(), one, one, sd)
     assert float(c_skip) == 0.0 and float(c_out) == pytest.approx(sd, rel=1e-15)
 
 
@@ -142,18 +138,18 @@ class _ExactF(torch.nn.Module):
         torch.testing.assert_close(c_noise, -p.lam(t) / 4, rtol=1e-12, atol=1e-12)
         x = x_in * torch.sqrt(a**2 * self.sigma_data**2 + s**2)  # undo c_in
         skip, out = (c[:, None] for c in _expected(self.predicts, p, t, self.sigma_data))
-        return (x0_to(self.predicts, p, x, t, self.exact(x, t)) - skip * x) / out
+        return (self.predicts.from_x0(p, x, t, self.exact(x, t)) - skip * x) / out
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=IDS)
-@pytest.mark.parametrize("predicts", PREDICTIONS)
+@pytest.mark.parametrize("predicts", ALL_PREDICTIONS, ids=repr)
 def test_exact_raw_output_gives_the_exact_denoiser(process, predicts):
     """If F outputs its exact target, as_denoiser(Preconditioned(F, predicts=...)) is the exact denoiser E[x0 | x_t]
     of the Gaussian mixture. Tolerance: the conversions' rounding (1e-16 |x|) amplified by |d x0 / d out| c_out and
     by 1 / alpha (x / alpha at t_max)."""
     sd = 0.8
     t = _times(process)
-    g = _gen(4)
+    g = gen(4)
     x0 = GM.sample(len(t), generator=g)
     x = process.perturb(x0, t, torch.randn(x0.shape, generator=g, dtype=F64))
     f = _ExactF(process, sd, predicts, t)
@@ -163,7 +159,7 @@ def test_exact_raw_output_gives_the_exact_denoiser(process, predicts):
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=IDS)
-@pytest.mark.parametrize("predicts", PREDICTIONS)
+@pytest.mark.parametrize("predicts", ALL_PREDICTIONS, ids=repr)
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
 def test_loss_weights_the_raw_output(process, predicts, weighting):
     """Karras et al. 2022, Eq. 8: with output preconditioning, "simple" is lambda = 1 / c_out^2 on
@@ -172,28 +168,30 @@ def test_loss_weights_the_raw_output(process, predicts, weighting):
     sd = 0.9
     t = _times(process)
     B, D = len(t), 2
-    g = _gen(5)
+    g = gen(5)
     x0, noise, e = (torch.randn(B, D, generator=g, dtype=F64) for _ in range(3))
     x = process.perturb(x0, t, noise)
     skip, out = (c[:, None] for c in _expected(predicts, process, t, sd))
-    f_target = (x0_to(predicts, process, x, t, x0, noise) - skip * x) / out
+    f_target = (predicts.from_x0(process, x, t, x0, noise) - skip * x) / out
 
     def raw(x_in, c_noise):  # F = its target + e, so |F - F_target|^2 = e^2
         return f_target + e
 
     model = Preconditioned(raw, process, sd, predicts)
-    loss = denoising_loss(model, process, x0, target=predicts, weighting=weighting, t=t, noise=noise, sigma_data=sd)
-    w = weight(weighting, process, t, predicts, sigma_data=sd)
+    loss = denoising_loss(
+        model, process, x0, target=predicts, weighting=WEIGHTINGS[weighting], t=t, noise=noise, sigma_data=sd
+    )
+    w = WEIGHTINGS[weighting](process, t, predicts, sigma_data=sd)
     if weighting == "simple":
         torch.testing.assert_close(w, out[:, 0] ** -2, rtol=1e-12, atol=0)
         # out - target = c_out e up to the rounding delta of its terms (a few ulps of |c_skip x| + |target| +
         # |c_out F|), which the weight 1 / c_out^2 turns into an error 2 |e| delta / c_out in the loss
-        goal = x0_to(predicts, process, x, t, x0, noise)
+        goal = predicts.from_x0(process, x, t, x0, noise)
         size = (skip * x).abs() + goal.abs() + (out * (f_target + e)).abs()
         bound = (2 * e.abs() * 8 * torch.finfo(F64).eps * size / out).amax(1)
         assert ((loss - (e**2).mean(1)).abs() <= bound).all()
     else:
-        assert torch.equal(w, weight(weighting, process, t, predicts))
+        assert torch.equal(w, WEIGHTINGS[weighting](process, t, predicts))
         torch.testing.assert_close(loss, w * (out**2 * e**2).mean(1), rtol=1e-9, atol=0)
 
 
@@ -206,12 +204,12 @@ def test_eps_is_unchanged_bit_for_bit(process):
     for q in net.parameters():
         torch.nn.init.normal_(q, std=0.3)
     t = _times(process)
-    x = torch.randn(len(t), 2, generator=_gen(6), dtype=F64)
-    assert torch.equal(Preconditioned(net, process, 0.7, "eps")(x, t), Preconditioned(net, process, 0.7)(x, t))
-    assert torch.equal(weight("simple", process, t, "eps", sigma_data=0.7), torch.ones_like(t))
+    x = torch.randn(len(t), 2, generator=gen(6), dtype=F64)
+    assert torch.equal(Preconditioned(net, process, 0.7, EPS)(x, t), Preconditioned(net, process, 0.7)(x, t))
+    assert torch.equal(SIMPLE(process, t, EPS, sigma_data=0.7), torch.ones_like(t))
 
 
-@pytest.mark.parametrize("predicts", ["x0", "v", "flow"])
+@pytest.mark.parametrize("predicts", [X0, V, FLOW], ids=repr)
 def test_flow_noise_end_gives_a_finite_denoiser(predicts):
     """Flow at t = 1: alpha = 0, lam = -inf. The network's time input c_noise = -lam / 4 is capped (at 10, beyond
     anything training draws), so targets whose conversion to x0 is finite there (x0, v, flow) give a finite x0_hat;
@@ -221,7 +219,7 @@ def test_flow_noise_end_gives_a_finite_denoiser(predicts):
     net = MLP(dim=2, width=16, depth=1, emb_dim=8).double()
     for q in net.parameters():
         torch.nn.init.normal_(q, std=0.3)
-    x = torch.randn(4, 2, generator=_gen(7), dtype=F64)
+    x = torch.randn(4, 2, generator=gen(7), dtype=F64)
     seen = []
     pre = Preconditioned(lambda xi, c: seen.append(c) or net(xi, c), p, 0.8, predicts)
     x0_hat = as_denoiser(pre, p, predicts)(x, torch.ones(4, dtype=F64))
@@ -233,10 +231,10 @@ def test_flow_noise_end_gives_a_finite_denoiser(predicts):
 
 def test_preconditioned_output_and_conversion_must_agree():
     """A wrapper preconditioned for one target read as another would give a wrong x0_hat: a clear error."""
-    pre = Preconditioned(lambda x, c: x, VP(), 1.0, "v")
+    pre = Preconditioned(lambda x, c: x, VP(), 1.0, V)
     with pytest.raises(ValueError, match="preconditioned for 'v', not 'x0'"):
-        as_denoiser(pre, VP(), "x0")
-    with pytest.raises(ValueError, match="unknown prediction target"):
+        as_denoiser(pre, VP(), X0)
+    with pytest.raises(TypeError, match="must be a Prediction"):  # names become objects only at the edge
         Preconditioned(lambda x, c: x, VP(), 1.0, "noise")
 
 
@@ -260,7 +258,7 @@ def test_train_config_preconditions_the_output_but_for_eps():
         TrainConfig(precondition_output="yes")
 
 
-@pytest.mark.parametrize("predicts", PREDICTIONS)
+@pytest.mark.parametrize("predicts", ALL_PREDICTIONS, ids=repr)
 @pytest.mark.parametrize("stored", [None, False, True])
 def test_checkpoints_load_as_they_were_written(tmp_path, predicts, stored):
     """A checkpoint written before precondition_output existed (no key) or with it false is the raw network it
@@ -269,7 +267,7 @@ def test_checkpoints_load_as_they_were_written(tmp_path, predicts, stored):
     net, ema = build_net(NET), build_net(NET)
     for q in ema.parameters():
         torch.nn.init.normal_(q)
-    config = {"process": {"name": "vp"}, "net": NET, "target": predicts, "sigma_data": 0.7}
+    config = {"process": {"name": "vp"}, "net": NET, "target": predicts.name, "sigma_data": 0.7}
     if stored is not None:
         config["precondition_output"] = stored
     save_checkpoint(tmp_path, net=net, ema_net=ema, config=config, state={"step": 1})
@@ -296,10 +294,10 @@ def test_resuming_a_run_from_before_output_preconditioning_is_refused(tmp_path):
     assert result.history[-1]["step"] == 3
 
 
-@pytest.mark.parametrize("predicts", ["x0", "score"])
+@pytest.mark.parametrize("predicts", [X0, SCORE], ids=repr)
 def test_a_new_run_records_the_key_and_loads_as_it_trained(tmp_path, predicts):
     """train writes precondition_output: true, and load_denoiser then wraps the EMA net as training did."""
-    result = train(TrainConfig(**{**TINY, "target": predicts}), tmp_path, progress=False)
+    result = train(TrainConfig(**{**TINY, "target": predicts.name}), tmp_path, progress=False)
     assert result.config["precondition_output"] is True
     den = _load(tmp_path)[0]
     x, t = torch.randn(5, 2), torch.rand(5) * 0.9 + 0.05

@@ -1,4 +1,4 @@
-"""Closed-form tests of parameterization.py and of the exact Gaussian-mixture ground truth (testing.py).
+"""Closed-form tests of core/predictions.py and of the exact Gaussian-mixture ground truth (core/mixture.py).
 
 With x = alpha x0 + sigma eps (seed 003): eps, score = -eps/sigma (Tweedie's formula, seed 003),
 v = alpha eps - sigma x0 (Salimans & Ho 2022), flow u = dx/dt = alpha' x0 + sigma' eps
@@ -10,17 +10,15 @@ import math
 import pytest
 import torch
 
+from conftest import Z, gen
 from torchdiffusion import VP, Flow, GaussianMixture
 from torchdiffusion.core.denoiser import Preconditioned, as_denoiser
-from torchdiffusion.core.predictions import PREDICTIONS, eps_from_x0, score_from_x0, to_x0, x0_error_scale, x0_to
+from torchdiffusion.core.predictions import ALL_PREDICTIONS, EPS, FLOW, SCORE, X0, V, eps_from, tweedie_score
+from torchdiffusion.names import PREDICTIONS, get_prediction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _times(process) -> torch.Tensor:
@@ -36,7 +34,7 @@ def _times(process) -> torch.Tensor:
 
 
 def _data(seed: int, shape=(6, 1, 2, 2)):
-    g = _gen(seed)
+    g = gen(seed)
     x0 = torch.randn(shape, generator=g, dtype=F64) * 1.5 + 0.3
     eps = torch.randn(shape, generator=g, dtype=F64)
     return x0, eps
@@ -49,27 +47,27 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # --- the conversions ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("predicts", PREDICTIONS)
+@pytest.mark.parametrize("predicts", ALL_PREDICTIONS, ids=repr)
 def test_to_x0_inverts_x0_to(process, predicts):
-    """to_x0(p, x, t, x0_to(p, x, t, x0, eps)) = x0 for every target (the conversions of seed 003)."""
+    """p.to_x0(x, t, p.from_x0(x, t, x0, eps)) = x0 for every target p (the conversions of seed 003)."""
     x0, eps = _data(0)
     for t in _times(process):
         x = process.perturb(x0, t, eps)
-        out = x0_to(predicts, process, x, t, x0, eps)
-        back = to_x0(predicts, process, x, t, out)
+        out = predicts.from_x0(process, x, t, x0, eps)
+        back = predicts.to_x0(process, x, t, out)
         # rounding in out is amplified by |d x0 / d out| = sqrt(x0_error_scale)
-        amp = float(x0_error_scale(predicts, process, t).sqrt()) * float(out.abs().max() + 1)
+        amp = float(predicts.x0_error_scale(process, t).sqrt()) * float(out.abs().max() + 1)
         torch.testing.assert_close(back, x0, rtol=1e-10, atol=1e-13 * (1 + amp + float(x.abs().max())))
 
 
-@pytest.mark.parametrize("predicts", PREDICTIONS)
+@pytest.mark.parametrize("predicts", ALL_PREDICTIONS, ids=repr)
 def test_x0_to_without_eps_infers_it(process, predicts):
     """With eps omitted, x0_to infers eps = (x - alpha x0) / sigma: the same target."""
     x0, eps = _data(1)
     t = _times(process)[2]
     x = process.perturb(x0, t, eps)
     torch.testing.assert_close(
-        x0_to(predicts, process, x, t, x0), x0_to(predicts, process, x, t, x0, eps), rtol=1e-9, atol=1e-10
+        predicts.from_x0(process, x, t, x0), predicts.from_x0(process, x, t, x0, eps), rtol=1e-9, atol=1e-10
     )
 
 
@@ -80,16 +78,16 @@ def test_targets_closed_form(process):
     for t in _times(process)[1:-1]:
         x = process.perturb(x0, t, eps)
         a, s = process.alpha(t), process.sigma(t)
-        torch.testing.assert_close(x0_to("eps", process, x, t, x0, eps), eps)
-        torch.testing.assert_close(x0_to("score", process, x, t, x0, eps), -eps / s)
-        torch.testing.assert_close(x0_to("v", process, x, t, x0, eps), a * eps - s * x0)
+        torch.testing.assert_close(EPS.from_x0(process, x, t, x0, eps), eps)
+        torch.testing.assert_close(SCORE.from_x0(process, x, t, x0, eps), -eps / s)
+        torch.testing.assert_close(V.from_x0(process, x, t, x0, eps), a * eps - s * x0)
         h = 1e-6 * (process.t_max - process.t_min)
         if process.n_steps is not None:
             t = t + 0.5  # off the kinks of the piecewise curves
             h = 1e-5
             x = process.perturb(x0, t, eps)
         fd = (process.perturb(x0, t + h, eps) - process.perturb(x0, t - h, eps)) / (2 * h)
-        torch.testing.assert_close(x0_to("flow", process, x, t, x0, eps), fd, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(FLOW.from_x0(process, x, t, x0, eps), fd, rtol=1e-6, atol=1e-7)
 
 
 def test_flow_velocity_is_eps_minus_x0():
@@ -98,38 +96,38 @@ def test_flow_velocity_is_eps_minus_x0():
     x0, eps = _data(3)
     t = torch.linspace(0.1, 0.9, 6, dtype=F64)
     x = p.perturb(x0, t, eps)
-    torch.testing.assert_close(x0_to("flow", p, x, t, x0, eps), eps - x0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(FLOW.from_x0(p, x, t, x0, eps), eps - x0, rtol=1e-12, atol=1e-12)
 
 
 def test_score_is_autograd_of_gaussian_log_density(process):
-    """x0_to('score') = grad_x log N(x; alpha x0, sigma^2 I) (the score of q(x_t | x0), seed 003)."""
+    """SCORE.from_x0() = grad_x log N(x; alpha x0, sigma^2 I) (the score of q(x_t | x0), seed 003)."""
     x0, eps = _data(4)
     for t in _times(process):
         x = process.perturb(x0, t, eps).requires_grad_(True)
         a, s = process.alpha(t), process.sigma(t)
         logq = torch.distributions.Normal(a * x0, s).log_prob(x).sum()
         (grad,) = torch.autograd.grad(logq, x)
-        score = x0_to("score", process, x.detach(), t, x0)
+        score = SCORE.from_x0(process, x.detach(), t, x0)
         torch.testing.assert_close(score, grad, rtol=1e-9, atol=1e-9 * float(grad.abs().max()))
 
 
-@pytest.mark.parametrize("predicts", PREDICTIONS)
+@pytest.mark.parametrize("predicts", ALL_PREDICTIONS, ids=repr)
 def test_x0_error_scale_is_squared_derivative(process, predicts):
     """x0_error_scale = |d x0_hat / d out|^2 (seed 003, "Final objective function"), by a finite
     perturbation of out (to_x0 is affine in out, so the difference quotient is exact)."""
     x0, eps = _data(5)
     ts = _times(process)
-    scale = x0_error_scale(predicts, process, ts)
+    scale = predicts.x0_error_scale(process, ts)
     assert scale.shape == ts.shape
     for t, sc in zip(ts, scale):
         x = process.perturb(x0, t, eps)
-        out = x0_to(predicts, process, x, t, x0, eps)
+        out = predicts.from_x0(process, x, t, x0, eps)
         delta = 0.5
-        q = (to_x0(predicts, process, x, t, out + delta) - to_x0(predicts, process, x, t, out)) / delta
+        q = (predicts.to_x0(process, x, t, out + delta) - predicts.to_x0(process, x, t, out)) / delta
         torch.testing.assert_close(q**2, torch.full_like(q, float(sc)), rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("predicts", PREDICTIONS)
+@pytest.mark.parametrize("predicts", ALL_PREDICTIONS, ids=repr)
 def test_as_denoiser_returns_x0_for_exact_net(process, predicts):
     """as_denoiser(net, process, predicts) on a net returning the exact target of a known x0 gives that x0."""
     x0, eps = _data(6)
@@ -139,7 +137,7 @@ def test_as_denoiser_returns_x0_for_exact_net(process, predicts):
 
     def net(xx, tt):
         assert tt.shape == (xx.shape[0],)
-        return x0_to(predicts, process, xx, tt, x0, eps)
+        return predicts.from_x0(process, xx, tt, x0, eps)
 
     denoiser = as_denoiser(net, process, predicts=predicts)
     torch.testing.assert_close(denoiser(x, ts), x0, rtol=1e-9, atol=1e-9)
@@ -150,20 +148,16 @@ def test_as_denoiser_returns_x0_for_exact_net(process, predicts):
 
 
 def test_unknown_target_raises_listing_choices():
+    """A name is turned into a target only at the edge (``names``): an unknown one is a ValueError listing the
+    choices; inside the library a name is not a target, and ``as_denoiser`` says so with a TypeError."""
     p = VP()
-    x = torch.zeros(2, 2, dtype=F64)
-    t = torch.tensor(0.5, dtype=F64)
-    calls = [
-        lambda: x0_to("noise", p, x, t, x),
-        lambda: to_x0("noise", p, x, t, x),
-        lambda: x0_error_scale("noise", p, t),
-        lambda: as_denoiser(lambda a, b: a, p, predicts="noise"),
-    ]
-    for call in calls:
-        with pytest.raises(ValueError) as err:
-            call()
-        for name in PREDICTIONS:
-            assert repr(name) in str(err.value)
+    with pytest.raises(ValueError) as err:
+        get_prediction("noise")
+    for name in PREDICTIONS:
+        assert repr(name) in str(err.value)
+    with pytest.raises(TypeError, match="must be a Prediction"):
+        as_denoiser(lambda a, b: a, p, predicts="noise")
+    assert [PREDICTIONS[k] for k in ("eps", "x0", "v", "score", "flow")] == [EPS, X0, V, SCORE, FLOW]
 
 
 def test_eps_and_score_from_x0():
@@ -173,8 +167,10 @@ def test_eps_and_score_from_x0():
     t = torch.tensor(0.4, dtype=F64)
     x = p.perturb(x0, t, eps)
     a, s = p.alpha(t), p.sigma(t)
-    torch.testing.assert_close(eps_from_x0(p, x, t, x0), (x - a * x0) / s)
-    torch.testing.assert_close(score_from_x0(p, x, t, x0), (a * x0 - x) / s**2)
+    torch.testing.assert_close(EPS.from_x0(p, x, t, x0), (x - a * x0) / s)
+    torch.testing.assert_close(SCORE.from_x0(p, x, t, x0), (a * x0 - x) / s**2)
+    torch.testing.assert_close(eps_from(x, x0, a, s), (x - a * x0) / s)  # the formulas the objects use
+    torch.testing.assert_close(tweedie_score(x, x0, a, s), (a * x0 - x) / s**2)
 
 
 def test_preconditioned_inputs(continuous_process):
@@ -188,18 +184,18 @@ def test_preconditioned_inputs(continuous_process):
         return x
 
     t = _times(p)
-    x = torch.randn(len(t), 2, generator=_gen(8), dtype=F64)
+    x = torch.randn(len(t), 2, generator=gen(8), dtype=F64)
     Preconditioned(net, p, sigma_data=0.5)(x, t)
     c_in = 1 / torch.sqrt(p.alpha(t) ** 2 * 0.25 + p.sigma(t) ** 2)
     torch.testing.assert_close(seen["x"], c_in[:, None] * x)
     torch.testing.assert_close(seen["c"], -p.lam(t) / 4)
     # unit variance in: x_t of data with std sigma_data has c_in-scaled variance 1
     n = 200_000
-    x0 = 0.5 * torch.randn(n, 1, generator=_gen(9), dtype=F64)
+    x0 = 0.5 * torch.randn(n, 1, generator=gen(9), dtype=F64)
     tt = t[2]
-    xt = p.perturb(x0, tt, torch.randn(n, 1, generator=_gen(10), dtype=F64))
+    xt = p.perturb(x0, tt, torch.randn(n, 1, generator=gen(10), dtype=F64))
     Preconditioned(net, p, sigma_data=0.5)(xt, tt)
-    assert abs(float(seen["x"].var()) - 1) < 5 * math.sqrt(2 / n)
+    assert abs(float(seen["x"].var()) - 1) < Z * math.sqrt(2 / n)
 
 
 # --- Tweedie's formula with the exact Gaussian mixture ----------------------------------------------
@@ -219,7 +215,7 @@ GM4 = GaussianMixture(
 
 def _points(gm, process, t, seed):
     """Points in the bulk of p_t (perturbed mixture samples) and a few far from it."""
-    g = _gen(seed)
+    g = gen(seed)
     x0 = gm.sample(40, generator=g)
     x = process.perturb(x0, t, torch.randn(x0.shape, generator=g, dtype=F64))
     far = 4 * torch.randn((4, *gm.shape), generator=g, dtype=F64)
@@ -245,7 +241,7 @@ def test_tweedie_denoiser_gives_the_score(process, gm):
         # (sigma^2 = 1e-8 at SubVP's t_min); the mixture's own score has no such cancellation.
         sigma2 = float(process.sigma(t)) ** 2
         atol = 1e-15 * float(x.abs().max() + 1) / sigma2
-        torch.testing.assert_close(score_from_x0(process, x, t, x0_hat), grad, rtol=1e-8, atol=atol)
+        torch.testing.assert_close(SCORE.from_x0(process, x, t, x0_hat), grad, rtol=1e-8, atol=atol)
         torch.testing.assert_close(gm.score(x, process, t), grad, rtol=1e-10, atol=1e-12)
 
 
@@ -259,7 +255,7 @@ def test_tweedie_with_per_example_times(process):
     # Each example's cancellation bound, as in test_tweedie_denoiser_gives_the_score: a few ulps of |x| over
     # that example's sigma^2 (from 1e-8 at t_min to ~1 at t_max), not one tolerance for the whole batch.
     atol = 1e-15 * (x.flatten(1).abs().amax(1) + 1) / process.sigma(ts) ** 2
-    err = (score_from_x0(process, x, ts, x0_hat) - grads).abs()
+    err = (SCORE.from_x0(process, x, ts, x0_hat) - grads).abs()
     assert (err <= 1e-8 * grads.abs() + _bcast(atol, x)).all()
 
 
@@ -269,7 +265,7 @@ def test_denoiser_at_zero_noise_limit():
     p = VP()
     t = torch.tensor(0.35, dtype=F64)
     a, s = float(p.alpha(t)), float(p.sigma(t))
-    x = torch.randn(9, 2, generator=_gen(11), dtype=F64)
+    x = torch.randn(9, 2, generator=gen(11), dtype=F64)
     m, v = gm.means[0], gm.variances[0]
     torch.testing.assert_close(gm.denoiser(p)(x, t), m + v * a * (x - a * m) / (a**2 * v + s**2))
 
@@ -292,7 +288,7 @@ def test_log_prob_integrates_to_one():
 
 def test_log_prob_of_data_is_mixture_density():
     """log p_0(x) without a process: log sum_k w_k prod_d N(x_d; m_kd, v_kd)."""
-    x = torch.randn(11, 2, generator=_gen(12), dtype=F64) * 2
+    x = torch.randn(11, 2, generator=gen(12), dtype=F64) * 2
     comps = torch.stack(
         [
             torch.distributions.Normal(GM2.means[k], GM2.variances[k].sqrt()).log_prob(x).sum(1) + math.log(w)
@@ -316,13 +312,13 @@ def test_mixture_mean_and_covariance_by_hand():
 
 
 def test_mixture_sample_moments():
-    """gm.sample draws from the mixture: label frequencies and the mean within 5 standard errors."""
+    """gm.sample draws from the mixture: label frequencies and the mean within Z standard errors."""
     n = 40_000
-    x, k = GM2.sample(n, generator=_gen(13), return_labels=True)
+    x, k = GM2.sample(n, generator=gen(13), return_labels=True)
     assert x.shape == (n, 2) and x.dtype == F64
     for j, w in enumerate([0.2, 0.3, 0.5]):
-        assert abs(float((k == j).double().mean()) - w) < 5 * math.sqrt(w * (1 - w) / n)
+        assert abs(float((k == j).double().mean()) - w) < Z * math.sqrt(w * (1 - w) / n)
         xj = x[k == j]
         se = (GM2.variances[j] / len(xj)).sqrt()
-        assert bool(((xj.mean(0) - GM2.means[j]).abs() < 5 * se).all())
-    assert GM4.sample(3, generator=_gen(14)).shape == (3, 1, 2, 2)
+        assert bool(((xj.mean(0) - GM2.means[j]).abs() < Z * se).all())
+    assert GM4.sample(3, generator=gen(14)).shape == (3, 1, 2, 2)

@@ -2,7 +2,7 @@
 
 x_t = alpha(t) x0 + sigma(t) eps (seed 003, "Forward Diffusion Process"); f, g^2 as in
 Song et al. 2021, Eq. 5 / 9 / 11 / 12; the posterior q(x_s | x_t, x0) as in Ho et al. 2020,
-Eq. 6-7. Statistical checks use Z = 5 standard errors (two-sided p ~ 6e-7 per check) and
+Eq. 6-7. Statistical checks use Z standard errors (conftest.Z: two-sided p ~ 2e-9 per check) and
 fixed seeds; everything runs in float64 on the CPU.
 """
 
@@ -11,18 +11,14 @@ import math
 import pytest
 import torch
 
+from conftest import Z, gen
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, SubVP, make_betas
 from torchdiffusion.core.process import NoiseProcess
 from torchdiffusion.core.processes import BETA_SCHEDULES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-Z = 5.0
 F64 = torch.float64
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _t(v) -> torch.Tensor:
@@ -153,7 +149,7 @@ def test_d_alpha_d_sigma_equal_finite_differences(process):
 
 def test_perturb_is_alpha_x0_plus_sigma_noise(process):
     """perturb(x0, t, noise) = alpha(t) x0 + sigma(t) noise (seed 003, q(x_t | x0)), per-example t and 4-D x."""
-    g = _gen(0)
+    g = gen(0)
     x0 = torch.randn(6, 1, 2, 2, generator=g, dtype=F64)
     noise = torch.randn(6, 1, 2, 2, generator=g, dtype=F64)
     t = _interior(process, 6)
@@ -172,7 +168,7 @@ def test_perturb_moments(process):
     t = _interior(process, 3)[1]
     a, s = float(process.alpha(t)), float(process.sigma(t))
     x0 = torch.full((n, 1), 1.7, dtype=F64)
-    xt = process.perturb(x0, t, torch.randn(n, 1, generator=_gen(1), dtype=F64)).flatten()
+    xt = process.perturb(x0, t, torch.randn(n, 1, generator=gen(1), dtype=F64)).flatten()
     assert abs(float(xt.mean()) - a * 1.7) < Z * s / math.sqrt(n)
     assert abs(float(xt.var()) - s**2) < Z * s**2 * math.sqrt(2 / (n - 1))
 
@@ -205,7 +201,7 @@ def _bayes_conditional(a_s, sig_s, a_t, sig_t, x0, xt):
 
 def test_posterior_equals_gaussian_conditioning(process):
     """q(x_s | x_t, x0) (Ho et al. 2020, Eq. 6-7, any s < t) equals Bayes' rule on the 2x2 joint Gaussian."""
-    g = _gen(2)
+    g = gen(2)
     x0 = torch.randn(5, generator=g, dtype=F64) * 2
     xt = torch.randn(5, generator=g, dtype=F64) * 2
     for s, t in _pairs(process):
@@ -254,7 +250,7 @@ def test_discrete_posterior_is_ho_eq7(schedule, T):
     betas = make_betas(schedule, T)
     p = Discrete(betas)
     abar = torch.cat([torch.ones(1, dtype=F64), torch.cumprod(1 - betas, 0)])  # abar_0 = 1
-    g = _gen(3)
+    g = gen(3)
     x0 = torch.randn(T, 1, generator=g, dtype=F64)
     xt = torch.randn(T, 1, generator=g, dtype=F64)
     t = torch.arange(1, T + 1, dtype=F64)
@@ -295,7 +291,7 @@ def test_forward_sde_reproduces_transition(process, s, t):
     2000 steps: Euler-Maruyama's O(dt) bias in mean and variance, worked out from the exact
     linear recursion, is below 0.25 standard errors of the n = 20000-path estimates."""
     n, steps, xs = 20_000, 2000, 2.0
-    g = _gen(4)
+    g = gen(4)
     ts = torch.linspace(s, t, steps + 1, dtype=F64)
     dt = (t - s) / steps
     f, gg = process.f(ts[:-1]), process.g2(ts[:-1]).sqrt()
@@ -377,8 +373,8 @@ def test_make_betas_and_discrete_reject_bad_input():
 
 def test_prior_sample_std_is_sigma_t_max(process):
     """x_T ~ N(0, sigma(t_max)^2 I): exactly sigma(t_max) times the generator's standard normals."""
-    x = process.prior_sample((4000, 2), generator=_gen(5), dtype=F64)
-    z = torch.randn(4000, 2, generator=_gen(5), dtype=F64)
+    x = process.prior_sample((4000, 2), generator=gen(5), dtype=F64)
+    z = torch.randn(4000, 2, generator=gen(5), dtype=F64)
     s = float(process.sigma(_t(process.t_max)))
     assert process.prior_std == pytest.approx(s, rel=1e-15)
     torch.testing.assert_close(x, s * z, rtol=1e-15, atol=0)
@@ -388,7 +384,7 @@ def test_prior_sample_std_is_sigma_t_max(process):
 
 def test_prior_logp_is_gaussian_log_density(process):
     """prior_logp(x) = sum_i log N(x_i; 0, sigma(t_max)^2), summed over all but the batch dim."""
-    x = torch.randn(7, 1, 2, 2, generator=_gen(6), dtype=F64) * 3
+    x = torch.randn(7, 1, 2, 2, generator=gen(6), dtype=F64) * 3
     s = float(process.sigma(_t(process.t_max)))
     ref = torch.distributions.Normal(_t(0.0), _t(s)).log_prob(x).flatten(1).sum(1)
     torch.testing.assert_close(process.prior_logp(x), ref, rtol=1e-12, atol=1e-12)

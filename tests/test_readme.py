@@ -17,10 +17,10 @@ SMALLER = [
     (0, "td.grid_t(process, 250)", "td.grid_t(process, 25)"),
     (0, "truth.sample(20000,", "truth.sample(2000,"),
     (1, "steps=4000)", "steps=30, n_data=500, net={'name': 'mlp', 'width': 32, 'depth': 2}, checkpoint_every=30)"),
-    (1, "(2000, 2)", "(100, 2)"),
-    (1, "td.grid_t(process, 250)", "td.grid_t(process, 10)"),
+    (1, "sample(2000,", "sample(100,"),
+    (1, "steps=250,", "steps=10,"),
     (2, "(256, 2)", "(8, 2)"),
-    (2, "(5000, 2)", "(50, 2)"),
+    (2, "sample(5000,", "sample(50,"),
 ]
 
 

@@ -8,7 +8,7 @@
   ancestral sampling with the same noise (Song et al. 2021b, Eq. 16); exponential integrators give
   the same x / alpha on VP and VE for one lam grid (Lu et al. 2022, Prop. 3.1).
 - A Gaussian mixture (testing.py): samples from exact p_T come out with the mixture's weights,
-  mean and covariance (Z = 5 standard errors).
+  mean and covariance (Z standard errors, conftest.Z).
 - Parity with k-diffusion's DPM-Solver++(2M) and its SDE variant on EDM, when its sampling module loads.
 Float64 on the CPU, fixed seeds.
 """
@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+from conftest import Z, gen
 from mixture_checks import gaussian_flow_map, observed_order
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
 from torchdiffusion.core.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
@@ -29,7 +30,6 @@ from torchdiffusion.samplers.unipc import sample_unipc
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-Z = 5.0
 
 
 def _with(fn, **kw):
@@ -60,16 +60,12 @@ GM2 = GaussianMixture([0.2, 0.3, 0.5], [[-4.0, 0.0], [3.0, 3.0], [2.0, -4.0]], [
 GM4 = GaussianMixture(GM2.weights, GM2.means.repeat(1, 2), GM2.variances.repeat(1, 2), shape=(1, 2, 2))
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _t(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=F64)
 
 
 def _run(name, process, x, ts, gm=GM2, seed=0, denoiser=None, **kw):
-    return SAMPLERS[name][0](denoiser or gm.denoiser(process), process, x, ts, generator=_gen(seed), **kw)
+    return SAMPLERS[name][0](denoiser or gm.denoiser(process), process, x, ts, generator=gen(seed), **kw)
 
 
 def _noise_form_start(name, process, ts):
@@ -79,7 +75,7 @@ def _noise_form_start(name, process, ts):
 
 def _exact_start(process, gm, n, seed, t=None):
     """Exact samples of p_t (data pushed through q(x_t | x0)): only the sampler's error is measured."""
-    g = _gen(seed)
+    g = gen(seed)
     x0 = gm.sample(n, generator=g)
     t = process.t_max if t is None else t
     return process.perturb(x0, _t(t), torch.randn(x0.shape, generator=g, dtype=F64))
@@ -199,7 +195,7 @@ def test_multistep_steps_are_exact_for_polynomial_x0_hat(name, degree, first):
     p = EDM()
     ts = grid_karras(p, 10)
     coeffs = [_t([0.3, -1.2]), _t([0.5, 0.2]), _t([-0.05, 0.08]), _t([0.01, -0.004])][: degree + 1]
-    x = torch.randn(4, 2, generator=_gen(30), dtype=F64) * 20
+    x = torch.randn(4, 2, generator=gen(30), dtype=F64) * 20
     seen = []
     d = _poly_denoiser(p, coeffs)
     _run(
@@ -247,11 +243,11 @@ def test_ddim_eta1_equals_ddpm_with_the_same_noise(case):
     ts = grid(process)
     x = _exact_start(process, GM2, 32, seed=3)
     d = GM2.denoiser(process)
-    a = sample_ddpm(d, process, x, ts, variance="posterior", generator=_gen(4))
-    b = sample_ddim(d, process, x, ts, eta=1.0, generator=_gen(4))
+    a = sample_ddpm(d, process, x, ts, variance="posterior", generator=gen(4))
+    b = sample_ddim(d, process, x, ts, eta=1.0, generator=gen(4))
     torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9 * float(a.abs().max()))
-    a1 = sample_ddpm(d, process, x, ts[:2], final_denoise=False, generator=_gen(5))
-    b1 = sample_dpm_solver_pp_sde(d, process, x, ts[:2], final_denoise=False, generator=_gen(5))
+    a1 = sample_ddpm(d, process, x, ts[:2], final_denoise=False, generator=gen(5))
+    b1 = sample_dpm_solver_pp_sde(d, process, x, ts[:2], final_denoise=False, generator=gen(5))
     torch.testing.assert_close(b1, a1, rtol=1e-9, atol=1e-9 * float(a1.abs().max()))
 
 
@@ -261,7 +257,7 @@ def test_sde_variant_with_eta0_is_dpm_solver_pp_2m():
     ts = grid_lam(p, 8)
     x = _exact_start(p, GM2, 32, seed=6)
     a = sample_dpm_solver_pp(GM2.denoiser(p), p, x, ts, order=2, lower_order_final=False)
-    b = sample_dpm_solver_pp_sde(GM2.denoiser(p), p, x, ts, eta=0.0, generator=_gen(0))
+    b = sample_dpm_solver_pp_sde(GM2.denoiser(p), p, x, ts, eta=0.0, generator=gen(0))
     torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
@@ -307,7 +303,7 @@ MIXTURE_CASES = {  # sampler: (process, grid), generous step counts for each sol
 @pytest.mark.parametrize("name", MIXTURE_CASES)
 def test_reproduces_the_mixture(name):
     """From exact samples of p_T, each sampler with the exact denoiser E[x0 | x_t] reproduces the mixture's
-    weights (component by argmax of the exact responsibilities), mean and covariance within Z = 5 standard
+    weights (component by argmax of the exact responsibilities), mean and covariance within Z standard
     errors. The ODE solvers transport p_T to p_0 exactly in the limit (probability flow, Song et al.
     2021, Eq. 13); the stochastic ones (DDIM eta = 1, SDE-DPM-Solver++) sample the reverse SDE."""
     process, grid = MIXTURE_CASES[name]
@@ -478,9 +474,9 @@ def test_dpm_solver_pp_sde_matches_k_diffusion():
     ts = grid_karras(p, 15)
     x = _exact_start(p, GM2, 32, seed=21)
     d = GM2.denoiser(p)
-    g = _gen(22)
+    g = gen(22)
     noise = lambda sigma, sigma_next: torch.randn(x.shape, generator=g, dtype=F64)  # noqa: E731
     sigmas = torch.cat([ts, torch.zeros(1, dtype=F64)])
     ref = ks.sample_dpmpp_2m_sde(d, x, sigmas, eta=1.0, noise_sampler=noise, disable=True)
-    out = sample_dpm_solver_pp_sde(d, p, x, ts, eta=1.0, generator=_gen(22))
+    out = sample_dpm_solver_pp_sde(d, p, x, ts, eta=1.0, generator=gen(22))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

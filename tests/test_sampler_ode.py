@@ -6,7 +6,7 @@
   carried to the next by the monotone affine map between them). Solvers must show their order
   on a log-log fit of the max error over a batch of starts.
 - A Gaussian mixture (testing.py): samples from exact p_T must come out with the mixture's weights,
-  means and covariances (Z = 5 standard errors).
+  means and covariances (Z standard errors, conftest.Z).
 - Parity with k-diffusion's Karras et al. 2022 samplers on EDM, when its sampling module loads.
 Float64 on the CPU, fixed seeds.
 """
@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+from conftest import Z, gen
 from mixture_checks import check_mixture, gaussian_flow_map, observed_order
 from torchdiffusion import EDM, VE, VP, Cosine, Flow, GaussianMixture, SubVP
 from torchdiffusion.core.timesteps import grid_karras, grid_lam, grid_t
@@ -25,7 +26,6 @@ from torchdiffusion.samplers.ode import sample_euler, sample_heun, sample_ode_ad
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-Z = 5.0
 FIXED = {"euler": sample_euler, "heun": sample_heun, "rk4": sample_rk4}
 ALL = {**FIXED, "adaptive": sample_ode_adaptive}
 NFE_PER_STEP = {"euler": 1, "heun": 2, "rk4": 4}  # the docstrings' counts
@@ -48,17 +48,13 @@ PROCESSES = {
 }
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _f(fn, t) -> float:
     return float(fn(torch.as_tensor(t, dtype=F64)))
 
 
 def _exact_start(process, gm, n, seed, t=None):
     """Exact samples of p_t (data pushed through q(x_t | x0)): only the sampler's error is measured."""
-    g = _gen(seed)
+    g = gen(seed)
     x0 = gm.sample(n, generator=g)
     t = process.t_max if t is None else t
     return process.perturb(x0, torch.tensor(t, dtype=F64), torch.randn(x0.shape, generator=g, dtype=F64))
@@ -151,7 +147,7 @@ def test_euler_from_flow_t1_is_the_rectified_flow_step():
     """At Flow t = 1 (alpha = 0, x = eps) the velocity is eps - x0_hat (Liu et al. 2022): one Euler step to s
     gives x + (s - 1)(x - x0_hat(x, 1)) exactly."""
     p = Flow()
-    x = torch.randn(32, 2, generator=_gen(6), dtype=F64)
+    x = torch.randn(32, 2, generator=gen(6), dtype=F64)
     ts = torch.tensor([1.0, 0.75], dtype=F64)
     out = sample_euler(GM2.denoiser(p), p, x, ts, final_denoise=False)
     x0_hat = GM2.denoiser(p)(x, torch.ones(32, dtype=F64))
@@ -185,7 +181,7 @@ def test_churn_reaches_p_t_hat_exactly(process, t_start):
     x = _exact_start(process, GAUSS, n, seed=7, t=t_start)
     ts = grid_t(process, 4, t_start=t_start, t_end=t_start / 2)
     rec = _Recorder(GAUSS.denoiser(process))
-    sample_heun(rec, process, x, ts, churn=100.0, generator=_gen(8))
+    sample_heun(rec, process, x, ts, churn=100.0, generator=gen(8))
     x_hat, t_hat = rec.calls[0]
     t_hat = float(t_hat[0])
     rho = lambda t: _f(process.sigma, t) / _f(process.alpha, t)  # noqa: E731
@@ -214,7 +210,7 @@ def test_churn_gamma_and_window(final_denoise):
         t_min_churn=0.5,
         t_max_churn=20.0,
         final_denoise=final_denoise,
-        generator=_gen(10),
+        generator=gen(10),
     )
     t_hats = [float(t[0]) for _, t in rec.calls[0:20:2]]  # first stage of each Heun step
     for t, t_hat in zip(ts[:-1].tolist(), t_hats):
@@ -228,7 +224,7 @@ def test_churn_never_goes_beyond_t_max():
     p = VP()
     x = _exact_start(p, GM2, 8, seed=11)
     rec = _Recorder(GM2.denoiser(p))
-    sample_heun(rec, p, x, grid_t(p, 4), churn=10.0, generator=_gen(12))
+    sample_heun(rec, p, x, grid_t(p, 4), churn=10.0, generator=gen(12))
     x_hat, t_hat = rec.calls[0]
     assert float(t_hat[0]) == p.t_max
     torch.testing.assert_close(x_hat, x, rtol=1e-15, atol=0)
@@ -260,7 +256,7 @@ def test_reproduces_mixture(run):
     reproduce the mixture's weights, component moments, mean and covariance."""
     fn, p, grid, kw = MIXTURE_RUNS[run]
     x = _exact_start(p, GM2, 4000, seed=13)
-    check_mixture(fn(GM2.denoiser(p), p, x, grid(p), generator=_gen(14), **kw), GM2)
+    check_mixture(fn(GM2.denoiser(p), p, x, grid(p), generator=gen(14), **kw), GM2)
 
 
 # --- conformance: NFE, callbacks, determinism, shapes, inputs ---------------------------------------
@@ -282,7 +278,7 @@ def test_nfe_and_callback(name, final_denoise):
         _exact_start(p, GM2, 4, seed=15),
         ts,
         final_denoise=final_denoise,
-        generator=_gen(1),
+        generator=gen(1),
         callback=lambda info: seen.append((info, d.nfe)),
         **kw,
     )
@@ -314,7 +310,7 @@ def test_deterministic_and_inputs_not_mutated(name):
     p = VP()
     x, ts = _exact_start(p, GM2, 8, seed=17), grid_lam(p, 5)
     x_copy, ts_copy = x.clone(), ts.clone()
-    g = _gen(3)
+    g = gen(3)
     state = g.get_state()
     a = ALL[name](GM2.denoiser(p), p, x, ts, generator=g)
     b = ALL[name](GM2.denoiser(p), p, x, ts, generator=g)
@@ -326,7 +322,7 @@ def test_heun_churn_noise_only_from_generator():
     """With churn > 0, Heun's noise comes only from the generator: same seed, same samples; another, others."""
     p = EDM()
     x, ts = _exact_start(p, GM2, 8, seed=18), grid_karras(p, 6)
-    run = lambda seed: sample_heun(GM2.denoiser(p), p, x, ts, churn=5.0, generator=_gen(seed))  # noqa: E731
+    run = lambda seed: sample_heun(GM2.denoiser(p), p, x, ts, churn=5.0, generator=gen(seed))  # noqa: E731
     assert torch.equal(run(1), run(1))
     assert float((run(1) - run(2)).abs().min()) > 0
 
@@ -340,11 +336,11 @@ def test_4d_input_equals_flattened(name):
     p = Cosine()
     x = _exact_start(p, GM4, 8, seed=19)
     ts = grid_lam(p, 5)
-    a = fn(GM4.denoiser(p), p, x, ts, generator=_gen(4), **kw)
-    b = fn(GM4_FLAT.denoiser(p), p, x.reshape(8, 4), ts, generator=_gen(4), **kw)
+    a = fn(GM4.denoiser(p), p, x, ts, generator=gen(4), **kw)
+    b = fn(GM4_FLAT.denoiser(p), p, x.reshape(8, 4), ts, generator=gen(4), **kw)
     assert a.shape == x.shape
     torch.testing.assert_close(a.reshape(8, 4), b, rtol=1e-12, atol=1e-12)
-    c = fn(GM4.denoiser(p), p, x.float(), ts, generator=_gen(4), **kw)
+    c = fn(GM4.denoiser(p), p, x.float(), ts, generator=gen(4), **kw)
     assert c.dtype == torch.float32 and bool(torch.isfinite(c).all())
 
 
@@ -358,8 +354,8 @@ def test_batch_independence(name):
     x = _exact_start(p, GM2, 8, seed=20)
     y = x.clone()
     y[1:] = _exact_start(p, GM2, 7, seed=21)
-    a = fn(GM2.denoiser(p), p, x, grid_lam(p, 5), generator=_gen(5), **kw)
-    b = fn(GM2.denoiser(p), p, y, grid_lam(p, 5), generator=_gen(5), **kw)
+    a = fn(GM2.denoiser(p), p, x, grid_lam(p, 5), generator=gen(5), **kw)
+    b = fn(GM2.denoiser(p), p, y, grid_lam(p, 5), generator=gen(5), **kw)
     torch.testing.assert_close(a[0], b[0], rtol=1e-12, atol=1e-12)
 
 
@@ -388,7 +384,7 @@ def test_parity_with_k_diffusion(k_sampling, name):
     p = EDM()
     denoiser = GM2.denoiser(p)
     sigmas = k_sampling.get_sigmas_karras(18, 0.002, 80.0).to(F64)
-    x = 80.0 * torch.randn(128, 2, generator=_gen(22), dtype=F64)
+    x = 80.0 * torch.randn(128, 2, generator=gen(22), dtype=F64)
     ours = {"euler": sample_euler, "heun": sample_heun, "heun-churn": sample_heun}[name]
     theirs = {"euler": k_sampling.sample_euler, "heun": k_sampling.sample_heun, "heun-churn": k_sampling.sample_heun}
     kw = KARRAS_CHURN if name == "heun-churn" else {}
@@ -399,7 +395,7 @@ def test_parity_with_k_diffusion(k_sampling, name):
         b = theirs[name](lambda x, sigma: denoiser(x, sigma), x.clone(), sigmas, disable=True, **k_kw)
     finally:
         torch.set_rng_state(rng)
-    a = ours(denoiser, p, x, sigmas[:-1], generator=_gen(23), **kw)
+    a = ours(denoiser, p, x, sigmas[:-1], generator=gen(23), **kw)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 

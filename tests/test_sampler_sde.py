@@ -7,7 +7,7 @@ On Gaussian data N(m, v) the exact denoiser is linear, x0_hat = m + k_t (x - alp
 k_t = v alpha_t / (alpha_t^2 v + sigma_t^2), so the score is -(x - alpha_t m) / S_t, S_t = alpha_t^2 v + sigma_t^2,
 and every predictor is a linear Gaussian recursion x_s = A x_t + B + C z whose output law N(M, V) is known
 exactly; A, B, C are written out below from the papers' update rules, not from the implementation.
-Statistical checks use Z = 5 standard errors (two-sided p ~ 6e-7 per check); float64, CPU, fixed seeds.
+Statistical checks use Z standard errors (conftest.Z: two-sided p ~ 2e-9 per check); float64, CPU, fixed seeds.
 """
 
 import math
@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from conftest import Z, gen
 from mixture_checks import check_mixture, observed_order
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
 from torchdiffusion.core.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
@@ -23,15 +24,10 @@ from torchdiffusion.samplers.sde import sample_pc, sample_reverse_sde
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-Z = 5.0
 F64 = torch.float64
 GAUSS = GaussianMixture([1.0], [[1.5, -0.7]], [[0.4, 2.0]])  # N(m, v) per coordinate, m != 0, v != 1
 MV = ((1.5, 0.4), (-0.7, 2.0))
 GM2 = GaussianMixture([0.2, 0.3, 0.5], [[-4.0, 0.0], [3.0, 3.0], [2.0, -4.0]], [[0.5, 0.1], [0.2, 0.6], [0.3, 0.3]])
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _c(process, name: str, t) -> float:
@@ -39,12 +35,12 @@ def _c(process, name: str, t) -> float:
 
 
 def _prior(process, gm, n, seed):
-    return process.prior_sample((n, *gm.shape), generator=_gen(seed), dtype=F64)
+    return process.prior_sample((n, *gm.shape), generator=gen(seed), dtype=F64)
 
 
 def _exact_start(process, gm, n, seed, t=None):
     """Exact samples of p_t (default t_max): x = alpha x0 + sigma eps with x0 ~ data."""
-    g = _gen(seed)
+    g = gen(seed)
     x0 = gm.sample(n, generator=g)
     t = torch.tensor(process.t_max if t is None else t, dtype=F64)
     return process.perturb(x0, t, torch.randn(x0.shape, generator=g, dtype=F64))
@@ -119,7 +115,7 @@ def test_exact_law_on_gaussian_data(case, predictor):
     process, grid = LAW_CASES[case]
     ts, n = grid(process), 20_000
     x = _prior(process, GAUSS, n, seed=1)
-    out = sample_pc(GAUSS.denoiser(process), process, x, ts, predictor=predictor, corrector="none", generator=_gen(2))
+    out = sample_pc(GAUSS.denoiser(process), process, x, ts, predictor=predictor, corrector="none", generator=gen(2))
     assert bool(torch.isfinite(out).all())
     sT2 = _c(process, "sigma", ts[0]) ** 2
     laws = [_denoised_law(process, ts[-1], m, v, *_gaussian_law(process, ts, m, v, 0.0, sT2, predictor)) for m, v in MV]
@@ -177,8 +173,8 @@ def test_reverse_sde_is_song_vp_euler_maruyama():
     "Reverse SDE" of the VP SDE; score_sde's EulerMaruyamaPredictor), with the exact mixture score."""
     p, ts = VP(), grid_t(VP(), 15)
     x = _prior(p, GM2, 64, seed=3)
-    out = sample_reverse_sde(GM2.denoiser(p), p, x, ts, final_denoise=False, generator=_gen(4))
-    g, y = _gen(4), x.clone()
+    out = sample_reverse_sde(GM2.denoiser(p), p, x, ts, final_denoise=False, generator=gen(4))
+    g, y = gen(4), x.clone()
     for t, s in zip(ts[:-1], ts[1:]):
         beta, h = _c(p, "beta", t), float(t - s)
         z = torch.randn(y.shape, generator=g, dtype=F64)
@@ -192,8 +188,8 @@ def test_reverse_diffusion_is_song_algorithm_3_predictor():
     p = Discrete.from_schedule("linear", 50)
     ts = grid_discrete(p, 50)
     x = _prior(p, GM2, 64, seed=5)
-    out = sample_pc(GM2.denoiser(p), p, x, ts, corrector="none", final_denoise=False, generator=_gen(6))
-    g, y = _gen(6), x.clone()
+    out = sample_pc(GM2.denoiser(p), p, x, ts, corrector="none", final_denoise=False, generator=gen(6))
+    g, y = gen(6), x.clone()
     for t in ts[:-1]:
         beta = float(p.betas[int(t) - 1])
         z = torch.randn(y.shape, generator=g, dtype=F64)
@@ -226,9 +222,9 @@ def test_pc_is_song_algorithm_2_with_algorithm_4(n_corrector):
         n_corrector=n_corrector,
         norms="example",
         final_denoise=False,
-        generator=_gen(8),
+        generator=gen(8),
     )
-    g, y = _gen(8), x.clone()
+    g, y = gen(8), x.clone()
     sig = p.sigma(ts)
     for i in range(len(ts) - 1):
         d2 = float(sig[i] ** 2 - sig[i + 1] ** 2)
@@ -250,9 +246,9 @@ def test_langevin_corrector_step_on_vp(norms):
     ts = torch.tensor([0.5, 0.4], dtype=F64)
     x = _exact_start(p, GM2, 16, seed=9, t=0.4)
     out = sample_pc(
-        GM2.denoiser(p), p, x, ts, predictor="none", snr=r, norms=norms, final_denoise=False, generator=_gen(10)
+        GM2.denoiser(p), p, x, ts, predictor="none", snr=r, norms=norms, final_denoise=False, generator=gen(10)
     )
-    z = torch.randn(x.shape, generator=_gen(10), dtype=F64)
+    z = torch.randn(x.shape, generator=gen(10), dtype=F64)
     grad = GM2.score(x, p, ts[1])
     nz, ng = (_norm(z), _norm(grad)) if norms == "example" else (_norm(z).mean(), _norm(grad).mean())
     eps = 2 * (_c(p, "alpha", 0.5) / _c(p, "alpha", 0.4)) ** 2 * (r * nz / ng) ** 2
@@ -283,7 +279,7 @@ def test_langevin_corrector_second_moment(process):
         snr=r,
         norms="example",
         final_denoise=False,
-        generator=_gen(12),
+        generator=gen(12),
     )
     a_s, sig_s = _c(process, "alpha", s), _c(process, "sigma", s)
     S, k = a_s**2 * 0.7 + sig_s**2, 2 * (_c(process, "alpha", t) / a_s) ** 2 * r**2
@@ -309,7 +305,7 @@ def test_reverse_sde_vp_reproduces_mixture():
     per-component variance is checked against the exact Euler-Maruyama law of an isolated component."""
     p = VP()
     ts = grid_t(p, 500)
-    x = sample_reverse_sde(GM2.denoiser(p), p, _exact_start(p, GM2, 4000, seed=13), ts, generator=_gen(14))
+    x = sample_reverse_sde(GM2.denoiser(p), p, _exact_start(p, GM2, 4000, seed=13), ts, generator=gen(14))
     check_mixture(x, GM2, lambda v: _isolated_var(p, ts, v, "euler_maruyama"))
 
 
@@ -322,7 +318,7 @@ def test_pc_reproduces_mixture(process):
     of a step eps = 2 r^2 S) are both far under the smallest component's tolerance (5 x 5% = 25%)."""
     ts = grid_t(process, 500)
     x = sample_pc(
-        GM2.denoiser(process), process, _exact_start(process, GM2, 4000, seed=15), ts, norms="batch", generator=_gen(16)
+        GM2.denoiser(process), process, _exact_start(process, GM2, 4000, seed=15), ts, norms="batch", generator=gen(16)
     )
     check_mixture(x, GM2, lambda v: v)
 
@@ -330,14 +326,14 @@ def test_pc_reproduces_mixture(process):
 def test_reverse_sde_reproduces_16d_mixture():
     """A 16-D mixture (unequal weights and per-coordinate variances) through Euler-Maruyama on VP: weights,
     means and per-coordinate variances (exact Euler-Maruyama law per isolated component)."""
-    g, D = _gen(17), 16
+    g, D = gen(17), 16
     means = torch.zeros(3, D, dtype=F64)
     means[0], means[1, : D // 2], means[2, D // 2 :] = -2.0, 2.0, 2.0
     means += 0.5 * torch.randn(3, D, generator=g, dtype=F64)
     gm = GaussianMixture([0.2, 0.3, 0.5], means, 0.2 + 0.5 * torch.rand(3, D, generator=g, dtype=F64))
     p = VP()
     ts = grid_t(p, 300)
-    x = sample_reverse_sde(gm.denoiser(p), p, _exact_start(p, gm, 4000, seed=18), ts, generator=_gen(19))
+    x = sample_reverse_sde(gm.denoiser(p), p, _exact_start(p, gm, 4000, seed=18), ts, generator=gen(19))
     check_mixture(x, gm, lambda v: _isolated_var(p, ts, v, "euler_maruyama"))
 
 
@@ -363,7 +359,7 @@ def test_nfe_and_callback(config, final_denoise):
     p = VE()
     d, calls = count_nfe(GM2.denoiser(p)), []
     x = _prior(p, GM2, 4, 20)
-    fn(d, p, x, grid_lam(p, 7), **kw, final_denoise=final_denoise, generator=_gen(21), callback=calls.append)
+    fn(d, p, x, grid_lam(p, 7), **kw, final_denoise=final_denoise, generator=gen(21), callback=calls.append)
     assert d.nfe == 7 * per_step + (1 if final_denoise else 0)
     assert [c["i"] for c in calls] == list(range(7))
     assert [c["nfe"] for c in calls] == [(i + 1) * per_step for i in range(7)]
@@ -379,7 +375,7 @@ def test_step_to_data_returns_x0_hat(config):
     point = GaussianMixture([1.0], m[None], [[0.0, 0.0]])
     ts = torch.cat([grid_karras(p, 6), torch.zeros(1, dtype=F64)])
     d = count_nfe(point.denoiser(p))
-    out = fn(d, p, _prior(p, point, 16, 22), ts, **kw, generator=_gen(23))
+    out = fn(d, p, _prior(p, point, 16, 22), ts, **kw, generator=gen(23))
     assert d.nfe == 6 * per_step + 1
     torch.testing.assert_close(out, m.expand(16, 2), rtol=0, atol=1e-12)
 
@@ -391,8 +387,8 @@ def test_flow_first_step_is_ancestral():
     point = GaussianMixture([1.0], m[None], [[0.0, 0.0]])
     ts = torch.tensor([1.0, 0.9], dtype=F64)
     x = _prior(p, point, 16, 24)
-    out = sample_reverse_sde(point.denoiser(p), p, x, ts, final_denoise=False, generator=_gen(25))
-    z = torch.randn(x.shape, generator=_gen(25), dtype=F64)
+    out = sample_reverse_sde(point.denoiser(p), p, x, ts, final_denoise=False, generator=gen(25))
+    z = torch.randn(x.shape, generator=gen(25), dtype=F64)
     torch.testing.assert_close(out, 0.1 * m + 0.9 * z, rtol=1e-12, atol=1e-12)
 
 
@@ -405,7 +401,7 @@ def test_finite_at_both_ends(process, grid, config):
     ts = grid(process, 10)
     if process.t_min > 0 and _c(process, "sigma", 0.0) == 0:
         ts = torch.cat([ts, torch.zeros(1, dtype=F64)])
-    out = fn(GM2.denoiser(process), process, _prior(process, GM2, 16, 26), ts, **kw, generator=_gen(27))
+    out = fn(GM2.denoiser(process), process, _prior(process, GM2, 16, 26), ts, **kw, generator=gen(27))
     assert bool(torch.isfinite(out).all())
 
 
@@ -418,14 +414,14 @@ def test_determinism_inputs_and_shapes(config):
     gm4 = GaussianMixture([0.6, 0.4], [[1.0, -1.0, 0.5, 2.0], [-2.0, 0.0, 1.5, -1.0]], 0.3, shape=(1, 2, 2))
     x, ts = _prior(p, gm4, 8, 28), grid_lam(p, 6)
     x_copy, ts_copy = x.clone(), ts.clone()
-    a = fn(gm4.denoiser(p), p, x, ts, **kw, generator=_gen(29))
-    b = fn(gm4.denoiser(p), p, x, ts, **kw, generator=_gen(29))
-    c = fn(gm4.denoiser(p), p, x, ts, **kw, generator=_gen(30))
-    flat = fn(gm4.denoiser(p), p, x.reshape(8, 4), ts, **kw, generator=_gen(29))
+    a = fn(gm4.denoiser(p), p, x, ts, **kw, generator=gen(29))
+    b = fn(gm4.denoiser(p), p, x, ts, **kw, generator=gen(29))
+    c = fn(gm4.denoiser(p), p, x, ts, **kw, generator=gen(30))
+    flat = fn(gm4.denoiser(p), p, x.reshape(8, 4), ts, **kw, generator=gen(29))
     assert a.shape == x.shape and torch.equal(a, b) and float((a - c).abs().min()) > 0
     assert torch.equal(x, x_copy) and torch.equal(ts, ts_copy)
     torch.testing.assert_close(a.reshape(8, 4), flat, rtol=1e-12, atol=1e-12)
-    x32 = fn(gm4.denoiser(p), p, x.float(), ts, **kw, generator=_gen(29))
+    x32 = fn(gm4.denoiser(p), p, x.float(), ts, **kw, generator=gen(29))
     assert x32.dtype == torch.float32 and bool(torch.isfinite(x32).all())
 
 

@@ -5,7 +5,7 @@ below; it then goes through every conformance test (shapes, 2-D and 4-D inputs, 
 batch independence, unmutated inputs, NFE, callbacks). The ground-truth tests run samplers
 with the exact denoiser E[x0 | x_t] of a Gaussian mixture (testing.py) and compare the
 samples with the mixture: weights (binomial standard errors), mean, covariance and
-per-component moments, all within Z = 5 standard errors (two-sided p ~ 6e-7 per check).
+per-component moments, all within Z standard errors (conftest.Z: two-sided p ~ 2e-9 per check).
 Float64 on the CPU, fixed seeds.
 """
 
@@ -16,21 +16,17 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from conftest import Z, gen
 from mixture_checks import check_mixture
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture
 from torchdiffusion.core.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
 from torchdiffusion.names import SAMPLERS
 from torchdiffusion.samplers import count_nfe, langevin_dynamics, sample_annealed_langevin, sample_ddpm
 
-Z = 5.0
 F64 = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --- the sampler table ------------------------------------------------------------------------------
@@ -111,11 +107,11 @@ CASES = {
 def _run(name, process, x, ts, seed=0, gm=GM2, denoiser=None, **extra):
     kw = {**SPECS[name].kwargs, **extra}
     denoiser = denoiser or gm.denoiser(process)
-    return SAMPLERS[name](denoiser, process, x, ts, generator=_gen(seed), **kw)
+    return SAMPLERS[name](denoiser, process, x, ts, generator=gen(seed), **kw)
 
 
 def _start(process, gm, n, seed):
-    return process.prior_sample((n, *gm.shape), generator=_gen(seed), dtype=F64)
+    return process.prior_sample((n, *gm.shape), generator=gen(seed), dtype=F64)
 
 
 # --- conformance --------------------------------------------------------------------------------------
@@ -226,8 +222,8 @@ def test_ddpm_rejects_unknown_options():
     x = _start(p, GM2, 2, seed=8)
     with pytest.raises(ValueError, match="posterior"):
         sample_ddpm(GM2.denoiser(p), p, x, grid_t(p, 3), variance="learned")
-    with pytest.raises(ValueError, match="eps"):
-        sample_ddpm(GM2.denoiser(p), p, x, grid_t(p, 3), form="v")
+    with pytest.raises(TypeError, match="eps_form"):  # the update's form is a flag, not a string
+        sample_ddpm(GM2.denoiser(p), p, x, grid_t(p, 3), eps_form="v")
     with pytest.raises(ValueError):
         sample_ddpm(GM2.denoiser(p), p, x, torch.tensor([0.1, 0.5], dtype=F64))
 
@@ -239,10 +235,10 @@ def test_ddpm_grid_ending_at_data_needs_no_final_denoise():
     ts = torch.cat([grid_discrete(p, 50), torch.zeros(1, dtype=F64)])
     d = count_nfe(GM2.denoiser(p))
     x = _start(p, GM2, 6, seed=9)
-    a = sample_ddpm(d, p, x, ts, generator=_gen(1))
+    a = sample_ddpm(d, p, x, ts, generator=gen(1))
     assert d.nfe == len(ts) - 1
     # the last step returns the posterior mean at s = 0, which is x0_hat at t = 1: Algorithm 2's output
-    b = sample_ddpm(GM2.denoiser(p), p, x, ts[:-1], generator=_gen(1))
+    b = sample_ddpm(GM2.denoiser(p), p, x, ts[:-1], generator=gen(1))
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
@@ -255,7 +251,7 @@ def test_ddpm_last_step_to_data_is_noise_free(variance):
     m = torch.tensor([0.7, -1.3], dtype=F64)
     point = GaussianMixture([1.0], m[None], [[0.0, 0.0]])
     ts = torch.cat([grid_discrete(p, 50), torch.zeros(1, dtype=F64)])
-    out = sample_ddpm(point.denoiser(p), p, _start(p, point, 64, seed=15), ts, variance=variance, generator=_gen(8))
+    out = sample_ddpm(point.denoiser(p), p, _start(p, point, 64, seed=15), ts, variance=variance, generator=gen(8))
     torch.testing.assert_close(out, m.expand(64, 2), rtol=0, atol=1e-12)
 
 
@@ -286,25 +282,29 @@ EQUIV = {
 @pytest.mark.parametrize("variance", ["posterior", "beta"])
 @pytest.mark.parametrize("case", EQUIV)
 def test_ddpm_x0_form_equals_eps_form(case, variance):
-    """sample_ddpm form="x0" (seed 003, mu_q with x0_hat) equals form="eps" (Ho et al. 2020,
+    """sample_ddpm's default (seed 003, mu_q with x0_hat) equals eps_form=True (Ho et al. 2020,
     Algorithm 2: (x_t - sigma_ts^2/sigma_t eps_hat) / alpha_ts) for the same noise."""
     process, grid = EQUIV[case]
     x = _start(process, GM2, 32, seed=11)
-    a = sample_ddpm(GM2.denoiser(process), process, x, grid(process), form="x0", variance=variance, generator=_gen(2))
-    b = sample_ddpm(GM2.denoiser(process), process, x, grid(process), form="eps", variance=variance, generator=_gen(2))
+    a = sample_ddpm(
+        GM2.denoiser(process), process, x, grid(process), eps_form=False, variance=variance, generator=gen(2)
+    )
+    b = sample_ddpm(
+        GM2.denoiser(process), process, x, grid(process), eps_form=True, variance=variance, generator=gen(2)
+    )
     scale = float(x.abs().max())
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * scale)
 
 
 def test_ddpm_eps_form_on_flow_from_t_max_is_a_clear_error():
-    """Flow has alpha(1) = 0, so Algorithm 2's 1/alpha_ts is infinite on the first step: form="eps"
-    refuses with a clear error, form="x0" (seed 003) stays finite."""
+    """Flow has alpha(1) = 0, so Algorithm 2's 1/alpha_ts is infinite on the first step: eps_form=True
+    refuses with a clear error, the default (seed 003) stays finite."""
     p = Flow()
     x = _start(p, GM2, 8, seed=12)
-    a = sample_ddpm(GM2.denoiser(p), p, x, grid_t(p, 20), form="x0", generator=_gen(3))
+    a = sample_ddpm(GM2.denoiser(p), p, x, grid_t(p, 20), eps_form=False, generator=gen(3))
     assert bool(torch.isfinite(a).all())
-    with pytest.raises(ValueError, match="form='x0'"):
-        sample_ddpm(GM2.denoiser(p), p, x, grid_t(p, 20), form="eps", generator=_gen(3))
+    with pytest.raises(ValueError, match="eps_form"):
+        sample_ddpm(GM2.denoiser(p), p, x, grid_t(p, 20), eps_form=True, generator=gen(3))
 
 
 # --- exact laws on Gaussian data --------------------------------------------------------------------
@@ -377,7 +377,7 @@ def test_ddpm_exact_law_on_gaussian_data(process, grid, variance):
     n = 20_000
     ts = grid(process)
     x = _start(process, GAUSS, n, seed=13)
-    out = sample_ddpm(GAUSS.denoiser(process), process, x, ts, variance=variance, generator=_gen(4))
+    out = sample_ddpm(GAUSS.denoiser(process), process, x, ts, variance=variance, generator=gen(4))
     sT2 = float(process.sigma(ts[0])) ** 2
     laws = [_ddpm_gaussian_law(process, ts, m, v, 0.0, sT2, variance) for m, v in ((1.5, 0.4), (-0.7, 2.0))]
     _check_gaussian_law(out, [law[0] for law in laws], [law[1] for law in laws])
@@ -390,7 +390,7 @@ def test_ald_exact_law_on_gaussian_data():
     p, n = VE(), 20_000
     ts = grid_lam(p, 8)
     x = _start(p, GAUSS, n, seed=14)
-    out = sample_annealed_langevin(GAUSS.denoiser(p), p, x, ts, n_steps_each=4, step_eps=2e-5, generator=_gen(5))
+    out = sample_annealed_langevin(GAUSS.denoiser(p), p, x, ts, n_steps_each=4, step_eps=2e-5, generator=gen(5))
     sT2 = float(p.sigma(ts[0])) ** 2
     laws = [_ald_gaussian_law(p, ts, m, v, 0.0, sT2, 4, 2e-5) for m, v in ((1.5, 0.4), (-0.7, 2.0))]
     _check_gaussian_law(out, [law[0] for law in laws], [law[1] for law in laws])
@@ -409,7 +409,7 @@ def test_langevin_dynamics_exact_law(tau_over_s2):
     calls = []
     for k in (3, 400):
         out = langevin_dynamics(
-            lambda x: -(x - m) / s2, x0, step_size=tau, n_steps=k, generator=_gen(6), callback=calls.append
+            lambda x: -(x - m) / s2, x0, step_size=tau, n_steps=k, generator=gen(6), callback=calls.append
         )
         r = tau / s2
         V = s2 / (1 - tau / (2 * s2))
@@ -421,7 +421,7 @@ def test_langevin_dynamics_exact_law(tau_over_s2):
 
 
 def test_langevin_dynamics_edge_cases():
-    x = torch.randn(3, 2, generator=_gen(7), dtype=F64)
+    x = torch.randn(3, 2, generator=gen(7), dtype=F64)
     assert torch.equal(langevin_dynamics(lambda y: -y, x, step_size=0.1, n_steps=0), x)
     with pytest.raises(ValueError):
         langevin_dynamics(lambda y: -y, x, step_size=0.0, n_steps=3)
@@ -435,7 +435,7 @@ def test_langevin_dynamics_edge_cases():
 def _exact_start(process, gm, n, seed):
     """Exact samples of p_T (data pushed through q(x_T | x0)), so that only the sampler's own error
     is measured, not the prior's mismatch alpha(t_max) x0."""
-    g = _gen(seed)
+    g = gen(seed)
     x0 = gm.sample(n, generator=g)
     return process.perturb(x0, torch.tensor(process.t_max, dtype=F64), torch.randn(x0.shape, generator=g, dtype=F64))
 
@@ -456,7 +456,7 @@ def test_ddpm_discrete_t1000_reproduces_mixture():
     here, under one standard error), which the per-component variance check uses."""
     p = Discrete.from_schedule("linear", 1000)
     ts = grid_discrete(p, 1000)
-    x = sample_ddpm(GM2.denoiser(p), p, _exact_start(p, GM2, 4000, seed=20), ts, generator=_gen(21))
+    x = sample_ddpm(GM2.denoiser(p), p, _exact_start(p, GM2, 4000, seed=20), ts, generator=gen(21))
     check_mixture(x, GM2, lambda v: _ddpm_var_from_exact_start(p, ts, v))
 
 
@@ -465,7 +465,7 @@ def test_ddpm_vp_reproduces_mixture():
     grid_t(process, 500) reproduces the mixture (variance deficit as in the discrete test)."""
     p = VP()
     ts = grid_t(p, 500)
-    x = sample_ddpm(GM2.denoiser(p), p, _exact_start(p, GM2, 4000, seed=22), ts, generator=_gen(23))
+    x = sample_ddpm(GM2.denoiser(p), p, _exact_start(p, GM2, 4000, seed=22), ts, generator=gen(23))
     check_mixture(x, GM2, lambda v: _ddpm_var_from_exact_start(p, ts, v))
 
 
@@ -492,7 +492,7 @@ def test_ald_ve_reproduces_mixture():
         ts,
         n_steps_each=n_each,
         step_eps=eps,
-        generator=_gen(25),
+        generator=gen(25),
     )
     sT2 = float(p.sigma(ts[0])) ** 2
     check_mixture(x, GM2, lambda v: _ald_gaussian_law(p, ts, 0.0, v, 0.0, v + sT2, n_each, eps)[1])

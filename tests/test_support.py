@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import gen
 from torchdiffusion import VP, GaussianMixture, grid_lam, grid_t
 from torchdiffusion.core.support import ClippedDenoiser, clip_denoiser, data_box
 from torchdiffusion.names import INFO, SAMPLERS
@@ -24,19 +25,15 @@ F64 = torch.float64
 EPS = torch.finfo(F64).eps
 
 
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def points(n=40, d=3, seed=0):
-    return torch.randn(n, d, generator=_gen(seed), dtype=F64) * torch.tensor([1.0, 0.3, 2.0], dtype=F64)[:d] + 0.5
+    return torch.randn(n, d, generator=gen(seed), dtype=F64) * torch.tensor([1.0, 0.3, 2.0], dtype=F64)[:d] + 0.5
 
 
 def test_data_box_is_per_coordinate_for_points_and_one_interval_for_images():
     x = points()
     low, high = data_box(x)
     assert low == x.amin(0).tolist() and high == x.amax(0).tolist()
-    images = torch.rand(5, 1, 4, 4, generator=_gen(1)) * 2 - 1
+    images = torch.rand(5, 1, 4, 4, generator=gen(1)) * 2 - 1
     assert data_box(images) == ([float(images.min())], [float(images.max())])
 
 
@@ -44,9 +41,9 @@ def test_ideal_denoiser_of_a_point_set_lies_in_its_box_so_clipping_leaves_it_unc
     pts = points()
     truth = GaussianMixture(torch.ones(len(pts)), pts, 0.0)  # point masses: E[x0 | x_t] is a convex combination
     low, high = (torch.tensor(v, dtype=F64) for v in data_box(pts))
-    x = 4 * torch.randn(256, 3, generator=_gen(2), dtype=F64)  # far into the tails too
+    x = 4 * torch.randn(256, 3, generator=gen(2), dtype=F64)  # far into the tails too
     t = continuous_process.t_min + (continuous_process.t_max - continuous_process.t_min) * torch.rand(
-        256, generator=_gen(3), dtype=F64
+        256, generator=gen(3), dtype=F64
     )
     ideal = truth.denoiser(continuous_process)(x, t)
     # A convex combination computed in float64 exceeds the hull by at most a few roundings of |pts|.
@@ -60,8 +57,8 @@ def test_clipping_never_moves_a_prediction_away_from_any_point_of_the_box():
     """Non-expansiveness of the projection onto a convex set: |P(a) - b| <= |a - b| for b in the box."""
     pts = points()
     low, high = (torch.tensor(v, dtype=F64) for v in data_box(pts))
-    b = low + (high - low) * torch.rand(1000, 3, generator=_gen(4), dtype=F64)  # points of the box
-    a = b + 3 * torch.randn(1000, 3, generator=_gen(5), dtype=F64)  # predictions with errors
+    b = low + (high - low) * torch.rand(1000, 3, generator=gen(4), dtype=F64)  # points of the box
+    a = b + 3 * torch.randn(1000, 3, generator=gen(5), dtype=F64)  # predictions with errors
     clipped = ClippedDenoiser(lambda x, t: x, low, high)(a, torch.zeros(1000))
     before, after = (a - b).norm(dim=1), (clipped - b).norm(dim=1)
     assert bool((after <= before + 4 * EPS * before).all())
@@ -136,7 +133,7 @@ def test_training_records_the_data_box_and_loading_clips_to_it(tmp_path):
     assert low == data.amin(0).tolist() and high == data.amax(0).tolist()
     denoiser, process, config = load_denoiser(tmp_path)
     assert isinstance(denoiser, ClippedDenoiser) and config["data_box"] == [low, high]
-    x, t = 50 * torch.randn(64, 2, generator=_gen(6)), torch.full((64,), process.t_max)
+    x, t = 50 * torch.randn(64, 2, generator=gen(6)), torch.full((64,), process.t_max)
     out = denoiser(x, t)
     assert bool((out >= torch.tensor(low)).all() and (out <= torch.tensor(high)).all())
     raw, _, _ = load_denoiser(tmp_path, clip=False)

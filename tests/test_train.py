@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from torchdiffusion.core.denoiser import Preconditioned, as_denoiser
+from torchdiffusion.core.predictions import EPS
 from torchdiffusion.names import build_net
 from torchdiffusion.objectives import denoising as losses
 from torchdiffusion.training import checkpoint as ckpt_mod
@@ -94,7 +95,7 @@ def test_checkpoint_round_trip(tmp_path):
     denoiser, process, config = load_denoiser(tmp_path)
     assert not denoiser.training and config["target"] == "eps"
     x, t = torch.randn(5, 2), torch.rand(5) * 0.9 + 0.05
-    expected = as_denoiser(Preconditioned(ema, process, 0.7), process, "eps")(x, t)
+    expected = as_denoiser(Preconditioned(ema, process, 0.7), process, EPS)(x, t)
     assert torch.equal(denoiser(x, t), expected)
 
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import Z, gen
 from torchdiffusion import VP, Preconditioned
 from torchdiffusion.nets.unet import Attention, UNet, _dropout
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-Z = 6.0  # standard errors allowed in a statistical comparison
 TINY = dict(image_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,))
 HO_CIFAR10 = dict(  # Ho et al. 2020, App. B and their diffusion_tf/models/unet.py
     in_channels=3,
@@ -61,10 +61,6 @@ CONFIGS = {
 }
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _net(seed: int = 0, **kw) -> UNet:
     torch.manual_seed(seed)
     return UNet(**{"in_channels": 1, **TINY, **kw})
@@ -72,7 +68,7 @@ def _net(seed: int = 0, **kw) -> UNet:
 
 def _perturb_zeros(net: UNet, seed: int = 1, std: float = 0.1) -> None:
     """Give every all-zero parameter (the zero-initialised layers and the biases) random values."""
-    g = _gen(seed)
+    g = gen(seed)
     with torch.no_grad():
         for p in net.parameters():
             if not p.any():
@@ -80,7 +76,7 @@ def _perturb_zeros(net: UNet, seed: int = 1, std: float = 0.1) -> None:
 
 
 def _inputs(B: int, C: int, H: int, W: int | None = None, seed: int = 2, dtype=torch.float32):
-    g = _gen(seed)
+    g = gen(seed)
     x = torch.randn(B, C, H, W or H, generator=g, dtype=dtype)
     return x, torch.rand(B, generator=g, dtype=dtype) * 4 - 2
 
@@ -215,7 +211,7 @@ def test_same_function_as_diffusers_ddpm_unet():
         attention_head_dim=None,
     )
     theirs = theirs.double().eval()
-    x, t = torch.randn(2, 3, 16, 16, generator=_gen(6), dtype=F64), torch.tensor([3.0, 700.0], dtype=F64)
+    x, t = torch.randn(2, 3, 16, 16, generator=gen(6), dtype=F64), torch.tensor([3.0, 700.0], dtype=F64)
     mine, src = _layers_in_call_order(ours, x, t / 100), iter(_layers_in_call_order(theirs, x, t))
     qkv = {id(m.qkv) for m in ours.modules() if isinstance(m, Attention)}
     with torch.no_grad():
@@ -266,7 +262,7 @@ def _attention(seed: int = 0, C: int = 16, heads: int = 4) -> Attention:
 def test_attention_is_softmax_attention():
     """x + proj(concat_h softmax(q_h k_h^T / sqrt(d)) v_h) (Vaswani et al. 2017, Eqs. 1 and the MHA formula)."""
     attn, (B, C, H, W) = _attention(), (2, 16, 3, 5)
-    x = torch.randn(B, C, H, W, generator=_gen(3), dtype=F64)
+    x = torch.randn(B, C, H, W, generator=gen(3), dtype=F64)
     tokens = attn.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
     q, k, v = attn.qkv(tokens).chunk(3, dim=-1)
     d = C // attn.heads
@@ -281,8 +277,8 @@ def test_attention_is_softmax_attention():
 def test_attention_is_permutation_equivariant():
     """Permuting the H*W positions permutes the output (GroupNorm and attention ignore the order)."""
     attn, (B, C, H, W) = _attention(), (2, 16, 4, 4)
-    x = torch.randn(B, C, H, W, generator=_gen(4), dtype=F64)
-    perm = torch.randperm(H * W, generator=_gen(5))
+    x = torch.randn(B, C, H, W, generator=gen(4), dtype=F64)
+    perm = torch.randperm(H * W, generator=gen(5))
 
     def permute(z):
         return z.flatten(2)[:, :, perm].reshape(B, C, H, W)

@@ -19,52 +19,52 @@ import sys as _sys
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .core.denoiser import Preconditioned, as_denoiser
+from .app.pipeline import Pipeline, load
+from .core.denoiser import Preconditioned, as_denoiser, count_nfe
 from .core.mixture import GaussianMixture
-from .core.predictions import PREDICTIONS, eps_from_x0, score_from_x0, to_x0, x0_to
+from .core.predictions import EPS, FLOW, SCORE, X0, Prediction, V, eps_from, tweedie_score
 from .core.process import NoiseProcess, append_dims
 from .core.processes import EDM, VE, VP, Cosine, Discrete, Flow, SubVP, make_betas
 from .core.timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
-from .likelihood.bounds import elbo, vlb, vlb_terms
-from .likelihood.dequantize import bits_per_dim, dequantize, nll_8bit
-from .likelihood.ode import log_likelihood
-from .samplers import count_nfe, langevin_dynamics, sample_annealed_langevin, sample_ddpm
+from .likelihood import bits_per_dim, dequantize, elbo, log_likelihood, nll_8bit, vlb, vlb_terms
+from .objectives import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR, MinSNR, Weighting, denoising_loss
+from .samplers import (
+    DEFAULT_SAMPLER,
+    langevin_dynamics,
+    sample_annealed_langevin,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpm_solver,
+    sample_dpm_solver_pp,
+    sample_dpm_solver_pp_sde,
+    sample_euler,
+    sample_heun,
+    sample_ode_adaptive,
+    sample_pc,
+    sample_reverse_sde,
+    sample_rk4,
+    sample_unipc,
+)
+from .training import TrainConfig, load_denoiser, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "NoiseProcess",
-    "append_dims",
-    "VP",
-    "SubVP",
-    "VE",
-    "Cosine",
-    "EDM",
-    "Flow",
-    "Discrete",
-    "make_betas",
-    "PREDICTIONS",
-    "Preconditioned",
-    "as_denoiser",
-    "to_x0",
-    "x0_to",
-    "eps_from_x0",
-    "score_from_x0",
-    "grid_t",
-    "grid_lam",
-    "grid_karras",
-    "grid_quadratic",
-    "grid_discrete",
-    "sample_ddpm",
-    "sample_annealed_langevin",
-    "langevin_dynamics",
-    "count_nfe",
-    "GaussianMixture",
-    "log_likelihood",
-    "elbo",
-    "vlb",
-    "vlb_terms",
-    "bits_per_dim",
-    "dequantize",
-    "nll_8bit",
-]
+    # the noise process (core)
+    "NoiseProcess", "append_dims", "VP", "SubVP", "VE", "Cosine", "EDM", "Flow", "Discrete", "make_betas",
+    # predictions and the denoiser
+    "Prediction", "EPS", "X0", "V", "SCORE", "FLOW", "eps_from", "tweedie_score", "Preconditioned", "as_denoiser",
+    "count_nfe", "GaussianMixture",
+    # time grids
+    "grid_t", "grid_lam", "grid_karras", "grid_quadratic", "grid_discrete",
+    # samplers: every one by name, and the default
+    "DEFAULT_SAMPLER", "sample_ddpm", "sample_annealed_langevin", "langevin_dynamics", "sample_euler", "sample_heun",
+    "sample_rk4", "sample_ode_adaptive", "sample_reverse_sde", "sample_pc", "sample_ddim", "sample_dpm_solver",
+    "sample_dpm_solver_pp", "sample_dpm_solver_pp_sde", "sample_unipc",
+    # objectives
+    "denoising_loss", "Weighting", "SIMPLE", "ELBO", "LIKELIHOOD", "SNR", "MinSNR", "MIN_SNR",
+    # likelihood
+    "log_likelihood", "elbo", "vlb", "vlb_terms", "bits_per_dim", "dequantize", "nll_8bit",
+    # training and loading
+    "TrainConfig", "train", "load_denoiser", "load", "Pipeline",
+]  # fmt: skip

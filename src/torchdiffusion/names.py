@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from .core.predictions import PREDICTIONS
+from .core.predictions import ALL_PREDICTIONS
 from .core.processes import BETA_SCHEDULES, EDM, VE, VP, Cosine, Discrete, Flow, SubVP
+from .core.timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
 from .nets import MLP, UNet
-from .objectives.denoising import WEIGHTINGS
+from .objectives.weightings import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR
 from .samplers import (
     DEFAULT_SAMPLER,
     sample_annealed_langevin,
@@ -38,12 +39,24 @@ from .samplers import (
 
 __all__ = [
     "PROCESSES", "NETS", "INFO", "SAMPLERS", "SamplerInfo", "DEFAULT_SAMPLER_NAME", "PREDICTIONS", "WEIGHTINGS",
-    "PRECISIONS", "GRIDS", "SCHEDULES", "build_process", "build_net", "get_sampler",
+    "PRECISIONS", "GRIDS", "GRID_FUNCTIONS", "SCHEDULES", "build_process", "build_net", "get_sampler",
+    "get_prediction", "get_weighting",
 ]  # fmt: skip
 
 NETS = {"mlp": MLP, "unet": UNet}
+PREDICTIONS = {p.name: p for p in ALL_PREDICTIONS}  # eps, x0, v, score, flow
+# "sigma2": NCSN's lambda(sigma) = sigma^2 on the score error is the snr weight in x0 units
+WEIGHTINGS = {"simple": SIMPLE, "elbo": ELBO, "likelihood": LIKELIHOOD, "snr": SNR, "sigma2": SNR, "min_snr": MIN_SNR}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-GRIDS = ("auto", "t", "lam", "karras", "quadratic", "discrete", "fit")  # "auto": the sampler's own (INFO.grid)
+# grid name -> grid(process, steps); INFO.grid names one of them, the sampler's usual grid
+GRID_FUNCTIONS = {
+    "t": grid_t,
+    "lam": grid_lam,
+    "karras": grid_karras,
+    "quadratic": grid_quadratic,
+    "discrete": grid_discrete,
+}
+GRIDS = ("auto", *GRID_FUNCTIONS, "fit")  # "auto": the sampler's own (INFO.grid); "fit": grid_fit.fit_grid
 SCHEDULES = tuple(BETA_SCHEDULES)
 
 
@@ -142,3 +155,13 @@ def build_net(spec: dict[str, Any]):
 def get_sampler(name: str):
     """A sampler function by name (see ``torchdiffusion.samplers.SAMPLERS``)."""
     return _pick("sampler", SAMPLERS, name)
+
+
+def get_prediction(name: str):
+    """The prediction target named ``name`` ("eps", "x0", "v", "score", "flow")."""
+    return _pick("prediction target", PREDICTIONS, name)
+
+
+def get_weighting(name: str):
+    """The loss weighting named ``name`` (see ``torchdiffusion.objectives.weightings``)."""
+    return _pick("weighting", WEIGHTINGS, name)

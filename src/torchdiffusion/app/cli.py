@@ -78,10 +78,9 @@ def _writable(path: str | None, option: str) -> None:
 
 def _example_shape(cfg: dict) -> tuple[int, ...]:
     """The shape of one example of the checkpoint's model: (D,) for points, (C, H, H) for images."""
-    net = cfg["net"]
-    if "dim" in net:
-        return (int(net["dim"]),)
-    return (int(net.get("in_channels", 1)), int(net["image_size"]), int(net["image_size"]))
+    from .pipeline import example_shape
+
+    return example_shape(cfg)
 
 
 def _class_labels(cfg: dict, ckpt: str, klass: int | None, labels: str | None, n: int):
@@ -139,24 +138,14 @@ def _draw(sampler, denoiser, process, shape, n, batch_size, ts, gen, device, lab
     """``n`` samples of ``shape`` in batches of ``batch_size``: each batch draws its prior noise and then runs
     the sampler, both from ``gen``, so one seed and batch size always give the same samples (another batch
     size consumes the stream in another order). ``record`` (or None) is called on the first batch's start
-    and returns a sampler callback that records it."""
+    and returns a sampler callback that records it. The loop is ``pipeline.draw_samples``, which
+    ``td.load(run).sample`` runs too: one seed gives the same samples here and in Python."""
     from ..names import get_sampler
-    from ..samplers import progress_callback
+    from .pipeline import draw_samples
 
-    fn, per_batch = get_sampler(sampler), len(ts) if sampler == "ald" else len(ts) - 1
-    starts = range(0, n, batch_size)
-    tick, bar = progress_callback(per_batch * len(starts), f"{sampler} ({n} samples)", disable=no_progress)
-    out = []
-    for start in starts:
-        b = min(batch_size, n - start)
-        x = process.prior_sample((b, *shape), generator=gen, device=device)
-        cond = {"class_labels": labels[start : start + b].to(device)} if labels is not None else {}
-        rec = record(x) if record is not None and start == 0 else None
-        cb = tick if rec is None else (lambda info, rec=rec: (tick(info), rec(info)))
-        with torch.no_grad():
-            out.append(fn(denoiser, process, x, ts, generator=gen, callback=cb, **kwargs, **cond).cpu())
-    bar.close()
-    return torch.cat(out)
+    return draw_samples(get_sampler(sampler), denoiser, process, shape, n, ts, batch_size=batch_size, generator=gen,
+                        device=device, labels=labels, progress=not no_progress, desc=f"{sampler} ({n} samples)",
+                        watch_first=record, **kwargs)  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -314,8 +303,8 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
 @click.option("--process", type=click.Choice(sorted(PROCESSES)), default="vp", help="Noise process.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", help="Beta schedule (--process ddpm only).")
 @click.option("--T", "T", type=click.IntRange(min=2), default=1000, help="Discrete steps (--process ddpm only).")
-@click.option("--target", type=click.Choice(TARGETS), default="eps", help="What the network predicts.")
-@click.option("--weighting", type=click.Choice(WEIGHTINGS), default="simple", help="Loss weighting over time.")
+@click.option("--target", type=click.Choice(list(TARGETS)), default="eps", help="What the network predicts.")
+@click.option("--weighting", type=click.Choice(list(WEIGHTINGS)), default="simple", help="Loss weighting over time.")
 @click.option("--width", type=click.IntRange(min=1), default=256, help="MLP hidden width (point data).")
 @click.option("--depth", type=click.IntRange(min=1), default=4, help="MLP residual blocks (point data).")
 @click.option(
@@ -543,10 +532,9 @@ def sample(
     figure,
 ):
     """Draw samples from a trained checkpoint; write them as .npy and a PNG."""
-    from ..core import timesteps
-    from ..names import INFO
-    from ..training.checkpoint import load_denoiser
+    from ..names import GRID_FUNCTIONS, INFO
     from ..utils.io import atomic_write
+    from .pipeline import load
     from .plotting import TrajectoryRecorder, reverse_process_figure, reverse_process_images, save_samples_png
 
     if not out.endswith(".npy"):
@@ -556,14 +544,15 @@ def sample(
         _writable(path, option)  # before the sampling, not after it
     device = _device(device)
     try:
-        denoiser, process, cfg = load_denoiser(ckpt, ema=not no_ema, device=device)
+        pipe = load(ckpt, ema=not no_ema, device=device)
+        denoiser, process, cfg = pipe.denoiser, pipe.process, pipe.config
         grid = INFO[sampler].grid if grid == "auto" else grid
         if grid == "fit" and INFO[sampler].stochastic:
             raise ValueError(f"--grid fit needs a deterministic sampler; {sampler!r} draws noise")
-        ts = None if grid == "fit" else getattr(timesteps, f"grid_{grid}")(process, steps)
+        ts = None if grid == "fit" else GRID_FUNCTIONS[grid](process, steps)
     except (ValueError, OSError) as e:
         _fail(e)
-    shape = _example_shape(cfg)
+    shape = pipe.shape
     images = len(shape) == 3
     class_labels, how = _class_labels(cfg, ckpt, klass, labels, n)
     if how:
@@ -754,11 +743,10 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
     """FID, KID and precision/recall of a checkpoint's samples against image DATA."""
     import json
 
-    from ..core import timesteps
     from ..data import load_images
     from ..evaluation.features import feature_net_for, load_inception
     from ..evaluation.image_metrics import evaluate_images
-    from ..names import INFO
+    from ..names import GRID_FUNCTIONS, INFO
     from ..training.checkpoint import load_denoiser
     from ..utils.io import atomic_write
 
@@ -801,7 +789,7 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
     except (ValueError, OSError) as e:
         _fail(e)
     gen = torch.Generator(device).manual_seed(seed)
-    ts = getattr(timesteps, f"grid_{INFO[sampler].grid}")(process, steps)
+    ts = GRID_FUNCTIONS[INFO[sampler].grid](process, steps)
     fake = _draw(sampler, denoiser, process, shape, n, batch_size, ts, gen, device, class_labels, no_progress, {},
                  None)  # fmt: skip
     try:

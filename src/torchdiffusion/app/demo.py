@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..core.mixture import GaussianMixture
-from ..core.predictions import score_from_x0
+from ..core.predictions import SCORE
 from ..core.timesteps import grid_lam, grid_t
 from ..data import TOY_DATASETS, eight_gaussians_mixture_params, make_2d
 from ..evaluation.metrics import noise_floor, sw_against
@@ -130,7 +130,7 @@ def _figure(path, config, result, process, denoiser, held, x_ddpm, x_ald, metric
     for j, t in enumerate((0.05, 0.3)):
         tb = torch.full((len(pts),), t, dtype=torch.float64)
         with torch.no_grad():
-            learned = score_from_x0(process, pts.float(), tb, denoiser(pts.float(), tb.float()))
+            learned = SCORE.from_x0(process, pts.float(), tb, denoiser(pts.float(), tb.float()))
         exact = gm.score(pts, process, tb)
         cos = torch.nn.functional.cosine_similarity(learned.double(), exact, dim=1).mean()
         plotting.quiver(axes[1, 2 * j], pts, learned, f"learned score, t={t}", color="C0")

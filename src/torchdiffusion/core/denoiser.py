@@ -12,10 +12,18 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from .predictions import _alpha_sigma, _batch, _check, output_scalings, to_x0
-from .process import NoiseProcess
+from .predictions import EPS, X0, Prediction
+from .process import NoiseProcess, batch_time
 
 __all__ = ["Denoiser", "Preconditioned", "as_denoiser", "count_nfe", "CountingDenoiser"]
+
+
+def _check(predicts) -> None:
+    if not isinstance(predicts, Prediction):
+        raise TypeError(
+            f"predicts must be a Prediction (torchdiffusion.EPS, X0, V, SCORE or FLOW), got {predicts!r}; "
+            "names become objects through torchdiffusion.names.PREDICTIONS"
+        )
 
 
 class Denoiser(Protocol):
@@ -36,50 +44,52 @@ class Preconditioned(nn.Module):
     The network sees ``c_in x`` with c_in = 1 / sqrt(alpha^2 sigma_data^2 + sigma^2), which has
     unit variance when the data do (Karras et al. 2022, Eq. 7 / Table 1, c_in), and the time as
     ``c_noise = -lam(t) / 4`` (a bounded, process-independent noise level; EDM uses log(sigma)/4,
-    which is the same for alpha = 1). With ``predicts`` (a target name) it returns c_skip x + c_out F
-    (``output_scalings``), in the units of ``predicts``; train it with ``losses.denoising_loss(...,
+    which is the same for alpha = 1). With ``predicts`` (a ``Prediction``) it returns c_skip x + c_out F
+    (``Prediction.output_scalings``), in the units of ``predicts``; train it with ``denoising_loss(...,
     target=predicts, sigma_data=sigma_data)``, whose "simple" weighting is then unit weight on F (EDM's
     Eq. 8). With ``predicts=None`` it returns F itself: the wrapping of checkpoints written before output
     preconditioning existed (their config lacks ``precondition_output``). For eps the two are the same.
     """
 
-    def __init__(self, net: nn.Module, process: NoiseProcess, sigma_data: float = 1.0, predicts: str | None = None):
+    def __init__(
+        self, net: nn.Module, process: NoiseProcess, sigma_data: float = 1.0, predicts: Prediction | None = None
+    ):
         super().__init__()
         if predicts is not None:
             _check(predicts)
         self.net, self.process, self.sigma_data, self.predicts = net, process, sigma_data, predicts
 
     def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        t = _batch(t, x)
-        return self.forward_with(x, t, *_alpha_sigma(self.process, t, x), **cond)
+        t = batch_time(t, x)
+        return self.forward_with(x, t, *self.process.at(t, x), **cond)
 
     def forward_with(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, **cond) -> Tensor:
         """The same, given (B,) times and alpha(t), sigma(t) broadcast against x (saves recomputing them)."""
         c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2)
         c_noise = (torch.log(sigma) - torch.log(alpha)).clamp(max=-_LAM_FLOOR).flatten() / 4  # -lam / 4
         out = self.net(c_in * x, c_noise, **cond)
-        if self.predicts is None or self.predicts == "eps":  # eps: c_skip = 0, c_out = 1
+        if self.predicts is None or self.predicts is EPS:  # eps: c_skip = 0, c_out = 1
             return out
-        c_skip, c_out = output_scalings(self.predicts, self.process, t, x, self.sigma_data, (alpha, sigma))
-        return c_out * out if self.predicts != "x0" else c_skip * x + c_out * out
+        c_skip, c_out = self.predicts.output_scalings(self.process, t, x, self.sigma_data, (alpha, sigma))
+        return c_out * out if self.predicts is not X0 else c_skip * x + c_out * out
 
 
 class _NetDenoiser(nn.Module):
     """A network predicting ``predicts``, seen as a denoiser (x, t, **cond) -> x0_hat."""
 
-    def __init__(self, model: nn.Module, process: NoiseProcess, predicts: str):
+    def __init__(self, model: nn.Module, process: NoiseProcess, predicts: Prediction):
         super().__init__()
         self.model, self.process, self.predicts = model, process, predicts
 
     def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        t = _batch(t, x)
+        t = batch_time(t, x)
         if isinstance(self.model, Preconditioned):  # share alpha, sigma between the two halves
-            ab = _alpha_sigma(self.process, t, x)
-            return to_x0(self.predicts, self.process, x, t, self.model.forward_with(x, t, *ab, **cond), ab)
-        return to_x0(self.predicts, self.process, x, t, self.model(x, t, **cond))
+            ab = self.process.at(t, x)
+            return self.predicts.to_x0(self.process, x, t, self.model.forward_with(x, t, *ab, **cond), ab)
+        return self.predicts.to_x0(self.process, x, t, self.model(x, t, **cond))
 
 
-def as_denoiser(net, process: NoiseProcess, predicts: str = "eps") -> _NetDenoiser:
+def as_denoiser(net, process: NoiseProcess, predicts: Prediction = EPS) -> _NetDenoiser:
     """Turn a network ``net(x, t, **cond)`` predicting eps, x0, v, score or flow into a denoiser.
 
     Args:
@@ -87,12 +97,12 @@ def as_denoiser(net, process: NoiseProcess, predicts: str = "eps") -> _NetDenois
             network in ``Preconditioned`` first if it expects unit-scale inputs (and, with
             ``Preconditioned(..., predicts=predicts)``, gives a unit-scale output).
         process: the ``NoiseProcess`` the network was trained with.
-        predicts: one of ``PREDICTIONS``.
+        predicts: what the network outputs: ``EPS``, ``X0``, ``V``, ``SCORE`` or ``FLOW``.
     """
     _check(predicts)
     scaled_for = getattr(net, "predicts", None) if isinstance(net, Preconditioned) else None
     if scaled_for is not None and scaled_for != predicts:
-        raise ValueError(f"the network's output is preconditioned for {scaled_for!r}, not {predicts!r}")
+        raise ValueError(f"the network's output is preconditioned for {scaled_for.name!r}, not {predicts.name!r}")
     return _NetDenoiser(net, process, predicts)
 
 

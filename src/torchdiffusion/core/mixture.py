@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from .process import NoiseProcess, _as_t
+from .process import NoiseProcess, as_time
 
 __all__ = ["GaussianMixture"]
 
@@ -85,7 +85,7 @@ class GaussianMixture:
         if process is None:  # the data distribution itself
             one = torch.ones(xf.shape[0], 1, dtype=torch.float64, device=xf.device)
             return one, torch.zeros_like(one), xf
-        t = _as_t(t).to(xf.device)
+        t = as_time(t).to(xf.device)
         if t.ndim == 0:
             t = t.expand(xf.shape[0])
         return process.alpha(t)[:, None], process.sigma(t)[:, None], xf

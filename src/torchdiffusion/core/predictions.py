@@ -1,4 +1,4 @@
-"""Conversions among the things a network can predict, and the denoiser they all become.
+"""What a network can predict, as small objects: ``EPS``, ``X0``, ``V``, ``SCORE``, ``FLOW``.
 
 With x = alpha x0 + sigma eps (seed 003; Tweedie's formula for the score):
 
@@ -9,8 +9,10 @@ With x = alpha x0 + sigma eps (seed 003; Tweedie's formula for the score):
     u     = dx/dt = alpha' x0 + sigma' eps      (flow velocity; for Flow, u = eps - x0)
             x0 = (sigma' x - sigma u) / (sigma' alpha - sigma alpha')
 
-The currency between models and samplers is the denoiser ``D(x, t, **cond) -> x0_hat``;
-``as_denoiser`` turns a network predicting any of the above into one, once.
+Each is a ``Prediction`` with ``from_x0`` (the target given x_t and x0), ``to_x0`` (its inverse, x0_hat from
+the network's output), ``x0_error_scale`` and ``output_scalings``. The currency between models and samplers
+is the denoiser ``D(x, t, **cond) -> x0_hat`` (``denoiser.as_denoiser``). Tweedie's formula and eps from x0
+are written once, as ``tweedie_score`` and ``eps_from``, on values alpha, sigma (floats or broadcast tensors).
 
 Networks train best when their output, like their input, has unit scale whatever the noise level
 (Karras et al. 2022, Sec. 5). The raw targets do not: score = -eps / sigma grows without bound as
@@ -27,152 +29,184 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .process import NoiseProcess, _as_t, append_dims
+from .process import NoiseProcess, as_time
 
-__all__ = [
-    "PREDICTIONS",
-    "x0_to",
-    "to_x0",
-    "score_from_x0",
-    "eps_from_x0",
-    "x0_error_scale",
-    "output_scalings",
-]
-
-PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+__all__ = ["Prediction", "EPS", "X0", "V", "SCORE", "FLOW", "ALL_PREDICTIONS", "tweedie_score", "eps_from"]
 
 
-def _check(predicts: str) -> None:
-    if predicts not in PREDICTIONS:
-        raise ValueError(f"unknown prediction target {predicts!r}; choose one of {list(PREDICTIONS)}")
+def eps_from(x, x0_hat, alpha, sigma):
+    """eps_hat = (x - alpha x0_hat) / sigma: the noise that x = alpha x0 + sigma eps implies."""
+    return (x - alpha * x0_hat) / sigma
 
 
-def _coeffs(process: NoiseProcess, t: Tensor, x: Tensor, *names: str) -> list[Tensor]:
-    """Process coefficients at t (float64), broadcast against x and cast to its dtype."""
-    t = _as_t(t)
-    if t.ndim == 0:
-        t = t.expand(x.shape[0])
-    return [append_dims(getattr(process, n)(t), x.ndim).to(x) for n in names]
+def tweedie_score(x, x0_hat, alpha, sigma):
+    """Tweedie's formula: grad log p_t(x) = (alpha E[x0 | x] - x) / sigma^2 = -eps_hat / sigma (seed 003,
+    "Tweedie's formula"; Efron 2011). alpha, sigma: floats or tensors broadcast against x."""
+    return (alpha * x0_hat - x) / sigma**2
 
 
-def _alpha_sigma(process: NoiseProcess, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """alpha(t), sigma(t) in one call, broadcast against x and cast to its dtype."""
-    t = _as_t(t)
-    if t.ndim == 0:
-        t = t.expand(x.shape[0])
-    a, s = process.alpha_sigma(t)
-    return append_dims(a, x.ndim).to(x), append_dims(s, x.ndim).to(x)
+class Prediction:
+    """A network's prediction target. Subclasses write their conversion and its inverse once."""
+
+    name: str = ""
+
+    def from_x0(self, process: NoiseProcess, x: Tensor, t, x0: Tensor, eps: Tensor | None = None) -> Tensor:
+        """The target given x_t, x0 (and eps, else inferred as (x - alpha x0) / sigma)."""
+        raise NotImplementedError
+
+    def to_x0(self, process: NoiseProcess, x: Tensor, t, out: Tensor, alpha_sigma=None) -> Tensor:
+        """x0_hat from a prediction ``out`` at (x, t); the inverse of ``from_x0``. ``alpha_sigma``: the pair
+        (alpha, sigma) already broadcast against x (``process.at``), when the caller has it."""
+        raise NotImplementedError
+
+    def x0_error_scale(self, process: NoiseProcess, t: Tensor) -> Tensor:
+        """(d x0 / d out)^2: |x0_hat - x0|^2 = scale |out - target|^2 at time t (float64, shape of t). Used to
+        express every loss weighting in x0 units (seed 003, "Final objective function")."""
+        raise NotImplementedError
+
+    def output_scalings(self, process, t, x: Tensor, sigma_data: float, alpha_sigma=None) -> tuple[Tensor, Tensor]:
+        """(c_skip, c_out), broadcast against x: the target = c_skip x + c_out F for a raw network F whose target
+        has unit variance when x0 has variance sigma_data^2 (Karras et al. 2022, Eq. 7 and Sec. 5). The targets
+        other than x0 already have a skip (their conversion to x0): c_skip = 0, c_out = the target's standard
+        deviation for independent x0 (variance sigma_data^2) and eps."""
+        raise NotImplementedError
+
+    def _ab(self, process, t, x, alpha_sigma):
+        return alpha_sigma if alpha_sigma is not None else process.at(t, x)
+
+    def __repr__(self) -> str:
+        return self.name.upper()
+
+    def __reduce__(self):  # one instance per target, also after pickling (DataLoader workers, DDP)
+        return self.name.upper()
 
 
-def _batch(t, x: Tensor) -> Tensor:
-    """Times as a float64 (B,) tensor on x's device."""
-    t = _as_t(t).to(x.device)
-    return t.expand(x.shape[0]) if t.ndim == 0 else t
+class _Eps(Prediction):
+    """eps = (x - alpha x0) / sigma (Ho et al. 2020)."""
 
+    name = "eps"
 
-def x0_to(predicts: str, process: NoiseProcess, x: Tensor, t: Tensor, x0: Tensor, eps: Tensor | None = None):
-    """The target of ``predicts`` given x_t, x0 (and eps, else inferred as (x - alpha x0)/sigma)."""
-    _check(predicts)
-    if predicts == "x0":
-        return x0
-    alpha, sigma = _alpha_sigma(process, t, x)
-    if eps is None:
-        eps = (x - alpha * x0) / sigma
-    if predicts == "eps":
-        return eps
-    if predicts == "score":
-        return -eps / sigma
-    if predicts == "v":
-        return alpha * eps - sigma * x0
-    d_alpha, d_sigma = _coeffs(process, t, x, "d_alpha", "d_sigma")
-    return d_alpha * x0 + d_sigma * eps  # flow velocity u = dx_t/dt
+    def from_x0(self, process, x, t, x0, eps=None):
+        return eps if eps is not None else eps_from(x, x0, *process.at(t, x))
 
-
-def to_x0(predicts: str, process: NoiseProcess, x: Tensor, t: Tensor, out: Tensor, alpha_sigma=None) -> Tensor:
-    """x0_hat from a prediction ``out`` of kind ``predicts`` at (x, t); the inverse of ``x0_to``.
-
-    ``alpha_sigma``: the pair (alpha, sigma) already broadcast against x, when the caller has it.
-    """
-    _check(predicts)
-    if predicts == "x0":
-        return out
-    alpha, sigma = alpha_sigma if alpha_sigma is not None else _alpha_sigma(process, t, x)
-    if predicts == "eps":
+    def to_x0(self, process, x, t, out, alpha_sigma=None):
+        alpha, sigma = self._ab(process, t, x, alpha_sigma)
         return (x - sigma * out) / alpha
-    if predicts == "score":
-        return (x + sigma**2 * out) / alpha  # Tweedie's formula
-    if predicts == "v":
-        return (alpha * x - sigma * out) / (alpha**2 + sigma**2)
-    d_alpha, d_sigma = _coeffs(process, t, x, "d_alpha", "d_sigma")
-    return (d_sigma * x - sigma * out) / (d_sigma * alpha - sigma * d_alpha)
+
+    def x0_error_scale(self, process, t):
+        t = as_time(t)
+        return (process.sigma(t) / process.alpha(t)) ** 2
+
+    def output_scalings(self, process, t, x, sigma_data, alpha_sigma=None):
+        alpha, _ = self._ab(process, t, x, alpha_sigma)
+        return torch.zeros_like(alpha), torch.ones_like(alpha)  # eps has unit variance already
 
 
-def eps_from_x0(process: NoiseProcess, x: Tensor, t: Tensor, x0_hat: Tensor) -> Tensor:
-    """eps_hat = (x - alpha x0_hat) / sigma."""
-    return x0_to("eps", process, x, t, x0_hat)
+class _X0(Prediction):
+    """x0 itself."""
 
+    name = "x0"
 
-def score_from_x0(process: NoiseProcess, x: Tensor, t: Tensor, x0_hat: Tensor) -> Tensor:
-    """Tweedie: grad log p_t(x) = (alpha x0_hat - x) / sigma^2 (seed 003, "Tweedie's formula")."""
-    return x0_to("score", process, x, t, x0_hat)
+    def from_x0(self, process, x, t, x0, eps=None):
+        return x0
 
+    def to_x0(self, process, x, t, out, alpha_sigma=None):
+        return out
 
-def x0_error_scale(predicts: str, process: NoiseProcess, t: Tensor) -> Tensor:
-    """(d x0 / d out)^2: |x0_hat - x0|^2 = scale * |out - target|^2 at time t (float64, shape of t).
+    def x0_error_scale(self, process, t):
+        return torch.ones_like(as_time(t))
 
-    Used to express every loss weighting in x0 units (seed 003, "Final objective function").
-    """
-    _check(predicts)
-    t = _as_t(t)
-    alpha, sigma = process.alpha(t), process.sigma(t)
-    if predicts == "x0":
-        return torch.ones_like(t)
-    if predicts == "eps":
-        return (sigma / alpha) ** 2
-    if predicts == "score":
-        return (sigma**2 / alpha) ** 2
-    if predicts == "v":
-        return (sigma / (alpha**2 + sigma**2)) ** 2
-    return (sigma / (process.d_sigma(t) * alpha - sigma * process.d_alpha(t))) ** 2
+    def output_scalings(self, process, t, x, sigma_data, alpha_sigma=None):
+        """EDM's preconditioning (Karras et al. 2022, Table 1), for alpha = 1: c_skip = sigma_data^2 / (sigma^2 +
+        sigma_data^2), c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2), the skip that amplifies F's error
+        least (their Appendix B.6). For alpha != 1 the same holds for x / alpha = x0 + (sigma / alpha) eps (their
+        Eq. 4, s(t) = alpha): put sigma / alpha for sigma and x / alpha for x, and
 
+            c_skip = alpha sigma_data^2 / (alpha^2 sigma_data^2 + sigma^2),
+            c_out  = sigma sigma_data / sqrt(alpha^2 sigma_data^2 + sigma^2);
 
-def output_scalings(
-    predicts: str, process: NoiseProcess, t: Tensor, x: Tensor, sigma_data: float, alpha_sigma=None
-) -> tuple[Tensor, Tensor]:
-    """(c_skip, c_out), broadcast against x, of ``predicts`` = c_skip x + c_out F for a raw network F whose
-    target has unit variance when x0 has variance sigma_data^2 (Karras et al. 2022, Eq. 7 and Sec. 5).
-
-    x0 (EDM's preconditioning, Table 1): for alpha = 1, c_skip = sigma_data^2 / (sigma^2 + sigma_data^2) and
-    c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2), the skip that amplifies F's error least (their
-    Appendix B.6). For alpha != 1 the same holds for x / alpha = x0 + (sigma / alpha) eps (their Eq. 4,
-    s(t) = alpha): put sigma / alpha for sigma and x / alpha for x, and
-
-        c_skip = alpha sigma_data^2 / (alpha^2 sigma_data^2 + sigma^2),
-        c_out  = sigma sigma_data / sqrt(alpha^2 sigma_data^2 + sigma^2);
-
-    F's target (x0 - c_skip x_t) / c_out = (sigma x0 - alpha sigma_data^2 eps) / (sigma_data sqrt(alpha^2
-    sigma_data^2 + sigma^2)): -eps as sigma -> 0, x0 / sigma_data as alpha -> 0, -v on VP with sigma_data = 1.
-
-    The other targets already have a skip (their conversion to x0); c_skip = 0 and c_out is the target's
-    standard deviation for independent x0 (variance sigma_data^2) and eps: eps 1; score = -eps / sigma,
-    1 / sigma (Song & Ermon 2020, Technique 3: s(x, sigma) = F(x) / sigma); v = alpha eps - sigma x0,
-    sqrt(alpha^2 + sigma^2 sigma_data^2); flow u = alpha' x0 + sigma' eps, sqrt(alpha'^2 sigma_data^2 + sigma'^2).
-
-    Unit weight on F, as ``losses`` "simple" puts on a preconditioned output, is EDM's lambda = 1 / c_out^2
-    (their Eq. 8) on |prediction - target|^2; for score it is NCSN's lambda = sigma^2 (Song & Ermon 2019, Eq. 6).
-    ``alpha_sigma``: (alpha, sigma) already broadcast against x, when the caller has them.
-    """
-    _check(predicts)
-    alpha, sigma = alpha_sigma if alpha_sigma is not None else _alpha_sigma(process, t, x)
-    zero = torch.zeros_like(alpha)
-    if predicts == "eps":
-        return zero, torch.ones_like(alpha)
-    if predicts == "x0":
+        F's target (x0 - c_skip x_t) / c_out is -eps as sigma -> 0, x0 / sigma_data as alpha -> 0 and -v on VP
+        with sigma_data = 1. Unit weight on F is EDM's lambda = 1 / c_out^2 (their Eq. 8)."""
+        alpha, sigma = self._ab(process, t, x, alpha_sigma)
         denom = alpha**2 * sigma_data**2 + sigma**2
         return alpha * sigma_data**2 / denom, sigma * sigma_data * torch.rsqrt(denom)
-    if predicts == "score":
-        return zero, 1 / sigma
-    if predicts == "v":
-        return zero, torch.sqrt(alpha**2 + sigma**2 * sigma_data**2)
-    d_alpha, d_sigma = _coeffs(process, t, x, "d_alpha", "d_sigma")
-    return zero, torch.sqrt(d_alpha**2 * sigma_data**2 + d_sigma**2)
+
+
+class _V(Prediction):
+    """v = alpha eps - sigma x0 (Salimans & Ho 2022, Appendix D); x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)."""
+
+    name = "v"
+
+    def from_x0(self, process, x, t, x0, eps=None):
+        alpha, sigma = process.at(t, x)
+        eps = eps if eps is not None else eps_from(x, x0, alpha, sigma)
+        return alpha * eps - sigma * x0
+
+    def to_x0(self, process, x, t, out, alpha_sigma=None):
+        alpha, sigma = self._ab(process, t, x, alpha_sigma)
+        return (alpha * x - sigma * out) / (alpha**2 + sigma**2)
+
+    def x0_error_scale(self, process, t):
+        t = as_time(t)
+        alpha, sigma = process.alpha(t), process.sigma(t)
+        return (sigma / (alpha**2 + sigma**2)) ** 2
+
+    def output_scalings(self, process, t, x, sigma_data, alpha_sigma=None):
+        alpha, sigma = self._ab(process, t, x, alpha_sigma)
+        return torch.zeros_like(alpha), torch.sqrt(alpha**2 + sigma**2 * sigma_data**2)
+
+
+class _Score(Prediction):
+    """score = grad log p_t(x) = -eps / sigma (Tweedie); x0 = (x + sigma^2 score) / alpha."""
+
+    name = "score"
+
+    def from_x0(self, process, x, t, x0, eps=None):
+        alpha, sigma = process.at(t, x)
+        return -eps / sigma if eps is not None else tweedie_score(x, x0, alpha, sigma)
+
+    def to_x0(self, process, x, t, out, alpha_sigma=None):
+        alpha, sigma = self._ab(process, t, x, alpha_sigma)
+        return (x + sigma**2 * out) / alpha  # Tweedie's formula solved for x0_hat
+
+    def x0_error_scale(self, process, t):
+        t = as_time(t)
+        return (process.sigma(t) ** 2 / process.alpha(t)) ** 2
+
+    def output_scalings(self, process, t, x, sigma_data, alpha_sigma=None):
+        """c_out = 1 / sigma: NCSN's s(x, sigma) = F(x) / sigma (Song & Ermon 2020, Technique 3)."""
+        alpha, sigma = self._ab(process, t, x, alpha_sigma)
+        return torch.zeros_like(alpha), 1 / sigma
+
+
+class _Flow(Prediction):
+    """The flow velocity u = dx_t/dt = alpha' x0 + sigma' eps (for Flow, u = eps - x0): the probability-flow
+    velocity of the process (``NoiseProcess.ode_velocity_coeffs``); x0 = (sigma' x - sigma u) / (sigma' alpha -
+    sigma alpha')."""
+
+    name = "flow"
+
+    def from_x0(self, process, x, t, x0, eps=None):
+        if eps is None:
+            return process.ode_velocity(x, t, x0)
+        d_alpha, d_sigma = process.at(t, x, "d_alpha", "d_sigma")
+        return d_alpha * x0 + d_sigma * eps  # the same velocity, finite where sigma = 0
+
+    def to_x0(self, process, x, t, out, alpha_sigma=None):
+        alpha, sigma = self._ab(process, t, x, alpha_sigma)
+        d_alpha, d_sigma = process.at(t, x, "d_alpha", "d_sigma")
+        return (d_sigma * x - sigma * out) / (d_sigma * alpha - sigma * d_alpha)
+
+    def x0_error_scale(self, process, t):
+        t = as_time(t)
+        sigma = process.sigma(t)
+        return (sigma / (process.d_sigma(t) * process.alpha(t) - sigma * process.d_alpha(t))) ** 2
+
+    def output_scalings(self, process, t, x, sigma_data, alpha_sigma=None):
+        alpha, _ = self._ab(process, t, x, alpha_sigma)
+        d_alpha, d_sigma = process.at(t, x, "d_alpha", "d_sigma")
+        return torch.zeros_like(alpha), torch.sqrt(d_alpha**2 * sigma_data**2 + d_sigma**2)
+
+
+EPS, X0, V, SCORE, FLOW = _Eps(), _X0(), _V(), _Score(), _Flow()
+ALL_PREDICTIONS = (EPS, X0, V, SCORE, FLOW)

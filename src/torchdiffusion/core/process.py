@@ -11,6 +11,13 @@ so a process is defined by ``alpha(t)`` and ``sigma(t)`` alone. From them, once,
     f(t)    = d log alpha / dt                     drift of dx = f x dt + g dW
     g2(t)   = d sigma^2 / dt - 2 f sigma^2         squared diffusion (Song et al. 2021, Eq. 5/11)
     q(x_s | x_t, x0) = N(mean, var)                Gaussian posterior for any s < t
+    reverse SDE drift  f x - g2 score              (Anderson 1982; Song et al. 2021, Eq. 6)
+    probability-flow velocity  f x - g2/2 score    (Song et al. 2021, Eq. 13)
+
+with the score written through the denoiser by Tweedie's formula (``predictions.tweedie_score``), so both
+are linear in x and x0_hat: ``reverse_drift_coeffs`` and ``ode_velocity_coeffs`` give the two coefficients.
+``batch_time`` and ``NoiseProcess.at`` are the one place where times meet tensors (a scalar or (B,) time,
+broadcast against x and cast to its dtype).
 
 Subclasses (``processes.py``) may override ``f``, ``g2``, ``lam`` and ``t_from_lam`` with
 closed forms; the base-class versions (autograd and bisection) stay callable as
@@ -26,7 +33,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseProcess", "append_dims"]
+__all__ = ["NoiseProcess", "append_dims", "as_time", "batch_time"]
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
@@ -36,24 +43,35 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
-def _as_t(t: Tensor | float) -> Tensor:
+def as_time(t: Tensor | float) -> Tensor:
     """Times as a float64 tensor: coefficients are computed in float64 (DESIGN.md, numerics)."""
     if isinstance(t, Tensor):
         return t.to(torch.float64)
     return torch.tensor(float(t), dtype=torch.float64)
 
 
+def batch_time(t: Tensor | float, x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Times as the (B,) tensor a denoiser takes: a scalar expanded to x's batch, on x's device, in ``dtype``
+    (float64 for coefficients; x's dtype for a network's input)."""
+    if isinstance(t, Tensor):
+        t = t.to(device=x.device, dtype=dtype)
+    else:
+        t = torch.tensor(float(t), dtype=dtype, device=x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
 class NoiseProcess:
     """Base class: a forward process x_t = alpha(t) x0 + sigma(t) eps on t in [t_min, t_max].
 
     Subclasses implement ``alpha`` and ``sigma`` (float64 in, float64 out) and set
-    ``t_min``, ``t_max``. ``n_steps`` is the number T of discrete steps for a discrete-time
-    process (training then draws integer t in 1..T), and ``None`` for continuous time.
+    ``t_min``, ``t_max``. ``discrete`` says whether time is DDPM's integer step t = 0..T (``n_steps`` = T:
+    training draws integer t in 1..T and the ELBO is a sum over steps) or continuous (``n_steps`` None).
     """
 
     t_min: float = 0.0
     t_max: float = 1.0
     n_steps: int | None = None
+    discrete: bool = False
 
     # -- the two curves -------------------------------------------------------------
     def alpha(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -64,18 +82,18 @@ class NoiseProcess:
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Both curves at once (subclasses share work between them; networks call this per step)."""
-        t = _as_t(t)
+        t = as_time(t)
         return self.alpha(t), self.sigma(t)
 
     # -- derived quantities ---------------------------------------------------------
     def lam(self, t: Tensor) -> Tensor:
         """Half log-SNR lam(t) = log alpha(t) - log sigma(t); strictly decreasing in t."""
-        t = _as_t(t)
+        t = as_time(t)
         return torch.log(self.alpha(t)) - torch.log(self.sigma(t))
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio alpha^2 / sigma^2 = exp(2 lam)."""
-        t = _as_t(t)
+        t = as_time(t)
         return (self.alpha(t) / self.sigma(t)) ** 2
 
     def f(self, t: Tensor) -> Tensor:
@@ -84,7 +102,7 @@ class NoiseProcess:
 
     def g2(self, t: Tensor) -> Tensor:
         """Squared diffusion g(t)^2 = d sigma^2/dt - 2 f(t) sigma^2 (autograd default)."""
-        t = _as_t(t)
+        t = as_time(t)
         return _derivative(lambda u: self.sigma(u) ** 2, t) - 2 * self.f(t) * self.sigma(t) ** 2
 
     def d_alpha(self, t: Tensor) -> Tensor:
@@ -101,7 +119,7 @@ class NoiseProcess:
         Here values of lam outside [lam(t_max), lam(t_min)] give the nearer end; closed forms in
         subclasses may extrapolate instead.
         """
-        lam = _as_t(lam)
+        lam = as_time(lam)
         lo = torch.full_like(lam, self.t_min)
         hi = torch.full_like(lam, self.t_max)
         # lam decreases in t: where lam(mid) > target, the root lies to the right of mid.
@@ -119,12 +137,12 @@ class NoiseProcess:
         ``losses.sample_t`` draws from it (continuous time); a process whose t is not a good scale to
         spread training over (EDM's t = sigma) overrides this and ``train_t_density`` together.
         """
-        return self.t_min + (self.t_max - self.t_min) * _as_t(u)
+        return self.t_min + (self.t_max - self.t_min) * as_time(u)
 
     def train_t_density(self, t: Tensor) -> Tensor:
         """Density of ``train_t(U)`` at t: the importance weight 1 / p(t) turns a mean over training
         times into the integral over [t_min, t_max] that a continuous-time bound is."""
-        return torch.full_like(_as_t(t), 1.0 / (self.t_max - self.t_min))
+        return torch.full_like(as_time(t), 1.0 / (self.t_max - self.t_min))
 
     # -- sampling the forward process -----------------------------------------------
     def perturb(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -133,7 +151,7 @@ class NoiseProcess:
         Args:
             x0: clean data (B, ...). t: times (B,) or scalar. noise: standard normal, like x0.
         """
-        a, s = self._coeffs(t, x0)
+        a, s = self.at(t, x0)
         return a * x0 + s * noise
 
     def posterior(self, x0: Tensor, xt: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,7 +171,7 @@ class NoiseProcess:
 
     def posterior_coeffs(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Float64 coefficients (c_xt, c_x0, var) of ``posterior`` for times s < t."""
-        s, t = _as_t(s), _as_t(t)
+        s, t = as_time(s), as_time(t)
         a_s, sig_s = self.alpha(s), self.sigma(s)
         a_t, sig_t = self.alpha(t), self.sigma(t)
         a_ts = a_t / a_s
@@ -166,7 +184,7 @@ class NoiseProcess:
         Written as sigma_t^2 (1 - snr_t / snr_s) ... = sigma_t^2 - alpha_t^2 / snr_s, which is
         exact when sigma_s = 0 and never cancels to a negative number.
         """
-        s, t = _as_t(s), _as_t(t)
+        s, t = as_time(s), as_time(t)
         a_t, sig_t = self.alpha(t), self.sigma(t)
         return (sig_t**2 - (a_t**2) * (self.sigma(s) / self.alpha(s)) ** 2).clamp_min(0.0)
 
@@ -174,7 +192,7 @@ class NoiseProcess:
     @property
     def prior_std(self) -> float:
         """Std of the prior N(0, sigma(t_max)^2 I); assumes alpha(t_max) x0 is negligible."""
-        return float(self.sigma(_as_t(self.t_max)))
+        return float(self.sigma(as_time(self.t_max)))
 
     def prior_sample(
         self,
@@ -194,14 +212,51 @@ class NoiseProcess:
         d = x[0].numel()
         return -0.5 * (x.flatten(1) ** 2).sum(1) / s**2 - d * (math.log(s) + 0.5 * math.log(2 * math.pi))
 
-    # -- helpers --------------------------------------------------------------------
-    def _coeffs(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha(t), sigma(t) broadcast against x and cast to its dtype."""
-        t = _as_t(t)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+    # -- the reverse processes (seed 003, "Score-based SDE") -----------------------
+    def reverse_drift_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Float64 (c_x, c_0) with the reverse-time SDE's drift f x - g2 score(x) = c_x x + c_0 x0_hat.
+
+        Seed 003: dx = [f(t) x - g(t)^2 score] dt + g(t) dW-bar (Anderson 1982; Song et al. 2021, Eq. 6), with
+        Tweedie's score = (alpha x0_hat - x) / sigma^2: c_x = f + g2 / sigma^2, c_0 = -g2 alpha / sigma^2.
+        Infinite where f or g2 is (Flow at t = 1): the reverse SDE is singular there.
+        """
+        t = as_time(t)
         a, s = self.alpha_sigma(t)
-        return append_dims(a, x.ndim).to(x), append_dims(s, x.ndim).to(x)
+        k = self.g2(t) / s**2
+        return self.f(t) + k, -k * a
+
+    def ode_velocity_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Float64 (c_x, c_0) with the probability-flow velocity f x - g2/2 score(x) = c_x x + c_0 x0_hat.
+
+        Seed 003: dx = [f(t) x - g(t)^2 score / 2] dt (Song et al. 2021, Eq. 13). With g2 = 2 sigma sigma' -
+        2 f sigma^2 and Tweedie's score the velocity is alpha' x0_hat + sigma' eps_hat, i.e.
+
+            c_x = sigma' / sigma,   c_0 = alpha' - sigma' alpha / sigma,
+
+        which never divides by alpha: finite at the noise end of Flow (t = 1, where f is infinite), and on EDM
+        (alpha = 1, sigma = t) Karras et al.'s dx/dt = (x - x0_hat) / t (their Eq. 4).
+        """
+        t = as_time(t)
+        a, s = self.alpha_sigma(t)
+        ds_s = self.d_sigma(t) / s
+        return ds_s, self.d_alpha(t) - ds_s * a
+
+    def ode_velocity(self, x: Tensor, t: Tensor | float, x0_hat: Tensor) -> Tensor:
+        """The probability-flow velocity dx/dt at (x, t) given x0_hat (``ode_velocity_coeffs``)."""
+        c_x, c_0 = (append_dims(c, x.ndim).to(x) for c in self.ode_velocity_coeffs(batch_time(t, x)))
+        return c_x * x + c_0 * x0_hat
+
+    def reverse_drift(self, x: Tensor, t: Tensor | float, x0_hat: Tensor) -> Tensor:
+        """The reverse-time SDE's drift at (x, t) given x0_hat (``reverse_drift_coeffs``)."""
+        c_x, c_0 = (append_dims(c, x.ndim).to(x) for c in self.reverse_drift_coeffs(batch_time(t, x)))
+        return c_x * x + c_0 * x0_hat
+
+    # -- times meet tensors ---------------------------------------------------------
+    def at(self, t: Tensor | float, x: Tensor, *curves: str) -> list[Tensor]:
+        """The named curves (default alpha, sigma) at t (scalar or (B,)), broadcast against x, in its dtype."""
+        t = batch_time(t, x)
+        vals = self.alpha_sigma(t) if curves in ((), ("alpha", "sigma")) else [getattr(self, c)(t) for c in curves]
+        return [append_dims(v, x.ndim).to(x.dtype) for v in vals]
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -211,7 +266,7 @@ class NoiseProcess:
 def _derivative(fn, t: Tensor | float) -> Tensor:
     """d fn / dt elementwise by autograd, in float64."""
     with torch.enable_grad():
-        u = _as_t(t).detach().clone().requires_grad_(True)
+        u = as_time(t).detach().clone().requires_grad_(True)
         y = fn(u)
         if not y.requires_grad:  # a constant curve (alpha = 1 on VE and EDM)
             return torch.zeros_like(u.detach())

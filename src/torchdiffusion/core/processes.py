@@ -20,26 +20,41 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .process import NoiseProcess, _as_t
+from .process import NoiseProcess, as_time
 
 __all__ = ["VP", "SubVP", "VE", "Cosine", "EDM", "Flow", "Discrete", "BETA_SCHEDULES", "make_betas"]
 
 
-def _sigma_vp(log_alpha: Tensor) -> Tensor:
-    """sigma = sqrt(1 - alpha^2), accurate for alpha near 1 (small t)."""
-    return torch.sqrt(-torch.expm1(2 * log_alpha))
+class _VariancePreserving(NoiseProcess):
+    """alpha^2 + sigma^2 = 1, given by log alpha(t) (VP, Cosine, Discrete): the curves once, from log alpha.
 
+    sigma = sqrt(-expm1(2 log alpha)) is accurate for alpha near 1 (small t); lam = log alpha - log sigma;
+    g2 = d sigma^2/dt - 2 f sigma^2 = -2 f alpha^2 - 2 f sigma^2 = -2 f.
+    """
 
-def _alpha_sigma_vp(log_alpha: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.exp(log_alpha), _sigma_vp(log_alpha)
+    def log_alpha(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
+    def alpha(self, t):
+        return torch.exp(self.log_alpha(t))
 
-def _lam_vp(log_alpha: Tensor) -> Tensor:
-    return log_alpha - 0.5 * torch.log(-torch.expm1(2 * log_alpha))
+    def sigma(self, t):
+        return torch.sqrt(-torch.expm1(2 * self.log_alpha(t)))
+
+    def alpha_sigma(self, t):
+        la = self.log_alpha(t)
+        return torch.exp(la), torch.sqrt(-torch.expm1(2 * la))
+
+    def lam(self, t):
+        la = self.log_alpha(t)
+        return la - 0.5 * torch.log(-torch.expm1(2 * la))
+
+    def g2(self, t):
+        return -2 * self.f(t)
 
 
 @dataclass(frozen=True, repr=True)
-class VP(NoiseProcess):
+class VP(_VariancePreserving):
     """Variance-preserving SDE with beta(t) = beta_min + t (beta_max - beta_min).
 
     log alpha(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2,  sigma^2 = 1 - alpha^2.
@@ -52,34 +67,19 @@ class VP(NoiseProcess):
     t_max: float = 1.0
 
     def log_alpha(self, t: Tensor) -> Tensor:
-        t = _as_t(t)
+        t = as_time(t)
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
-    def alpha(self, t):
-        return torch.exp(self.log_alpha(t))
-
-    def sigma(self, t):
-        return _sigma_vp(self.log_alpha(t))
-
-    def alpha_sigma(self, t):
-        return _alpha_sigma_vp(self.log_alpha(t))
-
-    def lam(self, t):
-        return _lam_vp(self.log_alpha(t))
-
     def beta(self, t: Tensor) -> Tensor:
-        return self.beta_min + _as_t(t) * (self.beta_max - self.beta_min)
+        return self.beta_min + as_time(t) * (self.beta_max - self.beta_min)
 
     def f(self, t):
         return -0.5 * self.beta(t)
 
-    def g2(self, t):
-        return self.beta(t)
-
     def t_from_lam(self, lam):
         # alpha^2 = sigmoid(2 lam), so -log alpha^2 = softplus(-2 lam) =: S and t solves
         # (beta_max - beta_min) t^2 / 2 + beta_min t = S; the root below avoids cancellation.
-        S = torch.nn.functional.softplus(-2 * _as_t(lam))
+        S = torch.nn.functional.softplus(-2 * as_time(lam))
         d = self.beta_max - self.beta_min
         return 2 * S / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * d * S))
 
@@ -121,27 +121,27 @@ class VE(NoiseProcess):
     t_max: float = 1.0
 
     def alpha(self, t):
-        return torch.ones_like(_as_t(t))
+        return torch.ones_like(as_time(t))
 
     def sigma(self, t):
-        return self.sigma_min * (self.sigma_max / self.sigma_min) ** _as_t(t)
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** as_time(t)
 
     def lam(self, t):
-        return -math.log(self.sigma_min) - _as_t(t) * math.log(self.sigma_max / self.sigma_min)
+        return -math.log(self.sigma_min) - as_time(t) * math.log(self.sigma_max / self.sigma_min)
 
     def f(self, t):
-        return torch.zeros_like(_as_t(t))
+        return torch.zeros_like(as_time(t))
 
     def g2(self, t):
         return 2 * self.sigma(t) ** 2 * math.log(self.sigma_max / self.sigma_min)
 
     def t_from_lam(self, lam):
-        t = (-_as_t(lam) - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
+        t = (-as_time(lam) - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
         return t.clamp(self.t_min, self.t_max)
 
 
 @dataclass(frozen=True, repr=True)
-class Cosine(NoiseProcess):
+class Cosine(_VariancePreserving):
     """Cosine schedule: alpha^2(t) = cos^2(theta(t)) / cos^2(theta(0)), theta = (t + s)/(1 + s) pi/2.
 
     Nichol & Dhariwal 2021, Eq. 17, in continuous time. t_max < 1 keeps alpha > 0 (as in
@@ -153,32 +153,17 @@ class Cosine(NoiseProcess):
     t_max: float = 0.9946
 
     def _theta(self, t):
-        return (_as_t(t) + self.s) / (1 + self.s) * (math.pi / 2)
+        return (as_time(t) + self.s) / (1 + self.s) * (math.pi / 2)
 
     def log_alpha(self, t):
         la = torch.log(torch.cos(self._theta(t))) - math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
         return la.clamp(max=0.0)  # at t = 0 rounding can give +1e-17, and sigma = sqrt(-expm1(2 la)) NaN
 
-    def alpha(self, t):
-        return torch.exp(self.log_alpha(t))
-
-    def sigma(self, t):
-        return _sigma_vp(self.log_alpha(t))
-
-    def alpha_sigma(self, t):
-        return _alpha_sigma_vp(self.log_alpha(t))
-
-    def lam(self, t):
-        return _lam_vp(self.log_alpha(t))
-
     def f(self, t):
         return -torch.tan(self._theta(t)) * (math.pi / 2) / (1 + self.s)
 
-    def g2(self, t):
-        return -2 * self.f(t)  # alpha^2 + sigma^2 = 1
-
     def t_from_lam(self, lam):
-        log_alpha = -0.5 * torch.nn.functional.softplus(-2 * _as_t(lam))
+        log_alpha = -0.5 * torch.nn.functional.softplus(-2 * as_time(lam))
         cos_theta = torch.exp(log_alpha) * math.cos(self.s / (1 + self.s) * math.pi / 2)
         return torch.arccos(cos_theta) * 2 * (1 + self.s) / math.pi - self.s
 
@@ -211,32 +196,32 @@ class EDM(NoiseProcess):
 
     def train_t(self, u):
         lo, hi = self._vp_times()
-        return torch.exp(-_TRAIN_VP.lam(lo + (hi - lo) * _as_t(u))).clamp(self.t_min, self.t_max)
+        return torch.exp(-_TRAIN_VP.lam(lo + (hi - lo) * as_time(u))).clamp(self.t_min, self.t_max)
 
     def train_t_density(self, t):
         # 1 / ((hi - lo) d sigma / d tau), with d sigma / d tau = -sigma lam_VP'(tau) = sigma beta / (2 sigma_VP^2)
         lo, hi = self._vp_times()
-        t = _as_t(t)
+        t = as_time(t)
         tau = _TRAIN_VP.t_from_lam(-torch.log(t))
         return 2 * _TRAIN_VP.sigma(tau) ** 2 / (t * _TRAIN_VP.beta(tau) * (hi - lo))
 
     def alpha(self, t):
-        return torch.ones_like(_as_t(t))
+        return torch.ones_like(as_time(t))
 
     def sigma(self, t):
-        return _as_t(t)
+        return as_time(t)
 
     def lam(self, t):
-        return -torch.log(_as_t(t))
+        return -torch.log(as_time(t))
 
     def f(self, t):
-        return torch.zeros_like(_as_t(t))
+        return torch.zeros_like(as_time(t))
 
     def g2(self, t):
-        return 2 * _as_t(t)
+        return 2 * as_time(t)
 
     def t_from_lam(self, lam):
-        return torch.exp(-_as_t(lam))
+        return torch.exp(-as_time(lam))
 
 
 @dataclass(frozen=True, repr=True)
@@ -251,20 +236,20 @@ class Flow(NoiseProcess):
     t_max: float = 1.0
 
     def alpha(self, t):
-        return 1 - _as_t(t)
+        return 1 - as_time(t)
 
     def sigma(self, t):
-        return _as_t(t)
+        return as_time(t)
 
     def f(self, t):
-        return -1 / (1 - _as_t(t))
+        return -1 / (1 - as_time(t))
 
     def g2(self, t):
-        t = _as_t(t)
+        t = as_time(t)
         return 2 * t + 2 * t**2 / (1 - t)
 
     def t_from_lam(self, lam):
-        return torch.sigmoid(-_as_t(lam))  # alpha/sigma = e^lam  =>  t = 1 / (1 + e^lam)
+        return torch.sigmoid(-as_time(lam))  # alpha/sigma = e^lam  =>  t = 1 / (1 + e^lam)
 
 
 # -- discrete time (DDPM) ---------------------------------------------------------------
@@ -315,7 +300,7 @@ def make_betas(schedule: str, T: int) -> Tensor:
 
 
 @dataclass(frozen=True, repr=False)
-class Discrete(NoiseProcess):
+class Discrete(_VariancePreserving):
     """DDPM (Ho et al. 2020): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t = 0..T.
 
     Exact on the integer grid (alpha_bar_0 = 1 is the data). Between integers log alpha_bar is
@@ -324,6 +309,8 @@ class Discrete(NoiseProcess):
 
     Build with ``Discrete.from_schedule("linear", T=1000)`` or ``Discrete(betas)``.
     """
+
+    discrete = True  # time is the integer step t = 0..T (``NoiseProcess.discrete``)
 
     betas: Tensor = field(default_factory=lambda: _beta_linear(1000))
 
@@ -348,7 +335,7 @@ class Discrete(NoiseProcess):
         return self._log_alphas_cumprod.exp()
 
     def _index(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        t = _as_t(t).clamp(0, self.n_steps)
+        t = as_time(t).clamp(0, self.n_steps)
         i = torch.floor(t).clamp(max=self.n_steps - 1)
         return i.long(), t - i
 
@@ -357,29 +344,22 @@ class Discrete(NoiseProcess):
         table = self._log_alphas_cumprod.to(frac.device)
         return 0.5 * (table[i] * (1 - frac) + table[i + 1] * frac)
 
-    def alpha(self, t):
-        return torch.exp(self.log_alpha(t))
-
-    def sigma(self, t):
-        return _sigma_vp(self.log_alpha(t))
-
-    def alpha_sigma(self, t):
-        return _alpha_sigma_vp(self.log_alpha(t))
-
-    def lam(self, t):
-        return _lam_vp(self.log_alpha(t))
-
     def f(self, t):
         i, _ = self._index(t)
         table = self._log_alphas_cumprod.to(i.device)
         return 0.5 * (table[i + 1] - table[i])  # slope of log alpha on the segment [i, i + 1]
 
-    def g2(self, t):
-        return -2 * self.f(t)
+    def train_t(self, u):
+        """Uniform integers 1..T (Ho et al. 2020, Algorithm 1): t = floor(u T) + 1."""
+        return (torch.floor(as_time(u) * self.n_steps) + 1).clamp(max=self.n_steps)
+
+    def train_t_density(self, t):
+        """1/T, the probability of each integer t: dividing by it turns a mean over t into the sum over 1..T."""
+        return torch.full_like(as_time(t), 1.0 / self.n_steps)
 
     def t_from_lam(self, lam):
         # log alpha is piecewise linear in t; invert it by locating the segment.
-        target = -0.5 * torch.nn.functional.softplus(-2 * _as_t(lam))
+        target = -0.5 * torch.nn.functional.softplus(-2 * as_time(lam))
         table = 0.5 * self._log_alphas_cumprod.to(target.device)  # decreasing in t
         i = torch.searchsorted(-table, -target.contiguous(), right=True).clamp(1, self.n_steps) - 1
         lo, hi = table[i], table[i + 1]

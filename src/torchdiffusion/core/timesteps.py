@@ -12,12 +12,14 @@ import math
 import torch
 from torch import Tensor
 
-from .process import NoiseProcess, _as_t
+from .process import NoiseProcess, as_time
 
-__all__ = ["grid_t", "grid_lam", "grid_karras", "grid_quadratic", "grid_discrete", "check_grid"]
+__all__ = ["grid_t", "grid_lam", "grid_karras", "grid_quadratic", "grid_discrete", "check_grid", "grid_ends"]
+__all__ += ["lam_start"]
 
 
-def _ends(process: NoiseProcess, t_start, t_end) -> tuple[float, float]:
+def grid_ends(process: NoiseProcess, t_start, t_end) -> tuple[float, float]:
+    """(t_start, t_end) of a grid: the given ends, else (t_max, t_min); t_start > t_end is checked."""
     t_start = process.t_max if t_start is None else float(t_start)
     t_end = process.t_min if t_end is None else float(t_end)
     if not t_start > t_end:
@@ -33,14 +35,14 @@ def _check_n(n: int) -> None:
 def grid_t(process: NoiseProcess, n: int, *, t_start=None, t_end=None) -> Tensor:
     """n steps uniform in t (Song et al. 2021's default for SDE samplers)."""
     _check_n(n)
-    a, b = _ends(process, t_start, t_end)
+    a, b = grid_ends(process, t_start, t_end)
     return torch.linspace(a, b, n + 1, dtype=torch.float64)
 
 
 def grid_quadratic(process: NoiseProcess, n: int, *, t_start=None, t_end=None) -> Tensor:
     """n steps uniform in sqrt(t - t_end): denser near the data (DDIM's "quadratic" spacing)."""
     _check_n(n)
-    a, b = _ends(process, t_start, t_end)
+    a, b = grid_ends(process, t_start, t_end)
     u = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)
     return b + (a - b) * u**2
 
@@ -51,16 +53,17 @@ def grid_quadratic(process: NoiseProcess, n: int, *, t_start=None, t_end=None) -
 LAM_MIN = -math.log(80.0)
 
 
-def _lam_start(process: NoiseProcess, a: float) -> float:
-    lam = float(process.lam(_as_t(a)))
+def lam_start(process: NoiseProcess, a: float) -> float:
+    """lam at the grid's first time a, or ``LAM_MIN`` where that is -inf (alpha(a) = 0)."""
+    lam = float(process.lam(as_time(a)))
     return lam if math.isfinite(lam) else LAM_MIN
 
 
 def grid_lam(process: NoiseProcess, n: int, *, t_start=None, t_end=None) -> Tensor:
     """n steps uniform in half log-SNR lam (DPM-Solver's "logSNR" grid; geometric sigmas on VE)."""
     _check_n(n)
-    a, b = _ends(process, t_start, t_end)
-    lams = torch.linspace(_lam_start(process, a), float(process.lam(_as_t(b))), n + 1, dtype=torch.float64)
+    a, b = grid_ends(process, t_start, t_end)
+    lams = torch.linspace(lam_start(process, a), float(process.lam(as_time(b))), n + 1, dtype=torch.float64)
     ts = process.t_from_lam(lams)
     ts[0], ts[-1] = a, b  # exact ends despite the inverse's rounding
     return ts
@@ -69,9 +72,9 @@ def grid_lam(process: NoiseProcess, n: int, *, t_start=None, t_end=None) -> Tens
 def grid_karras(process: NoiseProcess, n: int, *, rho: float = 7.0, t_start=None, t_end=None) -> Tensor:
     """n steps uniform in (sigma/alpha)^(1/rho) (Karras et al. 2022, Eq. 5, rho = 7)."""
     _check_n(n)
-    a, b = _ends(process, t_start, t_end)
+    a, b = grid_ends(process, t_start, t_end)
     # sigma/alpha = exp(-lam) is the noise level of the equivalent alpha = 1 process.
-    s_max, s_min = math.exp(-_lam_start(process, a)), float(torch.exp(-process.lam(_as_t(b))))
+    s_max, s_min = math.exp(-lam_start(process, a)), float(torch.exp(-process.lam(as_time(b))))
     u = torch.linspace(0, 1, n + 1, dtype=torch.float64)
     s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     ts = process.t_from_lam(-torch.log(s))
@@ -105,7 +108,7 @@ def grid_discrete(process: NoiseProcess, n: int, *, spacing: str = "leading") ->
 
 def check_grid(ts) -> Tensor:
     """Validate a grid: a 1-d float64 tensor of at least 1 strictly decreasing time."""
-    ts = _as_t(torch.as_tensor(ts))
+    ts = as_time(torch.as_tensor(ts))
     if ts.ndim != 1 or ts.numel() < 1:
         raise ValueError(f"ts must be a 1-d tensor of times, got shape {tuple(ts.shape)}")
     if ts.numel() > 1 and not bool((ts[1:] < ts[:-1]).all()):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..core.process import NoiseProcess, _as_t
+from ..core.process import NoiseProcess, as_time
 from ._common import F64, gauss_logp, index_cond
 from .dequantize import discretized_gaussian_logp
 
@@ -18,7 +18,7 @@ LAM_FLOOR = -15.0  # where lam(t_max) = -inf (Flow), the continuous bound starts
 
 def _kl_prior(process: NoiseProcess, x0: Tensor, t_end: float) -> Tensor:
     """KL(q(x_T | x0) || N(0, sigma(T)^2 I)) for x0 (B, D): the prior term L_T (Ho et al. 2020, Eq. 5)."""
-    a, s = (float(c) for c in process.alpha_sigma(_as_t(t_end)))
+    a, s = (float(c) for c in process.alpha_sigma(as_time(t_end)))
     return 0.5 * (a**2 * x0**2 / s**2).sum(1)  # the variances match: only the mean term is left
 
 
@@ -77,12 +77,11 @@ def vlb_terms(
         x0: data (B, ...). chunk: rows (example, t) per denoiser call. cond: per-example tensors
             are indexed along with x0.
     """
-    T = process.n_steps
-    if T is None:
+    if not process.discrete:
         raise ValueError("vlb_terms needs a discrete-time process (Discrete); use elbo() in continuous time")
     if decoder not in ("gaussian", "discretized"):
         raise ValueError(f"decoder must be 'gaussian' or 'discretized', got {decoder!r}")
-    B, dev = x0.shape[0], x0.device
+    T, (B, dev) = process.n_steps, (x0.shape[0], x0.device)
     flat = x0.flatten(1).to(F64)
     terms = {"prior": _kl_prior(process, flat, float(T))}
     steps = torch.arange(2, T + 1, dtype=F64, device=dev)
@@ -109,7 +108,7 @@ def vlb_terms(
     one = torch.ones(B, dtype=F64, device=dev)
     x1 = process.perturb(x0, one, torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype))
     x0_hat = denoiser(x1, one.to(x0.dtype), **cond).flatten(1).to(F64)
-    var1 = float(process.sigma(_as_t(1.0))) ** 2
+    var1 = float(process.sigma(as_time(1.0))) ** 2
     if decoder == "gaussian":
         terms["decoder"] = -gauss_logp(flat, x0_hat, var1)
     else:
@@ -160,13 +159,13 @@ def elbo(
         (elbo (B,), stderr (B,)): stderr of the diffusion estimate (NaN for n_t = 1); with
         ``return_terms`` also a dict of the three losses "prior", "diffusion", "reconstruction".
     """
-    if process.n_steps is not None:
+    if process.discrete:
         raise ValueError("elbo is the continuous-time bound; use vlb()/vlb_terms() on a discrete-time process")
     t0 = process.t_min if t_start is None else float(t_start)
     t1 = process.t_max if t_end is None else float(t_end)
-    lam_hi, lam_lo = float(process.lam(_as_t(t0))), float(process.lam(_as_t(t1)))
+    lam_hi, lam_lo = float(process.lam(as_time(t0))), float(process.lam(as_time(t1)))
     if not math.isfinite(lam_lo):
-        t1, lam_lo = float(process.t_from_lam(_as_t(LAM_FLOOR))), LAM_FLOOR
+        t1, lam_lo = float(process.t_from_lam(as_time(LAM_FLOOR))), LAM_FLOOR
     B, dev, D = x0.shape[0], x0.device, x0[0].numel()
     u = torch.rand(B * n_t, generator=generator, device=dev, dtype=F64)
     if importance:

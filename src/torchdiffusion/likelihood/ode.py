@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..core.process import NoiseProcess, _as_t
+from ..core.process import NoiseProcess, as_time
 from ._common import F64, gauss_logp, index_cond
 
 _ADAPTIVE = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's adaptive solvers
@@ -31,9 +31,8 @@ def _ode_logp(denoiser, process, x, probes, t0, t1, rtol, atol, method, cond):
     def fn(t, state):
         nonlocal nfe
         nfe += 1
-        # v = alpha' x0_hat + sigma' eps_hat = c_x x + c_0 x0_hat: div v = D c_x + c_0 div x0_hat.
-        (a, s), da, ds = process.alpha_sigma(t), process.d_alpha(t), process.d_sigma(t)
-        c_x, c_0 = ds / s, da - ds * a / s
+        # v = c_x x + c_0 x0_hat (the process's probability-flow velocity): div v = D c_x + c_0 div x0_hat.
+        c_x, c_0 = process.ode_velocity_coeffs(t)
         with torch.enable_grad():
             xg = state[0].detach().requires_grad_(True)
             x0_hat = denoiser(xg.reshape(shape).to(dtype), t.to(dtype).expand(B), **cond).reshape(B, -1).to(F64)
@@ -70,7 +69,7 @@ def log_likelihood(
     """log p_{t_start}(x) by the instantaneous change of variables (Chen et al. 2018, Thm 1; Song et
     al. 2021, Eq. 39 and Appendix D.2), per example (B,), in nats.
 
-    Along the probability-flow ODE dx/dt = v(x, t) = alpha' x0_hat + sigma' eps_hat (``x0_to("flow")``),
+    Along the probability-flow ODE dx/dt = v(x, t) = alpha' x0_hat + sigma' eps_hat (``NoiseProcess.ode_velocity``),
     d log p_t(x(t)) / dt = -div v, so integrating d/dt [x, delta] = [v, div v] from t_start to t_end
     (torchdiffeq ``odeint``, float64) gives log p_{t_start}(x) = log N(x_T; 0, sigma(t_end)^2 I) + delta.
     With v = c_x x + c_0 x0_hat (c_x = sigma'/sigma, c_0 = alpha' - sigma' alpha/sigma), div v =
@@ -117,7 +116,7 @@ def log_likelihood(
         x_ends.append(x_end)
         nfe += n
     delta, x_end = torch.cat(deltas), torch.cat(x_ends)
-    var = float(process.sigma(_as_t(t1))) ** 2
+    var = float(process.sigma(as_time(t1))) ** 2
     prior = gauss_logp(x_end.reshape(B, -1), 0.0, var)
     if return_info:
         return prior + delta, {"nfe": nfe, "prior": prior, "delta": delta, "x_T": x_end}

@@ -1,5 +1,6 @@
 """What a network is trained to minimise: the denoising loss and its weightings over time."""
 
-from .denoising import WEIGHTINGS, denoising_loss, sample_t, weight
+from .denoising import denoising_loss, sample_t
+from .weightings import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR, MinSNR, Weighting
 
-__all__ = ["denoising_loss", "weight", "sample_t", "WEIGHTINGS"]
+__all__ = ["denoising_loss", "sample_t", "Weighting", "SIMPLE", "ELBO", "LIKELIHOOD", "SNR", "MinSNR", "MIN_SNR"]

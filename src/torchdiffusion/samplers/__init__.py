@@ -2,13 +2,13 @@
 
 They are stateless, compute coefficients in float64, draw noise only from ``generator``, never
 mutate their inputs and work for any tensor shape. The policy at the ends of the interval is
-in ``_loop``; the table of names, orders and papers is ``torchdiffusion.names.INFO``.
+in ``_common``; the table of names, orders and papers is ``torchdiffusion.names.INFO``.
 """
 
 from functools import partial
 
 from ..core.denoiser import CountingDenoiser, count_nfe
-from ._loop import progress_callback
+from ._common import progress_callback
 from .ancestral import sample_ddpm
 from .ddim import sample_ddim
 from .dpm_solver import sample_dpm_solver, sample_dpm_solver_pp, sample_dpm_solver_pp_sde

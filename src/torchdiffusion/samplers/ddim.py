@@ -8,38 +8,9 @@ import torch
 from torch import Tensor
 
 from ..core.process import NoiseProcess
-from . import _loop
+from . import _common
 
 __all__ = ["sample_ddim"]
-
-
-def ddim_coeffs(process: NoiseProcess, ts: Tensor, eta: float) -> tuple[list[float], list[float], list[float]]:
-    """Float64 (c_x, c_0, c_z) per step of ``ts``: x_s = c_x x_t + c_0 x0_hat + c_z z (see ``sample_ddim``).
-
-    With q = sqrt(1 - eta^2 (1 - e^{-2h})) = sqrt(sigma_s^2 - c^2) / sigma_s, every term is a sum of
-    non-negative parts (no cancellation for small h):
-
-        c_x = q sigma_s / sigma_t,  c_0 = alpha_s ((1 - e^{-h}) + e^{-h} (1 - q)),  c_z = eta sigma_s sqrt(1 - e^{-2h})
-
-    e^{-h} = sigma_s alpha_t / (alpha_s sigma_t) comes from the curves themselves, so alpha_t = 0 (lam_t = -inf,
-    Flow at t = 1) gives e^{-h} = 0 and the finite step x_s = q sigma_s/sigma_t x_t + alpha_s x0_hat + c_z z.
-    """
-    a, sg, lam = process.alpha(ts).tolist(), process.sigma(ts).tolist(), process.lam(ts).tolist()
-    c_x, c_0, c_z = [], [], []
-    for i in range(len(ts) - 1):
-        if sg[i + 1] == 0.0:  # lands on the data: x_s = x0_hat (``_loop.lands_on_data``)
-            c_x.append(0.0), c_0.append(1.0), c_z.append(0.0)
-            continue
-        h = lam[i + 1] - lam[i]
-        em = sg[i + 1] * a[i] / (a[i + 1] * sg[i])  # e^{-h}
-        one_m_em = -math.expm1(-h) if math.isfinite(h) else 1.0  # 1 - e^{-h}
-        one_m_em2 = -math.expm1(-2 * h) if math.isfinite(h) else 1.0  # 1 - e^{-2h}
-        q2 = 1.0 - eta**2 * one_m_em2
-        q = math.sqrt(q2)
-        c_x.append(q * sg[i + 1] / sg[i])
-        c_0.append(a[i + 1] * (one_m_em + em * (1.0 - q2) / (1.0 + q)))
-        c_z.append(eta * sg[i + 1] * math.sqrt(one_m_em2))
-    return c_x, c_0, c_z
 
 
 def sample_ddim(
@@ -67,32 +38,34 @@ def sample_ddim(
     - eta = 1: c^2 is the posterior variance, and the step is DDPM's ancestral step (Ho et al. 2020, Eq. 7)
       with the same noise draws as ``sample_ddpm(variance="posterior")``.
 
-    Computed in the x0 form (``ddim_coeffs``), which stays finite where alpha_t = 0 (Flow at t = 1).
+    The update is gathered onto x_t and x0_hat: with q = sqrt(sigma_s^2 - c^2) / sigma_s, x_s = q sigma_s/sigma_t
+    x_t + alpha_s ((1 - e^{-h}) + e^{-h} (1 - q)) x0_hat + c z, a sum of non-negative parts (no cancellation for
+    small h) that stays finite where alpha_t = 0 (Flow at t = 1: e^{-h} = 0).
 
     Args:
-        denoiser: (x, t (B,), **cond) -> x0_hat.
-        process: the noise process.
+        denoiser: (x, t (B,), **cond) -> x0_hat. process: the noise process.
         x: (B, ...) start, usually ``process.prior_sample``; not modified.
         ts: decreasing times (n + 1 for n steps), e.g. ``grid_lam(process, n)``.
         eta: 0 <= eta <= 1, the fraction of the posterior standard deviation injected as noise.
-        final_denoise: return x0_hat at ts[-1] (see ``samplers._loop``).
-        generator: the only source of noise (used only when eta > 0).
+        final_denoise: return x0_hat at ts[-1] (``samplers._common``). generator: the only source of noise.
         callback: called with {"i", "t", "x", "x0_hat", "nfe"} after each step.
     Returns:
         samples shaped like x. NFE = 1 per step, plus 1 for the final denoising step.
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (Song et al. 2021, Eq. 16), got {eta}")
-    x, ts = _loop.prepare(x, ts)
-    c_x, c_0, c_z = ddim_coeffs(process, ts, float(eta))
-    lands = [_loop.lands_on_data(process, s) for s in ts[1:]]
-    for i in range(len(ts) - 1):
-        x0_hat = denoiser(x, _loop.batch_t(ts[i], x), **cond)
-        if lands[i]:
+    x, g = _common.setup(process, x, ts)
+    a, sg, em, omh = g.alpha, g.sigma, g.em, g.one_minus_em
+    for i in range(g.n):
+        x0_hat = denoiser(x, g.time(i, x), **cond)
+        if g.lands[i]:
             x = x0_hat
         else:
-            x = c_x[i] * x + c_0[i] * x0_hat
-            if c_z[i] > 0:
-                x = x + c_z[i] * _loop.noise_like(x, generator)
-        _loop.report(callback, i, ts[i], x, x0_hat, i + 1)
-    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+            s = i + 1
+            one_m_q2 = eta**2 * omh[i] * (1 + em[i])  # 1 - q^2 = eta^2 (1 - e^{-2h})
+            q = math.sqrt(1 - one_m_q2)
+            x = torch.add(q * sg[s] / sg[i] * x, x0_hat, alpha=a[s] * (omh[i] + em[i] * one_m_q2 / (1 + q)))
+            if eta > 0:
+                x = torch.add(x, _common.noise_like(x, generator), alpha=sg[s] * math.sqrt(one_m_q2))  # c z
+        _common.report(callback, i, g, x, x0_hat, i + 1)
+    return _common.finish(denoiser, g, x, final_denoise, cond)

@@ -6,9 +6,9 @@ The probability-flow ODE, written in lam = log(alpha / sigma), has the exact sol
     x_s = sigma_s / sigma_t x_t + sigma_s int_{lam_t}^{lam_s} e^{lam} x0_hat dlam        (data form)
 
 (Lu et al. 2022, Prop. 3.1, Eq. 3.4; the data form is DPM-Solver++'s, Lu et al. 2023, Sec. 4). The linear
-part is exact; the solvers only
-approximate eps_hat or x0_hat as a polynomial in lam, so x / alpha depends on the grid only through
-lam and VP, VE, ... agree on one lam grid. (e^h - 1) forms are written with expm1.
+part is exact; the solvers only approximate eps_hat or x0_hat as a polynomial in lam, so x / alpha depends on
+the grid only through lam and VP, VE, ... agree on one lam grid. (e^h - 1) forms are written with expm1; the
+factors e^{-h} and 1 - e^{-h} of each step come from ``_common.Grid``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import math
 import torch
 from torch import Tensor
 
-from ..core.process import NoiseProcess
-from . import _loop
+from ..core.predictions import eps_from
+from ..core.process import NoiseProcess, batch_time
+from . import _common
 
 __all__ = ["sample_dpm_solver", "sample_dpm_solver_pp", "sample_dpm_solver_pp_sde"]
 
@@ -27,47 +28,15 @@ __all__ = ["sample_dpm_solver", "sample_dpm_solver_pp", "sample_dpm_solver_pp_sd
 _R = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}
 
 
-def grid_curves(process: NoiseProcess, ts: Tensor) -> tuple[list[float], list[float], list[float]]:
-    """alpha, sigma, lam at every time of ``ts`` as float64 lists (lam = -inf where alpha = 0, +inf where sigma = 0)."""
-    return process.alpha(ts).tolist(), process.sigma(ts).tolist(), process.lam(ts).tolist()
-
-
-def one_minus_exp(h: float, em: float) -> float:
-    """1 - e^{-h} as -expm1(-h); where h = inf (alpha_t = 0) it is 1 - em, with em = e^{-h} from the curves."""
-    return -math.expm1(-h) if math.isfinite(h) else 1.0 - em
-
-
-def multistep_orders(lam: list[float], order: int, lower_order_final: bool) -> list[int]:
-    """The order of each step of a multistep method on a grid with these lam values.
-
-    Warm-up: step i uses at most the i + 1 values x0_hat(t_i), x0_hat(t_{i-1}), ... whose lam is finite
-    (a value at lam = -inf, alpha = 0, is infinitely far in lam and carries no information: dropped).
-    ``lower_order_final``: the last steps use orders n - i when n < 10 (Lu et al. 2023's implementation).
-    """
-    n, orders, run = len(lam) - 1, [], 0
-    for i in range(n):
-        run = run + 1 if math.isfinite(lam[i]) else 0
-        k = min(order, max(run, 1))
-        orders.append(min(k, n - i) if lower_order_final and n < 10 else k)
-    return orders
-
-
-def _multistep_loop(denoiser, process, x, ts, c_x, w, c_z, final_denoise, generator, callback, cond) -> Tensor:
-    """x_s = c_x x_t + sum_j w_j x0_hat(t_{i-j}) + c_z z for each step i; x0_hat at t_i is the step's 1 NFE."""
-    lands = [_loop.lands_on_data(process, s) for s in ts[1:]]
-    hist: list[Tensor] = []  # x0_hat at t_i, t_{i-1}, t_{i-2}
-    for i in range(len(ts) - 1):
-        x0_hat = denoiser(x, _loop.batch_t(ts[i], x), **cond)
-        hist = [x0_hat, *hist[:2]]
-        if lands[i]:
-            x = x0_hat
-        else:
-            y = c_x[i] * x
-            for wj, mj in zip(w[i], hist):
-                y = y + wj * mj
-            x = y + c_z[i] * _loop.noise_like(x, generator) if c_z[i] > 0 else y
-        _loop.report(callback, i, ts[i], x, x0_hat, i + 1)
-    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+def _midpoints(process: NoiseProcess, g: _common.Grid, order: int) -> list[tuple[Tensor, list, list, list]]:
+    """For each r of ``_R[order]``: the times u = t_from_lam(lam_t + r h) of every step, and alpha, sigma, lam there."""
+    lam_t = torch.tensor(g.lam[:-1], dtype=torch.float64)
+    h = torch.tensor([hi if math.isfinite(hi) else 0.0 for hi in g.h], dtype=torch.float64)  # landing: unused
+    mids = []
+    for r in _R[order]:
+        u = process.t_from_lam(lam_t + r * h).to(g.ts.device)
+        mids.append((u, process.alpha(u).tolist(), process.sigma(u).tolist(), process.lam(u).tolist()))
+    return mids
 
 
 def sample_dpm_solver(
@@ -84,19 +53,10 @@ def sample_dpm_solver(
 ) -> Tensor:
     """Single-step DPM-Solver-1, -2, -3 in noise-prediction form (Lu et al. 2022, Eqs. 3.7-3.9, Algorithms 1-2).
 
-    With eps_hat = (x - alpha x0_hat) / sigma and, per step t -> s, h = lam_s - lam_t:
-
-    - order 1 (Eq. 3.7): x_s = alpha_s/alpha_t x_t - sigma_s (e^h - 1) eps_t  (= DDIM with eta = 0).
-    - order 2 (Algorithm 1, r1 = 1/2): u at lam_t + r1 h,
-      x_u = alpha_u/alpha_t x_t - sigma_u (e^{r1 h} - 1) eps_t,
-      x_s = alpha_s/alpha_t x_t - sigma_s (e^h - 1) eps_t - sigma_s/(2 r1) (e^h - 1) (eps_u - eps_t).
-    - order 3 (Algorithm 2, r1 = 1/3, r2 = 2/3): D1 = eps_u1 - eps_t, D2 = eps_u2 - eps_t,
-      x_u2 = alpha_u2/alpha_t x_t - sigma_u2 (e^{r2 h} - 1) eps_t - sigma_u2 r2/r1 ((e^{r2 h} - 1)/(r2 h) - 1) D1,
-      x_s = alpha_s/alpha_t x_t - sigma_s (e^h - 1) eps_t - sigma_s/r2 ((e^h - 1)/h - 1) D2.
-
-    Intermediate times are ``process.t_from_lam(lam_t + r h)``; r is then recomputed from the lam of that time.
-    Global order = ``order``; NFE = ``order`` per step (1 on a step landing on sigma = 0, which returns
-    x0_hat, see ``samplers._loop``), plus 1 for the final denoising step.
+    Per step t -> s with h = lam_s - lam_t, eps_t = eps_hat(x_t, t), and intermediate times u_k at lam_t + r_k h
+    (``process.t_from_lam``; r_k is then recomputed from the lam of u_k): the loop body below is the paper's.
+    Global order = ``order``; NFE = ``order`` per step (1 on a step landing on sigma = 0, which returns x0_hat,
+    see ``samplers._common``), plus 1 for the final denoising step. Order 1 is DDIM with eta = 0.
 
     The noise form divides by alpha_t: a grid starting where alpha = 0 (Flow at t = 1) is refused; start at
     ``process.t_from_lam(timesteps.LAM_MIN)`` or use ``sample_dpm_solver_pp`` / ``sample_unipc`` (data form).
@@ -108,61 +68,58 @@ def sample_dpm_solver(
     """
     if order not in _R:
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
-    x, ts = _loop.prepare(x, ts)
-    a, sg, lam = grid_curves(process, ts)
-    if any(ai == 0.0 for ai in a[:-1]):
+    x, g = _common.setup(process, x, ts)
+    if any(a == 0.0 for a in g.alpha[:-1]):
         raise ValueError(
             "DPM-Solver's noise form divides by alpha(t) = 0 on this grid (e.g. Flow at t = 1); start below t_max, "
             "e.g. at process.t_from_lam(timesteps.LAM_MIN), or use sample_dpm_solver_pp / sample_unipc"
         )
-    lam_t = torch.tensor(lam[:-1], dtype=torch.float64)
-    h_all = torch.tensor(lam[1:], dtype=torch.float64) - lam_t
-    h_all = torch.where(torch.isfinite(h_all), h_all, 0.0)  # the step landing on data needs no midpoints
-    mids = []
-    for r in _R[order]:
-        tu = process.t_from_lam(lam_t + r * h_all)
-        mids.append((tu, *grid_curves(process, tu)))
-    # stages[i]: (t, alpha, sigma, A, B, C) with y = A x_t - B eps_t - C D_prev (Algorithms 1-2), last one at s
-    stages = []
-    for i in range(len(ts) - 1):
-        if sg[i + 1] == 0.0:  # lands on data: no stages
-            stages.append([])
-            continue
-        h, a_t = lam[i + 1] - lam[i], a[i]
-        pts = [(tu[i], au[i], su[i], lu[i] - lam[i]) for tu, au, su, lu in mids] + [(ts[i + 1], a[i + 1], sg[i + 1], h)]
-        r = [hk / h for *_, hk in pts]
-        st = []
-        for k, (tk, ak, sk, hk) in enumerate(pts):
-            e = math.expm1(hk)
-            if k == 0:
-                C = 0.0
-            elif order == 2:  # final stage of Algorithm 1
-                C = sk * e / (2 * r[0])
-            elif k == 1:  # x_u2 of Algorithm 2
-                C = sk * r[1] / r[0] * (e / hk - 1)
-            else:  # final stage of Algorithm 2
-                C = sk / r[1] * (e / hk - 1)
-            st.append((tk, ak, sk, ak / a_t, sk * e, C))
-        stages.append(st)
-    lands = [_loop.lands_on_data(process, s) for s in ts[1:]]
-    nfe = 0
-    for i in range(len(ts) - 1):
-        x0_hat = denoiser(x, _loop.batch_t(ts[i], x), **cond)
+    mids, nfe = _midpoints(process, g, order), 0
+
+    def eps_at(k: int, i: int, y: Tensor) -> Tensor:  # eps_hat at the intermediate point u_k of step i
+        nonlocal nfe
+        u, a_u, s_u, _ = mids[k]
         nfe += 1
-        if lands[i]:
+        return eps_from(y, denoiser(y, batch_time(u[i], y, y.dtype), **cond), a_u[i], s_u[i])
+
+    for i in range(g.n):
+        x0_hat, nfe = denoiser(x, g.time(i, x), **cond), nfe + 1
+        if g.lands[i]:
             x = x0_hat
-        else:
-            eps_t = (x - a[i] * x0_hat) / sg[i]
-            d = None
-            for k, (tk, ak, sk, A, B, C) in enumerate(stages[i]):
-                y = A * x - B * eps_t if d is None else A * x - B * eps_t - C * d
-                if k == len(stages[i]) - 1:
-                    x = y
-                else:  # the model at the intermediate point u_k
-                    d = (y - ak * denoiser(y, _loop.batch_t(tk, y), **cond)) / sk - eps_t
-                    nfe += 1
-        _loop.report(callback, i, ts[i], x, x0_hat, nfe)
-    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+            _common.report(callback, i, g, x, x0_hat, nfe)
+            continue
+        s, h, a_t = i + 1, g.h[i], g.alpha[i]
+        eps_t = eps_from(x, x0_hat, a_t, g.sigma[i])
+        if order == 1:  # Eq. 3.7
+            x = g.alpha[s] / a_t * x - g.sigma[s] * math.expm1(h) * eps_t
+        elif order == 2:  # Algorithm 1, r1 = 1/2
+            _, a_u, s_u, l_u = mids[0]
+            r1 = (l_u[i] - g.lam[i]) / h
+            x_u = a_u[i] / a_t * x - s_u[i] * math.expm1(r1 * h) * eps_t
+            eps_u = eps_at(0, i, x_u)
+            x = (
+                g.alpha[s] / a_t * x
+                - g.sigma[s] * math.expm1(h) * eps_t
+                - g.sigma[s] / (2 * r1) * math.expm1(h) * (eps_u - eps_t)
+            )
+        else:  # Algorithm 2, r1 = 1/3, r2 = 2/3
+            (_, a_1, s_1, l_1), (_, a_2, s_2, l_2) = mids
+            r1, r2 = (l_1[i] - g.lam[i]) / h, (l_2[i] - g.lam[i]) / h
+            x_u1 = a_1[i] / a_t * x - s_1[i] * math.expm1(r1 * h) * eps_t
+            D1 = eps_at(0, i, x_u1) - eps_t
+            x_u2 = (
+                a_2[i] / a_t * x
+                - s_2[i] * math.expm1(r2 * h) * eps_t
+                - s_2[i] * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1) * D1
+            )
+            D2 = eps_at(1, i, x_u2) - eps_t
+            x = (
+                g.alpha[s] / a_t * x
+                - g.sigma[s] * math.expm1(h) * eps_t
+                - g.sigma[s] / r2 * (math.expm1(h) / h - 1) * D2
+            )
+        _common.report(callback, i, g, x, x0_hat, nfe)
+    return _common.finish(denoiser, g, x, final_denoise, cond)
 
 
 def sample_dpm_solver_pp(
@@ -192,43 +149,42 @@ def sample_dpm_solver_pp(
       ``sample_dpmpp_3m_sde``) has D2 without the factor 2, half the Taylor term h^2 phi3 x0'': its step
       is exact only for x0_hat linear in lam, i.e. second order. Here the step is third order.
 
-    The first steps use lower orders (warm-up), see ``multistep_orders`` (with ``lower_order_final``
-    the last steps do too when n < 10, as in the paper's code). Global order 2 for 2M; for 3M the
-    first-order first step leaves an O(h^2) term (small: x0_hat varies slowly at high noise), and order
-    3 shows once the start is resolved (tests/test_sampler_dpm.py). NFE = 1 per step, plus 1 for the
-    final denoising step. Finite where alpha_t = 0 (e^{-h} = 0 there, see ``one_minus_exp``).
+    The differences D are linear in (m0, m1, m2), so each is computed as its three weights and the step costs one
+    weighted sum of tensors. The first steps use lower orders (warm-up), see ``_common.multistep_orders`` (with
+    ``lower_order_final`` the last steps do too when n < 10, as in the paper's code). Global order 2 for 2M; for
+    3M the first-order first step leaves an O(h^2) term (small: x0_hat varies slowly at high noise), and order
+    3 shows once the start is resolved (tests/test_sampler_dpm.py). NFE = 1 per step, plus 1 for the final
+    denoising step. Finite where alpha_t = 0 (e^{-h} = 0 there).
 
     Args: as ``sample_dpm_solver``; order: 2 or 3 (1 gives DDIM); lower_order_final: see above.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
-    x, ts = _loop.prepare(x, ts)
-    a, sg, lam = grid_curves(process, ts)
-    c_x, w = [], []
-    for i, k in enumerate(multistep_orders(lam, order, lower_order_final)):
-        if sg[i + 1] == 0.0:  # lands on data
-            c_x.append(0.0), w.append([])
-            continue
-        h = lam[i + 1] - lam[i]
-        phi = one_minus_exp(h, sg[i + 1] * a[i] / (a[i + 1] * sg[i]))
-        c_x.append(sg[i + 1] / sg[i])
-        if k == 1:
-            w.append([a[i + 1] * phi])
-        elif k == 2:
-            r0 = (lam[i] - lam[i - 1]) / h
-            w.append([a[i + 1] * phi * (1 + 1 / (2 * r0)), -a[i + 1] * phi / (2 * r0)])
+    x, g = _common.setup(process, x, ts)
+    orders = _common.multistep_orders(g.lam, order, lower_order_final)
+    m: list[Tensor] = []  # x0_hat at t_i, t_{i-1}, t_{i-2}
+    for i in range(g.n):
+        m = [denoiser(x, g.time(i, x), **cond), *m[:2]]
+        if g.lands[i]:
+            x = m[0]
         else:
-            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
-            d10 = torch.tensor([1 / r0, -1 / r0, 0.0], dtype=torch.float64)  # weights of (m0, m1, m2)
-            diff = d10 - torch.tensor([0.0, 1 / r1, -1 / r1], dtype=torch.float64)
-            d1, d2 = d10 + r0 / (r0 + r1) * diff, 2 * diff / (r0 + r1)
-            phi1 = -phi
-            phi2 = phi1 / h + 1
-            phi3 = phi2 / h - 0.5
-            m0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
-            w.append((-a[i + 1] * (phi1 * m0 - phi2 * d1 + phi3 * d2)).tolist())
-    c_z = [0.0] * len(c_x)
-    return _multistep_loop(denoiser, process, x, ts, c_x, w, c_z, final_denoise, generator, callback, cond)
+            s, h = i + 1, g.h[i]
+            a_s = g.alpha[s]
+            if orders[i] < 3:  # x_s = sigma_s/sigma_t x_t + alpha_s (1 - e^{-h}) D, D as weights of (m0, m1)
+                r0 = g.h[i - 1] / h if orders[i] == 2 else math.inf
+                w = [a_s * g.one_minus_em[i] * d for d in (1 + 1 / (2 * r0), -1 / (2 * r0))]
+            else:  # x_s = sigma_s/sigma_t x_t - alpha_s (phi1 m0 - phi2 D1 + phi3 D2), D as weights of (m0, m1, m2)
+                r0, r1 = g.h[i - 1] / h, g.h[i - 2] / h
+                d10, d11 = (1 / r0, -1 / r0, 0.0), (0.0, 1 / r1, -1 / r1)  # D1_0, D1_1
+                D1 = [p + r0 / (r0 + r1) * (p - q) for p, q in zip(d10, d11)]
+                D2 = [2 * (p - q) / (r0 + r1) for p, q in zip(d10, d11)]
+                phi1 = -g.one_minus_em[i]
+                phi2 = phi1 / h + 1
+                phi3 = phi2 / h - 0.5
+                w = [-a_s * (phi1 * (j == 0) - phi2 * D1[j] + phi3 * D2[j]) for j in range(3)]
+            x = _common.combine(g.sigma[s] / g.sigma[i], x, w, m)
+        _common.report(callback, i, g, x, m[0], i + 1)
+    return _common.finish(denoiser, g, x, final_denoise, cond)
 
 
 def sample_dpm_solver_pp_sde(
@@ -258,21 +214,21 @@ def sample_dpm_solver_pp_sde(
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    x, ts = _loop.prepare(x, ts)
-    a, sg, lam = grid_curves(process, ts)
-    c_x, w, c_z = [], [], []
-    for i, k in enumerate(multistep_orders(lam, 2, False)):
-        if sg[i + 1] == 0.0:  # lands on data
-            c_x.append(0.0), w.append([]), c_z.append(0.0)
-            continue
-        h = lam[i + 1] - lam[i]
-        em = sg[i + 1] * a[i] / (a[i + 1] * sg[i])  # e^{-h} from the curves (0 where alpha_t = 0)
-        c_x.append(sg[i + 1] / sg[i] * em**eta)
-        phi = one_minus_exp((1 + eta) * h, em ** (1 + eta))
-        c_z.append(sg[i + 1] * math.sqrt(one_minus_exp(2 * eta * h, em ** (2 * eta)) if eta > 0 else 0.0))
-        if k == 1:
-            w.append([a[i + 1] * phi])
+    x, g = _common.setup(process, x, ts)
+    orders = _common.multistep_orders(g.lam, 2, False)
+    m: list[Tensor] = []  # x0_hat at t_i, t_{i-1}
+    for i in range(g.n):
+        m = [denoiser(x, g.time(i, x), **cond), *m[:1]]
+        if g.lands[i]:
+            x = m[0]
         else:
-            r = (lam[i] - lam[i - 1]) / h
-            w.append([a[i + 1] * phi * (1 + 1 / (2 * r)), -a[i + 1] * phi / (2 * r)])
-    return _multistep_loop(denoiser, process, x, ts, c_x, w, c_z, final_denoise, generator, callback, cond)
+            s, h, em = i + 1, g.h[i], g.em[i]
+            r = g.h[i - 1] / h if orders[i] == 2 else math.inf
+            D = (1 + 1 / (2 * r), -1 / (2 * r))  # weights of (m0, m1); first order: (1, 0)
+            phi = _common.one_minus_exp(1 + eta, h, em)  # 1 - e^{-(1 + eta) h}
+            x = _common.combine(g.sigma[s] / g.sigma[i] * em**eta, x, [g.alpha[s] * phi * w for w in D], m)
+            std = g.sigma[s] * math.sqrt(_common.one_minus_exp(2 * eta, h, em)) if eta > 0 else 0.0
+            if std > 0:
+                x = torch.add(x, _common.noise_like(x, generator), alpha=std)
+        _common.report(callback, i, g, x, m[0], i + 1)
+    return _common.finish(denoiser, g, x, final_denoise, cond)

@@ -44,11 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.predictions import score_from_x0
-from ..core.process import NoiseProcess, _as_t
-from ..core.timesteps import _ends, _lam_start, grid_lam
+from ..core.predictions import tweedie_score
+from ..core.process import NoiseProcess, as_time, batch_time
+from ..core.timesteps import grid_ends, grid_lam, lam_start
 from . import count_nfe, sample_dpm_solver_pp
-from ._loop import batch_t
 
 __all__ = ["SPREAD", "GridFit", "fit_grid", "lam_grid_from_params", "logp_difference"]
 
@@ -112,7 +111,8 @@ def logp_difference(denoiser, process: NoiseProcess, t: float, a: Tensor, b: Ten
     total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
     for ui, wi in zip((u + 1) / 2, w / 2, strict=True):
         x = (a.to(torch.float64) + ui * d).to(a.dtype)
-        score = score_from_x0(process, x, batch_t(t_, x), denoiser(x, batch_t(t_, x), **cond))
+        alpha, sigma = process.at(t_, x)
+        score = tweedie_score(x, denoiser(x, batch_time(t_, x, x.dtype), **cond), alpha, sigma)
         total += wi * (score.to(torch.float64) * d).flatten(1).sum(1)
     return total
 
@@ -163,7 +163,7 @@ def fit_grid(
         free_steps: up to this n every lam step is an unknown; above it, ``knots`` unknowns warp the grid.
         t_start, t_end: the ends (default ``process.t_max``, ``process.t_min``); t_start is kept, and t_end too
             unless ``fit_end``.
-        final_denoise: passed to the sampler and the teacher (see ``samplers._loop``).
+        final_denoise: passed to the sampler and the teacher (see ``samplers._common``).
         fit_end: let the grid end earlier than t_end (one more unknown); pair it with ``final_denoise=False``.
         logp_weight: weight of the log-density gap G against the distance (both per coordinate); 0 fits the
             distance alone. ``SPREAD = dict(final_denoise=False, fit_end=True, logp_weight=0.5)`` is the recipe
@@ -183,8 +183,8 @@ def fit_grid(
     from scipy.optimize import minimize
     from tqdm.auto import tqdm
 
-    n, a, b = int(n), *_ends(process, t_start, t_end)
-    lam_a, lam_b = _lam_start(process, a), float(process.lam(_as_t(b)))
+    n, a, b = int(n), *grid_ends(process, t_start, t_end)
+    lam_a, lam_b = lam_start(process, a), float(process.lam(as_time(b)))
     if not math.isfinite(lam_b):
         raise ValueError(f"fit_grid needs sigma(t_end) > 0 (finite lam), got t_end = {b}")
     fine = grid_lam(process, teacher_steps, t_start=a, t_end=b)

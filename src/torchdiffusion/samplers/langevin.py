@@ -7,8 +7,9 @@ import math
 import torch
 from torch import Tensor
 
+from ..core.predictions import tweedie_score
 from ..core.process import NoiseProcess
-from . import _loop
+from . import _common
 
 __all__ = ["langevin_dynamics", "sample_annealed_langevin"]
 
@@ -33,7 +34,7 @@ def langevin_dynamics(
     if step_size <= 0 or n_steps < 0:
         raise ValueError(f"need step_size > 0 and n_steps >= 0, got {step_size} and {n_steps}")
     for i in range(n_steps):
-        x = x + step_size * score(x) + math.sqrt(2 * step_size) * _loop.noise_like(x, generator)
+        x = x + step_size * score(x) + math.sqrt(2 * step_size) * _common.noise_like(x, generator)
         if callback is not None:
             callback({"i": i, "x": x})
     return x
@@ -67,18 +68,17 @@ def sample_annealed_langevin(
     """
     if step_eps <= 0 or n_steps_each < 1:
         raise ValueError(f"need step_eps > 0 and n_steps_each >= 1, got {step_eps} and {n_steps_each}")
-    x, ts = _loop.prepare(x, ts)
-    alphas, sigmas = process.alpha(ts).tolist(), process.sigma(ts).tolist()
-    if sigmas[-1] <= 0:
+    x, g = _common.setup(process, x, ts)
+    if g.sigma[-1] <= 0:
         raise ValueError("annealed Langevin needs sigma(ts[-1]) > 0; end the grid at process.t_min")
-    t_in, nfe = ts.to(x.dtype), 0
-    for i, (a, s) in enumerate(zip(alphas, sigmas)):
-        step = step_eps * s**2 / sigmas[-1] ** 2  # a_i = eps sigma_i^2 / sigma_L^2
-        tb = t_in[i].expand(x.shape[0])
+    nfe = 0
+    for i, (alpha, sigma) in enumerate(zip(g.alpha, g.sigma)):
+        step = step_eps * sigma**2 / g.sigma[-1] ** 2  # a_i = eps sigma_i^2 / sigma_L^2
+        t = g.time(i, x)
         for _ in range(n_steps_each):
-            x0_hat = denoiser(x, tb, **cond)
+            x0_hat = denoiser(x, t, **cond)
             nfe += 1
-            score = (a * x0_hat - x) / s**2  # Tweedie's formula (parameterization.score_from_x0)
-            x = x + (step / 2) * score + math.sqrt(step) * _loop.noise_like(x, generator)
-        _loop.report(callback, i, ts[i], x, x0_hat, nfe)
-    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+            score = tweedie_score(x, x0_hat, alpha, sigma)
+            x = x + (step / 2) * score + math.sqrt(step) * _common.noise_like(x, generator)
+        _common.report(callback, i, g, x, x0_hat, nfe)
+    return _common.finish(denoiser, g, x, final_denoise, cond)

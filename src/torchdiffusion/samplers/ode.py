@@ -1,14 +1,11 @@
 """Probability-flow ODE samplers: Euler, Heun (Karras et al. 2022), RK4 and adaptive (torchdiffeq).
 
-The probability-flow ODE dx = [f x - g^2/2 score] dt (Song et al. 2021, Eq. 13), written with the
-denoiser (f = alpha'/alpha, g^2 = 2 sigma sigma' - 2 f sigma^2, score = -eps_hat / sigma), is
-
-    dx/dt = alpha'(t) x0_hat + sigma'(t) eps_hat = alpha' x0_hat + sigma'/sigma (x - alpha x0_hat),
-
-the flow velocity of ``parameterization.x0_to("flow", ...)``. It never divides by alpha, so it is
-finite at the noise end of Flow (t = 1: dx/dt = x - x0_hat). On EDM (alpha = 1, sigma = t) it is
-Karras et al.'s dx/dt = (x - x0_hat)/t (Eq. 4 with s = 1). The end policy is in ``_loop``: a step
-that lands on sigma(s) = 0 returns x0_hat(x_t, t) (1 NFE; on EDM exactly the Euler step to 0).
+The probability-flow ODE dx = [f x - g^2/2 score] dt (Song et al. 2021, Eq. 13) is the process's:
+``NoiseProcess.ode_velocity_coeffs`` gives (c_x, c_0) with dx/dt = c_x x + c_0 x0_hat (= alpha' x0_hat +
+sigma' eps_hat, finite at the noise end of Flow; Karras et al.'s (x - x0_hat)/t on EDM). The samplers take
+those coefficients at the grid's times once, as floats, and each velocity costs two tensor operations. The
+end policy is in ``_common``: a step that lands on sigma(s) = 0 returns x0_hat(x_t, t) (1 NFE; on EDM
+exactly the Euler step to 0).
 """
 
 from __future__ import annotations
@@ -19,28 +16,21 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..core.predictions import x0_to
-from ..core.process import NoiseProcess
-from . import _loop
+from ..core.process import NoiseProcess, batch_time
+from . import _common
 
 __all__ = ["sample_euler", "sample_heun", "sample_rk4", "sample_ode_adaptive"]
 
 
-def _coeffs(process: NoiseProcess, t: Tensor) -> tuple[list, list, list]:
-    """alpha, alpha' and sigma'/sigma at the float64 times t, as lists (inf/nan where sigma = 0: unused)."""
-    a, s = process.alpha_sigma(t)
-    return a.tolist(), process.d_alpha(t).tolist(), (process.d_sigma(t) / s).tolist()
+def _velocity_coeffs(process: NoiseProcess, t: Tensor) -> list[tuple[float, float]]:
+    """(c_x, c_0) of the probability-flow velocity at each time of t, as floats (inf/nan where sigma = 0: unused)."""
+    c_x, c_0 = process.ode_velocity_coeffs(t)
+    return list(zip(c_x.tolist(), c_0.tolist()))
 
 
-def _velocity(x: Tensor, x0_hat: Tensor, c: tuple[list, list, list], i: int) -> Tensor:
-    """dx/dt = alpha' x0_hat + sigma'/sigma (x - alpha x0_hat) with the coefficients c at index i."""
-    a, da, ds_s = c[0][i], c[1][i], c[2][i]
-    return da * x0_hat + ds_s * (x - a * x0_hat)
-
-
-def _landing(process: NoiseProcess, ts: Tensor) -> list[bool]:
-    """For each step (ts[i], ts[i+1]), whether it lands on the data (sigma = 0)."""
-    return [_loop.lands_on_data(process, s) for s in ts[1:]]
+def _velocity(x: Tensor, x0_hat: Tensor, c: tuple[float, float]) -> Tensor:
+    """dx/dt = c_x x + c_0 x0_hat."""
+    return torch.add(c[0] * x, x0_hat, alpha=c[1])
 
 
 def sample_euler(
@@ -64,23 +54,23 @@ def sample_euler(
         process: the noise process.
         x: (B, ...) start at ts[0]; not modified.
         ts: decreasing float64 times, n + 1 points for n steps.
-        final_denoise: return x0_hat at ts[-1] (see ``samplers._loop``).
+        final_denoise: return x0_hat at ts[-1] (see ``samplers._common``).
         generator: unused (deterministic); accepted for the common signature.
         callback: called with {"i", "t", "x", "x0_hat", "nfe"} after each step.
     Returns:
         samples shaped like x. NFE = len(ts) - 1, plus 1 for the final denoising step.
     """
-    x, ts = _loop.prepare(x, ts)
-    (a, da, ds_s), h, land = _coeffs(process, ts[:-1]), (ts[1:] - ts[:-1]).tolist(), _landing(process, ts)
-    t_in = ts.to(x.dtype)
-    for i in range(len(ts) - 1):
-        x0_hat = denoiser(x, t_in[i].expand(x.shape[0]), **cond)
-        if land[i]:
+    x, g = _common.setup(process, x, ts)
+    v, dt = _velocity_coeffs(process, g.ts[:-1]), (g.ts[1:] - g.ts[:-1]).tolist()
+    for i in range(g.n):
+        x0_hat = denoiser(x, g.time(i, x), **cond)
+        if g.lands[i]:
             x = x0_hat
-        else:  # x + h (alpha' x0_hat + sigma'/sigma (x - alpha x0_hat)), with its scalars gathered: 3 tensor ops
-            x = torch.add((1.0 + h[i] * ds_s[i]) * x, x0_hat, alpha=h[i] * (da[i] - ds_s[i] * a[i]))
-        _loop.report(callback, i, ts[i], x, x0_hat, i + 1)
-    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+        else:  # x + dt (c_x x + c_0 x0_hat), with its scalars gathered
+            (c_x, c_0), h = v[i], dt[i]
+            x = torch.add((1.0 + h * c_x) * x, x0_hat, alpha=h * c_0)
+        _common.report(callback, i, g, x, x0_hat, i + 1)
+    return _common.finish(denoiser, g, x, final_denoise, cond)
 
 
 def sample_heun(
@@ -123,10 +113,9 @@ def sample_heun(
     """
     if churn < 0 or s_noise < 0:
         raise ValueError(f"need churn >= 0 and s_noise >= 0, got {churn} and {s_noise}")
-    x, ts = _loop.prepare(x, ts)
-    n, land = len(ts) - 1, _landing(process, ts)
-    t, s = ts[:-1], ts[1:]
-    n_karras = n + int(final_denoise and float(process.sigma(ts[-1])) > 0)
+    x, g = _common.setup(process, x, ts)
+    n, t, s = g.n, g.ts[:-1], g.ts[1:]
+    n_karras = n + int(final_denoise and g.sigma[-1] > 0)
     # Algorithm 2's gamma_i and t_hat, in the noise level rho = sigma/alpha = exp(-lam) of y = x/alpha.
     rho, rho_max = torch.exp(-process.lam(t)), torch.exp(-process.lam(process.t_max))
     inside = torch.isfinite(rho) & (rho >= t_min_churn) & (rho <= t_max_churn)
@@ -138,25 +127,25 @@ def sample_heun(
     churned = (gamma > 0).tolist()
     scale = torch.where(gamma > 0, a_hat / a_t, 1.0).tolist()
     std = torch.where(gamma > 0, a_hat * (rho_hat**2 - rho**2).clamp_min(0).sqrt() * s_noise, 0.0).tolist()
-    c_hat, c_s, h = _coeffs(process, t_hat), _coeffs(process, s), (s - t_hat).tolist()
-    t_hat_in, s_in, nfe = t_hat.to(x.dtype), s.to(x.dtype), 0
+    v_hat, v_s, h = _velocity_coeffs(process, t_hat), _velocity_coeffs(process, s), (s - t_hat).tolist()
+    t_hat_in, nfe = t_hat.to(x.dtype), 0
     for i in range(n):
         # Algorithm 2, lines 4-6: raise the noise level to t_hat.
-        z = _loop.noise_like(x, generator) if churn > 0 else None
+        z = _common.noise_like(x, generator) if churn > 0 else None
         x_hat = scale[i] * x + std[i] * z if churned[i] else x
-        x0_hat = denoiser(x_hat, t_hat_in[i].expand(x.shape[0]), **cond)
+        x0_hat = denoiser(x_hat, batch_time(t_hat_in[i], x, x.dtype), **cond)
         nfe += 1
-        if land[i]:
+        if g.lands[i]:
             x = x0_hat
         else:
             # Euler step, then the 2nd-order correction (Algorithm 1, lines 5-8).
-            d = _velocity(x_hat, x0_hat, c_hat, i)
-            x_euler = x_hat + h[i] * d
-            d_2 = _velocity(x_euler, denoiser(x_euler, s_in[i].expand(x.shape[0]), **cond), c_s, i)
+            d = _velocity(x_hat, x0_hat, v_hat[i])
+            x_euler = torch.add(x_hat, d, alpha=h[i])
+            d_2 = _velocity(x_euler, denoiser(x_euler, g.time(i + 1, x), **cond), v_s[i])
             nfe += 1
-            x = x_hat + (h[i] / 2) * (d + d_2)
-        _loop.report(callback, i, ts[i], x, x0_hat, nfe)
-    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+            x = torch.add(x_hat, d + d_2, alpha=h[i] / 2)
+        _common.report(callback, i, g, x, x0_hat, nfe)
+    return _common.finish(denoiser, g, x, final_denoise, cond)
 
 
 def sample_rk4(
@@ -180,28 +169,28 @@ def sample_rk4(
         samples shaped like x. NFE = 4 (len(ts) - 1), minus 3 if the last step lands on sigma = 0,
         plus 1 for the final denoising step.
     """
-    x, ts = _loop.prepare(x, ts)
-    t, s = ts[:-1], ts[1:]
-    m = (t + s) / 2
-    c_t, c_m, c_s, h = _coeffs(process, t), _coeffs(process, m), _coeffs(process, s), (s - t).tolist()
-    land = _landing(process, ts)
-    t_in, m_in, s_in, nfe = t.to(x.dtype), m.to(x.dtype), s.to(x.dtype), 0
+    x, g = _common.setup(process, x, ts)
+    t, s = g.ts[:-1], g.ts[1:]
+    mid = (t + s) / 2
+    v_t, v_m, v_s, dt = (*(_velocity_coeffs(process, u) for u in (t, mid, s)), (s - t).tolist())
+    mid_in, nfe = mid.to(x.dtype), 0
 
-    def velocity(y: Tensor, tb: Tensor, c, i: int) -> Tensor:
-        return _velocity(y, denoiser(y, tb.expand(x.shape[0]), **cond), c, i)
+    def velocity(y: Tensor, time: Tensor, c) -> Tensor:
+        return _velocity(y, denoiser(y, batch_time(time, y, y.dtype), **cond), c)
 
-    for i in range(len(ts) - 1):
-        x0_hat = denoiser(x, t_in[i].expand(x.shape[0]), **cond)
-        if land[i]:
+    for i in range(g.n):
+        x0_hat = denoiser(x, g.time(i, x), **cond)
+        if g.lands[i]:
             x, nfe = x0_hat, nfe + 1
         else:
-            k1 = _velocity(x, x0_hat, c_t, i)
-            k2 = velocity(x + (h[i] / 2) * k1, m_in[i], c_m, i)
-            k3 = velocity(x + (h[i] / 2) * k2, m_in[i], c_m, i)
-            k4 = velocity(x + h[i] * k3, s_in[i], c_s, i)
-            x, nfe = x + (h[i] / 6) * (k1 + 2 * k2 + 2 * k3 + k4), nfe + 4
-        _loop.report(callback, i, ts[i], x, x0_hat, nfe)
-    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+            h = dt[i]
+            k1 = _velocity(x, x0_hat, v_t[i])
+            k2 = velocity(x + (h / 2) * k1, mid_in[i], v_m[i])
+            k3 = velocity(x + (h / 2) * k2, mid_in[i], v_m[i])
+            k4 = velocity(x + h * k3, g.t_in[i + 1], v_s[i])
+            x, nfe = x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4), nfe + 4
+        _common.report(callback, i, g, x, x0_hat, nfe)
+    return _common.finish(denoiser, g, x, final_denoise, cond)
 
 
 def sample_ode_adaptive(
@@ -225,7 +214,7 @@ def sample_ode_adaptive(
     order 5(4), 6 NFE per accepted or rejected step plus 2 to choose the first step), as Song et
     al. 2021 (Sec. 4.3, RK45) do. Only the ends of ``ts`` matter: it integrates from ts[0] to ts[-1]
     with steps of its own choosing (landing exactly on ts[-1], so the curves are never evaluated
-    beyond it). If sigma(ts[-1]) = 0, it integrates to ts[-2] and returns x0_hat there (``_loop``).
+    beyond it). If sigma(ts[-1]) = 0, it integrates to ts[-2] and returns x0_hat there (``_common``).
     The state is integrated in float64 whatever x's dtype (rtol, atol are float64 tolerances); the
     denoiser sees x's dtype and the result is cast back. The error is controlled as an RMS over the
     whole batch (torchdiffeq's default, like scipy's RK45): steps are shared, so an example's result
@@ -240,31 +229,32 @@ def sample_ode_adaptive(
     Returns:
         samples shaped like x, or (samples, nfe) if ``return_nfe``.
     """
-    x, ts = _loop.prepare(x, ts)
-    land = len(ts) > 1 and _loop.lands_on_data(process, ts[-1])
+    x, g = _common.setup(process, x, ts)
+    ts = g.ts
+    land = g.n > 0 and g.lands[-1]
     t_end = ts[-2] if land else ts[-1]
     nfe, first = 0, []
 
     def velocity(t: Tensor, y: Tensor) -> Tensor:
         nonlocal nfe
-        x0_hat = denoiser(y.to(x.dtype), _loop.batch_t(t, x), **cond)
+        x0_hat = denoiser(y.to(x.dtype), batch_time(t, x, x.dtype), **cond)
         nfe += 1
         if not first:  # x0_hat at (x, ts[0]), for the callback
             first.append(x0_hat)
-        return x0_to("flow", process, y, t, x0_hat.to(y.dtype))
+        return process.ode_velocity(y, t, x0_hat.to(y.dtype))
 
     y = x.to(torch.float64)
     if float(ts[0]) > float(t_end):
         t_span = torch.stack([ts[0], t_end])
         y = odeint(velocity, y, t_span, rtol=rtol, atol=atol, method=method, options={"step_t": t_end[None]})[-1]
     if land:  # the last step lands on the data: x0_hat at ts[-2] (at ts[0] for a 2-point grid)
-        y = denoiser(y.to(x.dtype), _loop.batch_t(t_end, x), **cond)
+        y = denoiser(y.to(x.dtype), batch_time(t_end, x, x.dtype), **cond)
         nfe += 1
         if not first:
             first.append(y)
     out = y.to(x.dtype)
-    if len(ts) > 1:
-        _loop.report(callback, 0, ts[0], out, first[0], nfe)
-    out = _loop.finish(denoiser, process, out, ts[-1], final_denoise, cond)
-    nfe += int(final_denoise and float(process.sigma(ts[-1])) > 0)
+    if g.n > 0:
+        _common.report(callback, 0, g, out, first[0], nfe)
+    out = _common.finish(denoiser, g, out, final_denoise, cond)
+    nfe += int(final_denoise and g.sigma[-1] > 0)
     return (out, nfe) if return_nfe else out

@@ -4,12 +4,13 @@ The reverse of the forward SDE dx = f x dt + g dW is (Anderson 1982; Song et al.
 
     dx = [f(t) x - g2(t) score(x, t)] dt + g(t) dW-bar,      score = (alpha x0_hat - x) / sigma^2,
 
-run from t_max down to t_min. Every predictor step here is linear in x_t and x0_hat,
+run from t_max down to t_min; its drift is the process's (``NoiseProcess.reverse_drift_coeffs``). Every
+predictor step here is linear in x_t and x0_hat,
 
     x_s = c_x x_t + c_0 x0_hat(x_t, t) + std z,
 
 with float64 coefficients computed once for the whole grid. Ends of the interval (policy of
-``samplers._loop``): a last step that lands on sigma(s) = 0 returns x0_hat(x_t, t) and runs no
+``samplers._common``): a last step that lands on sigma(s) = 0 returns x0_hat(x_t, t) and runs no
 corrector (there is no score at sigma = 0); a step whose coefficients are not finite, which happens
 only where f or g2 is infinite at t (Flow at t = 1: f = -1/(1-t), g2 = 2t + 2t^2/(1-t)), is the
 ancestral step q(x_s | x_t, x0 = x0_hat) instead (Ho et al. 2020, Eq. 7): at alpha_t = 0 it is
@@ -22,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..core.predictions import tweedie_score
 from ..core.process import NoiseProcess, append_dims
-from . import _loop
+from . import _common
 
 __all__ = ["sample_reverse_sde", "sample_pc", "PREDICTORS", "CORRECTORS"]
 
@@ -38,9 +40,9 @@ def _predictor_coeffs(process: NoiseProcess, ts: Tensor, predictor: str) -> tupl
     a_t, sig_t = process.alpha_sigma(t)
     a_s = process.alpha(s)
     if predictor == "euler_maruyama":
-        # x_s = x_t - (f x_t - g2 score) h + sqrt(g2 h) z, h = t - s; f, g2 at t.
-        h, f, g2 = t - s, process.f(t), process.g2(t)
-        c_x, c_0, var = 1 - h * (f + g2 / sig_t**2), h * g2 * a_t / sig_t**2, g2 * h
+        # x_s = x_t + (s - t) (c_x x_t + c_0 x0_hat) + sqrt(g2 (t - s)) z, the reverse drift at t
+        d_x, d_0 = process.reverse_drift_coeffs(t)
+        c_x, c_0, var = 1 + (s - t) * d_x, (s - t) * d_0, process.g2(t) * (t - s)
     elif predictor == "reverse_diffusion":
         # Song et al. 2021, Eq. 46 with the exact forward step x_t = alpha_ts x_s + sigma_ts z,
         # i.e. f_i(x) = (alpha_ts - 1) x, G_i = sigma_ts:
@@ -125,7 +127,7 @@ def sample_pc(
             score_sde's default config; their Table 5 reports r = 0.01 best for VP (DDPM) PC1000.
         n_corrector: corrector steps per level (M; the paper uses 1 for PC samplers).
         norms: "example" or "batch", see above.
-        final_denoise: return x0_hat at ts[-1] (see ``samplers._loop``).
+        final_denoise: return x0_hat at ts[-1] (see ``samplers._common``).
         generator: the only source of noise.
         callback: called with {"i", "t", "x", "x0_hat", "nfe"} after each step (x0_hat: the last evaluation).
     Returns:
@@ -144,35 +146,32 @@ def sample_pc(
     n_corr = int(n_corrector) if corrector == "langevin" else 0
     if predictor == "none" and n_corr == 0:
         raise ValueError("predictor='none' needs corrector='langevin' with n_corrector >= 1")
-    x, ts = _loop.prepare(x, ts)
-    n = len(ts) - 1
-    c_x, c_0, std = _predictor_coeffs(process, ts, predictor)
-    a_s, sig_s = (v.tolist() for v in process.alpha_sigma(ts[1:]))
-    a_ts2 = ((process.alpha(ts[:-1]) / process.alpha(ts[1:])) ** 2).tolist()  # Algorithm 5's alpha_i
-    to_data = _loop.lands_on_data(process, ts[-1])
-    t_in, nfe, x0_hat = ts.to(x.dtype), 0, None
-    for i in range(n):
-        last_to_data = to_data and i == n - 1
+    x, g = _common.setup(process, x, ts)
+    c_x, c_0, std = _predictor_coeffs(process, g.ts, predictor)
+    nfe, x0_hat = 0, None
+    for i in range(g.n):
+        s, last_to_data = i + 1, g.lands[i]  # only the last step can land on the data (sigma > 0 before it)
         if predictor != "none" or last_to_data:
-            x0_hat = denoiser(x, _loop.batch_t(t_in[i], x), **cond)
+            x0_hat = denoiser(x, g.time(i, x), **cond)
             nfe += 1
             if last_to_data:  # x_s = x0_hat(x_t, t): the limit of every update as sigma(s) -> 0
                 x = x0_hat
             else:
-                x = c_x[i] * x + c_0[i] * x0_hat
-                x = x + std[i] * _loop.noise_like(x, generator) if std[i] > 0 else x
+                x = torch.add(c_x[i] * x, x0_hat, alpha=c_0[i])
+                x = torch.add(x, _common.noise_like(x, generator), alpha=std[i]) if std[i] > 0 else x
+        a = (g.alpha[i] / g.alpha[s]) ** 2 if not last_to_data else 0.0  # Algorithm 5's alpha_i
         for _ in range(0 if last_to_data else n_corr):  # Langevin corrector at s (Algorithms 4-5)
-            x0_hat = denoiser(x, _loop.batch_t(t_in[i + 1], x), **cond)
+            x0_hat = denoiser(x, g.time(s, x), **cond)
             nfe += 1
-            g = (a_s[i] * x0_hat - x) / sig_s[i] ** 2  # score by Tweedie's formula
-            z = _loop.noise_like(x, generator)
-            nz, ng = _norm(z), _norm(g)  # (B, 1, ...)
+            score = tweedie_score(x, x0_hat, g.alpha[s], g.sigma[s])
+            z = _common.noise_like(x, generator)
+            nz, ng = _norm(z), _norm(score)  # (B, 1, ...)
             if norms == "batch":  # Song et al.'s large-batch rule: the average norm over the batch
                 nz, ng = nz.mean(), ng.mean()
-            eps = 2 * a_ts2[i] * (snr * nz / ng) ** 2
-            x = x + eps * g + torch.sqrt(2 * eps) * z
-        _loop.report(callback, i, ts[i], x, x0_hat, nfe)
-    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+            eps = 2 * a * (snr * nz / ng) ** 2
+            x = x + eps * score + torch.sqrt(2 * eps) * z
+        _common.report(callback, i, g, x, x0_hat, nfe)
+    return _common.finish(denoiser, g, x, final_denoise, cond)
 
 
 def sample_reverse_sde(
@@ -201,7 +200,7 @@ def sample_reverse_sde(
         process: the noise process.
         x: (B, ...) start, usually ``process.prior_sample``; not modified.
         ts: decreasing times, e.g. ``grid_t(process, n)`` (Song et al.'s uniform grid).
-        final_denoise: return x0_hat at ts[-1] (see ``samplers._loop``).
+        final_denoise: return x0_hat at ts[-1] (see ``samplers._common``).
         generator: the only source of noise.
         callback: called with {"i", "t", "x", "x0_hat", "nfe"} after each step.
     Returns:

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from ..core.process import NoiseProcess
-from . import _loop
-from .dpm_solver import grid_curves, multistep_orders, one_minus_exp
+from . import _common
 
 __all__ = ["sample_unipc"]
 
@@ -45,14 +44,6 @@ def unipc_rhos(h: float, rks: list[float], p: int, variant: str) -> tuple[float,
     return B, rho_p, rho_c
 
 
-def _combine(c_x: float, x: Tensor, w: list[float], hist: list[Tensor]) -> Tensor:
-    """c_x x + sum_j w_j hist_j."""
-    y = c_x * x
-    for wj, mj in zip(w, hist):
-        y = y + wj * mj
-    return y
-
-
 def sample_unipc(
     denoiser,
     process: NoiseProcess,
@@ -81,8 +72,8 @@ def sample_unipc(
     final denoising step); it is not applied after the last step (nothing would reuse it). UniP-p has
     order p and UniC raises it to p + 1 (Theorem 3.1). Warm-up and ``lower_order_final`` (last steps of
     lower order when n < 10, as in DPM-Solver++'s code; UniPC's own code does so for every n, which caps
-    the global order at 2) as ``dpm_solver.multistep_orders``. A step from alpha = 0 (Flow at t = 1) is a
-    DDIM step without corrector; a step landing on sigma = 0 returns m_0 (``samplers._loop``).
+    the global order at 2) as ``_common.multistep_orders``. A step from alpha = 0 (Flow at t = 1) is a
+    DDIM step without corrector; a step landing on sigma = 0 returns m_0 (``samplers._common``).
 
     Args: as ``sample_dpm_solver``; order: predictor order p (1, 2 or 3; global order p + 1, for p = 3
         approached once the first-order start matters less, see tests/test_sampler_dpm.py);
@@ -92,46 +83,37 @@ def sample_unipc(
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
-    x, ts = _loop.prepare(x, ts)
-    a, sg, lam = grid_curves(process, ts)
-    n = len(ts) - 1
-    # Per step: c_x, weights of (m_0, m_1, ...) for predictor and corrector, weight of m_s, corrector on/off.
-    c_x, w_p, w_c, w_new, corr = [], [], [], [], []
-    for i, p in enumerate(multistep_orders(lam, order, lower_order_final)):
-        if sg[i + 1] == 0.0:  # lands on data
-            c_x.append(0.0), w_p.append([]), w_c.append([]), w_new.append(0.0), corr.append(False)
+    x, g = _common.setup(process, x, ts)
+    orders = _common.multistep_orders(g.lam, order, lower_order_final)
+    m = [denoiser(x, g.time(0, x), **cond)] if g.n > 0 else []  # x0_hat at t_i, t_{i-1}, ...
+    nfe = len(m)
+    for i in range(g.n):
+        m0, s, h, p = m[0], i + 1, g.h[i], orders[i]
+        if g.lands[i]:
+            x = m0
+            _common.report(callback, i, g, x, m0, nfe)
             continue
-        h, a_s = lam[i + 1] - lam[i], a[i + 1]
-        base = a_s * one_minus_exp(h, sg[i + 1] * a[i] / (a_s * sg[i]))
-        c_x.append(sg[i + 1] / sg[i])
-        corr.append(i < n - 1 and math.isfinite(h))
-        if not math.isfinite(h):  # from alpha = 0: DDIM
-            w_p.append([base]), w_c.append([base]), w_new.append(0.0)
-            continue
-        rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
-        B, rho_p, rho_c = unipc_rhos(h, rks, p, variant)
-        # sum_k rho_k D_k = sum_k rho_k / r_k (m_k - m_0): weights on m_0 and m_k
-        wp = [base + a_s * B * sum(rho / r for rho, r in zip(rho_p, rks))]
-        wp += [-a_s * B * rho / r for rho, r in zip(rho_p, rks)]
-        wc = [base + a_s * B * (sum(rho / r for rho, r in zip(rho_c[:-1], rks)) + rho_c[-1])]
-        wc += [-a_s * B * rho / r for rho, r in zip(rho_c[:-1], rks)]
-        w_p.append(wp), w_c.append(wc), w_new.append(-a_s * B * rho_c[-1])
-
-    lands = [_loop.lands_on_data(process, s) for s in ts[1:]]
-    hist = [denoiser(x, _loop.batch_t(ts[0], x), **cond)] if n > 0 else []  # x0_hat at t_i, t_{i-1}, ...
-    nfe = len(hist)
-    for i in range(n):
-        x0_hat = hist[0]
-        if lands[i]:
-            x = x0_hat
+        a_s, c_x = g.alpha[s], g.sigma[s] / g.sigma[i]
+        if math.isfinite(h):  # UniP-p: the DDIM part plus B(h) sum rho^p_k D_k, gathered as weights of m_0, m_k
+            rks = [(g.lam[i - k] - g.lam[i]) / h for k in range(1, p)]
+            B, rho_p, rho_c = unipc_rhos(h, rks, p, variant)
+            D = [1 / r for r in rks]  # D_k = (m_k - m_0) / r_k
+            w_p = [a_s * g.one_minus_em[i] + a_s * B * sum(rho * d for rho, d in zip(rho_p, D))]
+            w_p += [-a_s * B * rho * d for rho, d in zip(rho_p, D)]
+        else:  # from alpha = 0: the DDIM step, no corrector
+            w_p = [a_s * g.one_minus_em[i]]
+        x_pred = _common.combine(c_x, x, w_p, m)
+        if i == g.n - 1:  # nothing would reuse x0_hat(x_s^p, s): no corrector after the last step
+            x = x_pred
         else:
-            x_pred = _combine(c_x[i], x, w_p[i], hist)
-            if i < n - 1:  # the model at s: used by the corrector and by the next step
-                m_s = denoiser(x_pred, _loop.batch_t(ts[i + 1], x_pred), **cond)
-                nfe += 1
-                x = _combine(c_x[i], x, w_c[i], hist) + w_new[i] * m_s if corr[i] else x_pred
-                hist = [m_s, *hist[: order - 1]]
+            m_s = denoiser(x_pred, g.time(s, x_pred), **cond)
+            nfe += 1
+            if math.isfinite(h):  # UniC-p: the same with rho^c, plus rho^c_p (m_s - m_0)
+                w_c = [a_s * g.one_minus_em[i] + a_s * B * (sum(rho * d for rho, d in zip(rho_c, D)) + rho_c[-1])]
+                w_c += [-a_s * B * rho * d for rho, d in zip(rho_c, D)]
+                x = torch.add(_common.combine(c_x, x, w_c, m), m_s, alpha=-a_s * B * rho_c[-1])
             else:
                 x = x_pred
-        _loop.report(callback, i, ts[i], x, x0_hat, nfe)
-    return _loop.finish(denoiser, process, x, ts[-1], final_denoise, cond)
+            m = [m_s, *m[: order - 1]]
+        _common.report(callback, i, g, x, m0, nfe)
+    return _common.finish(denoiser, g, x, final_denoise, cond)

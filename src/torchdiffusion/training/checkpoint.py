@@ -33,10 +33,9 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from ..core.denoiser import Preconditioned, as_denoiser
-from ..core.predictions import PREDICTIONS
 from ..core.process import NoiseProcess
 from ..core.support import clip_denoiser
-from ..names import build_net, build_process
+from ..names import PREDICTIONS, build_net, build_process, get_prediction
 
 __all__ = [
     "FORMAT_VERSION",
@@ -258,9 +257,10 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True, *, device: str | to
     ckpt.ema_net.requires_grad_(False)
     if not isinstance(ckpt.config.get("sigma_data"), (int, float)):
         raise CheckpointError(f"{ckpt.path / CONFIG}: config lacks a numeric 'sigma_data'")
-    out = ckpt.config["target"] if ckpt.config.get("precondition_output") is True else None  # absent: older, raw
+    target = get_prediction(ckpt.config["target"])
+    out = target if ckpt.config.get("precondition_output") is True else None  # absent: older, raw
     model = Preconditioned(ckpt.ema_net if ema else ckpt.net, ckpt.process, float(ckpt.config["sigma_data"]), out)
-    denoiser = as_denoiser(model, ckpt.process, predicts=ckpt.config["target"]).eval()
+    denoiser = as_denoiser(model, ckpt.process, predicts=target).eval()
     box = ckpt.config.get("data_box")  # absent in checkpoints written before it was recorded
     if clip and box is not None:
         try:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..names import PRECISIONS, build_net, build_process
+from ..names import PRECISIONS, build_net, build_process, get_prediction, get_weighting
 from .checkpoint import TMP_PREFIX, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import _MAY_CHANGE_ON_RESUME, TrainConfig, config_diff
 from .distributed import DistInfo, process_group, resolve_device
@@ -199,7 +199,8 @@ class _Loop:
         self.process = build_process(cfg.process)
         self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         dtype = PRECISIONS[cfg.precision]
-        out = cfg.target if cfg.precondition_output else None  # Preconditioned's output preconditioning
+        self.target, self.weighting = get_prediction(cfg.target), get_weighting(cfg.weighting)
+        out = self.target if cfg.precondition_output else None  # Preconditioned's output preconditioning
         self.scaled = ScaledStep(
             net, self.opt, self.process, cfg.sigma_data, dtype=dtype, info=info, device=self.device, predicts=out
         )
@@ -267,9 +268,7 @@ class _Loop:
         try:
             batch = self.batches.next(self.process, tuple(self.data.shape[1:]), self.device, self.cfg.flip)
             self.opt.zero_grad(set_to_none=True)
-            loss = self.scaled.backward(
-                self.data, self.labels, batch, target=self.cfg.target, weighting=self.cfg.weighting
-            )
+            loss = self.scaled.backward(self.data, self.labels, batch, target=self.target, weighting=self.weighting)
             clip = self.cfg.grad_clip or math.inf  # with inf, clip_grad_norm_ only measures the norm
             info = {"loss": loss, "lr": lr, "grad_norm": nn.utils.clip_grad_norm_(self.net.parameters(), clip).item()}
         except KeyboardInterrupt:  # the step was not taken: undo its random draws so a resume redoes them
@@ -307,7 +306,7 @@ class _Loop:
         cfg = self.cfg
         classes = cfg.net.get("num_classes") if cfg.class_conditional else None
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
-        kw = dict(target=cfg.target, sigma_data=cfg.sigma_data, n=cfg.sample_count, seed=self.seeds[0])
+        kw = dict(target=self.target, sigma_data=cfg.sigma_data, n=cfg.sample_count, seed=self.seeds[0])
         kw["precondition_output"] = cfg.precondition_output  # as in training
         shape = tuple(self.data.shape[1:])
         write_sample_grid(

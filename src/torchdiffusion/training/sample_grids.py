@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.denoiser import Preconditioned, as_denoiser
+from ..core.predictions import Prediction
 from ..core.process import NoiseProcess
 from ..core.timesteps import grid_lam
 from ..samplers import sample_dpm_solver_pp
@@ -29,7 +30,7 @@ def sample_grid(
     process: NoiseProcess,
     shape: tuple[int, ...],
     *,
-    target: str,
+    target: Prediction,
     sigma_data: float,
     n: int = 64,
     steps: int = 20,

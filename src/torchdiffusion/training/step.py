@@ -128,7 +128,7 @@ class ScaledStep:
         self.model = Preconditioned(inner, process, sigma_data, predicts)
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
-    def backward(self, data: Tensor, labels: Tensor | None, batch: Batch, *, target: str, weighting: str) -> float:
+    def backward(self, data: Tensor, labels: Tensor | None, batch: Batch, *, target, weighting) -> float:
         """Accumulate this rank's gradients (unscaled, averaged over ranks); return the global batch's mean loss."""
         accum, total = len(batch.idx), torch.zeros((), device=data.device)
         for k in range(accum):

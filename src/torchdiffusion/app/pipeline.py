@@ -1,0 +1,304 @@
+"""From a trained run to samples in two lines: ``pipe = td.load("runs/moons"); x0 = pipe.sample(1000)``.
+
+``load`` reads a checkpoint once (``training.checkpoint.load_denoiser``: EMA weights, frozen, eval mode,
+x0_hat clamped to the data's box) and returns a ``Pipeline``: the denoiser, the process, the config and
+what training recorded about the data. ``Pipeline.sample`` is nothing but the loop a user would write:
+prior noise ``process.prior_sample``, then any sampler function ``sampler(denoiser, process, x, ts, ...)``
+on a time grid, batch after batch (``draw_samples``, which the command line's ``sample`` and ``evaluate``
+run too, so one seed gives the same samples in Python and on the command line). Like diffusers'
+pipelines, but the parts stay plain objects: ``pipe.denoiser`` and ``pipe.process`` go into any sampler,
+``fit_grid`` or ``log_likelihood`` as they are.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core.process import NoiseProcess
+
+__all__ = ["DEFAULT_STEPS", "IMAGE_BATCH", "Pipeline", "load", "draw_samples", "example_shape", "default_grid"]
+
+DEFAULT_STEPS = 20  # few-step default, for the default sampler (UniPC-3) and other ODE solvers; DDPM wants 250+
+IMAGE_BATCH = 1000  # default batch for images (points are drawn at once), as on the command line
+
+
+def example_shape(config: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of one example of a checkpoint's model: (D,) for points, (C, H, H) for images.
+
+    Training records it in the net spec (``training.resolve.resolve_config``): ``dim`` for points,
+    ``in_channels`` and ``image_size`` for images.
+    """
+    net = config["net"]
+    if "dim" in net:
+        return (int(net["dim"]),)
+    return (int(net.get("in_channels", 1)), int(net["image_size"]), int(net["image_size"]))
+
+
+def _sampler_name(fn: Callable) -> str | None:
+    from ..names import INFO
+
+    return next((name for name, info in INFO.items() if info.fn is fn), None)
+
+
+def default_grid(sampler: Callable, process: NoiseProcess, steps: int) -> Tensor:
+    """The time grid ``sampler`` is usually run on (``names.INFO[...].grid``, as ``torchdiffusion samplers``
+    lists), with ``steps`` steps; ``grid_lam`` for a function outside that table (the default sampler's grid)."""
+    from ..names import GRID_FUNCTIONS, INFO
+
+    name = _sampler_name(sampler)
+    return GRID_FUNCTIONS[INFO[name].grid if name is not None else "lam"](process, steps)
+
+
+def draw_samples(
+    sampler: Callable,
+    denoiser,
+    process: NoiseProcess,
+    shape: tuple[int, ...],
+    n: int,
+    ts: Tensor,
+    *,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+    labels: Tensor | None = None,
+    progress: bool = False,
+    desc: str | None = None,
+    callback: Callable | None = None,
+    watch_first: Callable | None = None,
+    **options,
+) -> Tensor:
+    """``n`` samples of ``shape`` (on the CPU), in batches of ``batch_size`` (default: all at once).
+
+    Each batch draws its prior noise x_T ~ N(0, sigma(t_max)^2 I) and then runs
+    ``sampler(denoiser, process, x_T, ts, generator=generator, callback=..., **options, class_labels=...)``,
+    both from ``generator``: one seed and one batch size always give the same samples. Another batch size
+    consumes the stream in another order and gives other, equally valid, samples; the first batch is
+    always the single draw of its size. ``labels`` (n,) are sliced with the batches and passed as
+    ``class_labels``. Each batch moves to the CPU when done, so ``device`` holds one batch at a time.
+    ``progress`` shows one tqdm bar over every batch's steps; ``callback`` gets every step's info dict;
+    ``watch_first(x_T)``, if given, returns an extra callback for the first batch (the command line's
+    ``--figure`` records that batch's reverse process).
+    """
+    from ..samplers import progress_callback, sample_annealed_langevin
+
+    batch_size = n if batch_size is None else batch_size
+    langevin = getattr(sampler, "func", sampler) is sample_annealed_langevin  # reports every level, ts included
+    per_batch = len(ts) if langevin else len(ts) - 1
+    starts = range(0, n, batch_size)
+    desc = desc or f"{_sampler_name(sampler) or getattr(sampler, '__name__', 'sampler')} ({n} samples)"
+    tick, bar = progress_callback(per_batch * len(starts), desc, disable=not progress)
+    out = []
+    try:
+        for start in starts:
+            b = min(batch_size, n - start)
+            x = process.prior_sample((b, *shape), generator=generator, device=device)
+            cond = {"class_labels": labels[start : start + b].to(device)} if labels is not None else {}
+            calls = [tick, callback, watch_first(x) if watch_first is not None and start == 0 else None]
+            calls = [c for c in calls if c is not None]
+            cb = calls[0] if len(calls) == 1 else (lambda info, calls=calls: [c(info) for c in calls])
+            with torch.no_grad():
+                out.append(sampler(denoiser, process, x, ts, generator=generator, callback=cb, **options, **cond).cpu())
+    finally:
+        bar.close()
+    return torch.cat(out)
+
+
+def _count(name: str, value, what: str) -> int:
+    """``value`` as an int >= 1, or a ValueError naming ``name`` and what it counts."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer ({what}), got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer ({what}), got {value}")
+    return value
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class Pipeline:
+    """A trained model, ready to sample: what ``load(run_dir)`` returns.
+
+    Attributes:
+        denoiser: ``x0_hat = denoiser(x, t, **cond)``, the network preconditioned and converted from its
+            target as in training (``as_denoiser(Preconditioned(net, process, sigma_data), process, target)``),
+            frozen, in eval mode, with x0_hat clamped to ``data_box`` when loaded with ``clip=True``.
+        process: the ``NoiseProcess`` it was trained on.
+        config: the resolved training config (``config.json``: process, net, target, sigma_data, data_box,
+            step, ...).
+        shape: one example's shape: (D,) for points, (C, H, W) for images (from the net spec).
+        sigma_data: the standard deviation of the training data (over all coordinates), which scales the
+            network's input and output to unit variance (Karras et al. 2022, Sec. 5, c_in / c_skip / c_out).
+        data_box: ``(low, high)``, the training data's bounding box (per coordinate for points, one pixel
+            range for images; ``core.support``), which the denoiser's x0_hat is clamped to; None in
+            checkpoints written before training recorded it.
+        num_classes: K for a class-conditional model (labels 0..K-1), else None.
+        device: where the denoiser's weights are.
+    """
+
+    denoiser: Any
+    process: NoiseProcess
+    config: dict[str, Any]
+    shape: tuple[int, ...]
+    sigma_data: float
+    data_box: tuple | None
+    num_classes: int | None
+    device: torch.device
+
+    @property
+    def target(self) -> str:
+        """What the network predicts ("eps", "x0", "v", "score" or "flow")."""
+        return self.config["target"]
+
+    @property
+    def step(self) -> int:
+        """The optimizer steps the checkpoint was trained for."""
+        return int(self.config["step"])
+
+    def __repr__(self) -> str:
+        classes = f", num_classes={self.num_classes}" if self.num_classes else ""
+        return (
+            f"Pipeline({self.process!r}, target={self.target!r}, shape={self.shape}{classes}, step={self.step}, "
+            f"sigma_data={self.sigma_data:.4g}, device={str(self.device)!r})"
+        )
+
+    def _labels(self, n: int, labels=None) -> Tensor | None:
+        """``(n,)`` class labels, or None for an unconditional model.
+
+        ``labels``: None (a class-conditional model gets i mod K, every class evenly, as on the command
+        line: its "unconditional" label K was never trained), one int (every sample), or n ints.
+        """
+        if not self.num_classes:
+            if labels is not None:
+                raise ValueError(
+                    "labels given, but this model is not class-conditional (trained without labels, "
+                    "class_conditional: false); drop labels"
+                )
+            return None
+        k = self.num_classes
+        if labels is None:
+            return torch.arange(n) % k
+        if isinstance(labels, int) and not isinstance(labels, bool):
+            labels = torch.full((n,), labels)
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 1 or len(labels) != n or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels must be one int or {n} integers (one per sample), got {labels.dtype} of shape "
+                f"{tuple(labels.shape)}"
+            )
+        bad = labels[(labels < 0) | (labels >= k)]
+        if len(bad):
+            raise ValueError(f"label {int(bad[0])} is out of range: this model knows classes 0..{k - 1}")
+        return labels.long()
+
+    def sample(
+        self,
+        n: int,
+        *,
+        sampler: Callable | str | None = None,
+        steps: int | None = None,
+        grid: Tensor | Sequence[float] | str | None = None,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        labels=None,
+        final_denoise: bool = True,
+        callback: Callable | None = None,
+        **options,
+    ) -> Tensor:
+        """``n`` samples, a CPU tensor of shape ``(n, *self.shape)`` with no autograd graph.
+
+        Args:
+            n: how many.
+            sampler: a sampler function (default ``samplers.DEFAULT_SAMPLER``, UniPC-3) or its name in
+                ``names.SAMPLERS`` ("ddpm", "heun", "dpmpp_2m", ...; ``torchdiffusion samplers`` lists them).
+            steps: steps of the grid (default ``DEFAULT_STEPS`` = 20, for few-step ODE solvers; stochastic
+                samplers such as DDPM want hundreds). Not with a grid of times.
+            grid: decreasing times (e.g. ``fit_grid(...).ts``), or a grid name in ``names.GRID_FUNCTIONS``;
+                default: the sampler's usual grid (``names.INFO[...].grid``; ``grid_lam`` for functions
+                outside that table).
+            generator: the source of every random number (prior noise, then the sampler's noise), on
+                ``self.device``; None uses torch's global RNG.
+            batch_size: samples drawn at once (default: all of them for points, 1000 for images). One seed
+                and batch size always give the same samples; another batch size gives other, equally valid
+                ones (``draw_samples``).
+            progress: a tqdm bar over all steps.
+            labels: class-conditional models only: one int or n ints (default: i mod K, every class).
+            final_denoise: end with x0_hat at the last time (the samplers' policy at the data end).
+            callback: called with every step's info dict (``i``, ``t``, ``x``, ``x0_hat``, ``nfe``).
+            **options: the sampler's own options (``eta`` for ``sample_ddim``, ``n_steps_each`` for "ald").
+        """
+        from ..core.timesteps import check_grid
+        from ..names import GRID_FUNCTIONS, get_sampler
+        from ..samplers import DEFAULT_SAMPLER
+
+        n = _count("n", n, "the number of samples")
+        if sampler is None:
+            sampler = DEFAULT_SAMPLER
+        elif isinstance(sampler, str):
+            sampler = get_sampler(sampler)
+        elif not callable(sampler):
+            raise ValueError(f"sampler must be a sampler function or a name in names.SAMPLERS, got {sampler!r}")
+        if steps is not None:
+            steps = _count("steps", steps, "of the time grid")
+        if grid is None or isinstance(grid, str):
+            steps = DEFAULT_STEPS if steps is None else steps
+            if grid is None:
+                ts = default_grid(sampler, self.process, steps)
+            elif grid in GRID_FUNCTIONS:
+                ts = GRID_FUNCTIONS[grid](self.process, steps)
+            else:
+                raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRID_FUNCTIONS)} or give the times")
+        elif steps is not None:
+            raise ValueError("give steps or a grid of times, not both (a grid of n + 1 times has n steps)")
+        else:
+            ts = check_grid(grid)
+        batch_size = _count("batch_size", batch_size, "samples drawn at once") if batch_size is not None else None
+        batch_size = batch_size or (IMAGE_BATCH if len(self.shape) == 3 else n)
+        if "class_labels" in options:
+            raise ValueError("pass class labels as labels=..., not class_labels=...")
+        if generator is not None and generator.device.type != self.device.type:
+            raise ValueError(
+                f"the generator is on {generator.device} but the model on {self.device}: "
+                f"use torch.Generator({self.device.type!r})"
+            )
+        return draw_samples(
+            sampler, self.denoiser, self.process, self.shape, n, ts,
+            batch_size=batch_size, generator=generator, device=self.device, labels=self._labels(n, labels),
+            progress=progress, callback=callback, final_denoise=final_denoise, **options,
+        )  # fmt: skip
+
+
+def load(
+    run_dir: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu", clip: bool = True
+) -> Pipeline:
+    """The trained model of ``run_dir`` (a run directory or its ``checkpoint/``), ready to ``.sample(n)``.
+
+    ``ema=True`` takes the EMA weights (Ho et al. 2020, Sec. 4), which sample better than the raw ones;
+    ``clip=True`` clamps x0_hat to the training data's box (``core.support``: exact, never moves a
+    prediction away from the ideal denoiser). Raises ``CheckpointError`` (a ValueError) naming the file
+    and the problem when the checkpoint is missing, incomplete or corrupt.
+    """
+    from ..training.checkpoint import load_denoiser
+
+    device = torch.device(device)
+    denoiser, process, config = load_denoiser(run_dir, ema, device=device, clip=clip)
+    box = config.get("data_box")
+    return Pipeline(
+        denoiser=denoiser,
+        process=process,
+        config=config,
+        shape=example_shape(config),
+        sigma_data=float(config["sigma_data"]),
+        data_box=tuple(box) if box is not None else None,
+        num_classes=config["net"].get("num_classes") or None,
+        device=device,
+    )
