@@ -20,6 +20,8 @@ import time
 import torch
 from _machine import cpu_name
 
+from torchdiffusion.core.processes import beta_linear
+
 BATCH, WIDTH, DEPTH, T = 512, 256, 4, 1000
 
 
@@ -40,7 +42,7 @@ def train_ours(steps):
     from torchdiffusion import Discrete, Preconditioned
     from torchdiffusion.objectives.denoising import denoising_loss
 
-    process = Discrete.from_schedule("linear", T)
+    process = Discrete.from_schedule(beta_linear, T)
     model = Preconditioned(_net(), process)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data, gen = _data(20000), torch.Generator().manual_seed(0)
@@ -79,7 +81,7 @@ def train_diffusers(steps):
 def sample_ours(n, steps, trivial=False):
     from torchdiffusion import Discrete, Preconditioned, as_denoiser, grid_discrete, sample_ddpm
 
-    process = Discrete.from_schedule("linear", T)
+    process = Discrete.from_schedule(beta_linear, T)
     den = (lambda x, t: torch.zeros_like(x)) if trivial else as_denoiser(Preconditioned(_net(), process), process)
     ts = grid_discrete(process, steps, spacing="leading")
     x = process.prior_sample((n, 2), generator=torch.Generator().manual_seed(0))

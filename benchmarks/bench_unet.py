@@ -34,6 +34,8 @@ import time
 import torch
 from _machine import cpu_name
 
+from torchdiffusion.core.processes import beta_linear
+
 T, NFE = 1000, 50
 HEAD = 32  # channels per attention head, both libraries
 CONFIGS = {
@@ -96,7 +98,7 @@ def train_ours(name, warmup, reps):
     from torchdiffusion import Discrete, Preconditioned
     from torchdiffusion.objectives.denoising import denoising_loss
 
-    process = Discrete.from_schedule("linear", T)
+    process = Discrete.from_schedule(beta_linear, T)
     model = Preconditioned(ours(name), process)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     data, gen, B = _data(name), torch.Generator().manual_seed(0), BATCH[name]
@@ -142,7 +144,7 @@ def sample_ours(name, warmup, reps, trivial=False):
     from torchdiffusion import Discrete, Preconditioned, as_denoiser, count_nfe, grid_discrete
     from torchdiffusion.samplers import sample_ddim
 
-    process = Discrete.from_schedule("linear", T)
+    process = Discrete.from_schedule(beta_linear, T)
     net = _Zero() if trivial else ours(name).eval()
     den = count_nfe(as_denoiser(Preconditioned(net, process), process))
     ts = grid_discrete(process, NFE)  # NFE - 1 steps and the final denoising step: NFE evaluations

@@ -19,6 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_unet.py: spinni
 import torch  # noqa: E402
 from bench_unet import ours, theirs  # noqa: E402
 
+from torchdiffusion.core.processes import beta_linear
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,7 +31,7 @@ def main():
     from torchdiffusion import Discrete, Preconditioned
     from torchdiffusion.data import load_digits
 
-    process = Discrete.from_schedule("linear", 1000)
+    process = Discrete.from_schedule(beta_linear, 1000)
     x, _ = load_digits()
     train, held = x[:1500], x[1500:]
     g = torch.Generator().manual_seed(1)

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, SubVP
+from torchdiffusion.names import SCHEDULES
 
 CONTINUOUS = [VP(), SubVP(), VE(), Cosine(), EDM(), Flow()]
 DISCRETE = [
-    Discrete.from_schedule(schedule, T) for schedule in ("linear", "cosine", "sigmoid", "quadratic") for T in (1000, 50)
+    Discrete.from_schedule(SCHEDULES[schedule], T)
+    for schedule in ("linear", "cosine", "sigmoid", "quadratic")
+    for T in (1000, 50)
 ]
 DISCRETE_IDS = [
     f"Discrete-{schedule}-T{T}" for schedule in ("linear", "cosine", "sigmoid", "quadratic") for T in (1000, 50)

@@ -166,7 +166,7 @@ def test_ddim_agrees_with_diffusers(diffusers, set_alpha_to_one):
 
 def test_ddpm_agrees_with_diffusers(diffusers):
     """DDPMScheduler ("fixed_small" variance = the posterior variance, "leading" timesteps) and our
-    sample_ddpm(variance="posterior") draw the same noise from the same generator in the same order; the
+    sample_ddpm (posterior variance) draw the same noise from the same generator in the same order; the
     last step to alpha_bar = 1 is our final denoise."""
     gm, x, theirs, process, ts = _diffusers_parity("DDPMScheduler", 10)
     ours = S.sample_ddpm(gm.denoiser(process), process, x, ts, generator=torch.Generator().manual_seed(3))

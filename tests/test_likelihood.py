@@ -10,6 +10,7 @@ import torch
 
 from conftest import gen
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture
+from torchdiffusion.core.processes import beta_linear
 from torchdiffusion.likelihood.bounds import LAM_FLOOR, elbo, vlb_terms
 from torchdiffusion.likelihood.dequantize import bits_per_dim, dequantize, discretized_gaussian_logp, nll_8bit
 from torchdiffusion.likelihood.ode import log_likelihood
@@ -110,7 +111,7 @@ def test_vlb_terms_match_closed_form_for_gaussian_data():
     """Ho et al. 2020 Eq. 5-8: L_T = KL to the prior; L_{t-1} = c_0^2 E||x0 - x0_hat||^2 / (2 beta-tilde_t)
     (the means differ by c_0 (x0 - x0_hat), c_0 = sqrt(abar_{t-1}) beta_t / (1 - abar_t)); L_0 = -log N(x0;
     x0_hat(x_1), beta_1). For Gaussian data each expectation over the noise is closed form (``_gauss_mse``)."""
-    process, m, v, R = Discrete.from_schedule("linear", 50), torch.tensor([0.5, -0.3], dtype=F64), 0.2, 600
+    process, m, v, R = Discrete.from_schedule(beta_linear, 50), torch.tensor([0.5, -0.3], dtype=F64), 0.2, 600
     gm = GaussianMixture([1.0], m[None], v)
     x0 = gm.sample(3, generator=gen(7))
     b = process.betas
@@ -167,7 +168,7 @@ def test_discretized_decoder_is_a_probability():
     bins = -1 + 2 * torch.arange(256, dtype=F64)[:, None] / 255  # every pixel value
     logp = torch.stack([discretized_gaussian_logp(bins, mean[:, j].expand(256, 1), std[0, j]) for j in range(5)])
     torch.testing.assert_close(logp.exp().sum(1), torch.ones(5, dtype=F64), rtol=1e-10, atol=1e-10)
-    process, x0 = Discrete.from_schedule("linear", 50), bins[torch.randint(0, 256, (8, 3), generator=g), 0]
+    process, x0 = Discrete.from_schedule(beta_linear, 50), bins[torch.randint(0, 256, (8, 3), generator=g), 0]
     terms = vlb_terms(_mixture(3).denoiser(process), process, x0, decoder="discretized", generator=g)
     assert (terms["decoder"] >= 0).all() and (terms["total"] >= terms["decoder"]).all()
 
@@ -317,7 +318,7 @@ def test_conditioning_follows_examples_and_bad_arguments():
         mismatch = gm.log_prob(info["x_T"][i : i + 1], process, 1.0) - info["prior"][i]
         truth = gm.log_prob(x[i : i + 1], process, process.t_min)
         assert abs(float(ll[i] + mismatch - truth)) < 2e-3
-    discrete = Discrete.from_schedule("linear", 20)
+    discrete = Discrete.from_schedule(beta_linear, 20)
     terms = vlb_terms(conditional(discrete), discrete, x, chunk=7, generator=gen(0), label=y)
     assert torch.isfinite(terms["total"]).all()
     with pytest.raises(ValueError, match="discrete-time"):

@@ -16,7 +16,8 @@ import torch
 from conftest import Z, gen
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, SubVP
 from torchdiffusion.core.predictions import ALL_PREDICTIONS, EPS, SCORE, X0
-from torchdiffusion.names import PREDICTIONS, WEIGHTINGS, get_prediction, get_weighting
+from torchdiffusion.core.processes import beta_cosine, beta_linear
+from torchdiffusion.names import PREDICTIONS, SCHEDULES, WEIGHTINGS, get_prediction, get_weighting
 from torchdiffusion.objectives import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR, MinSNR, denoising_loss, sample_t
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -25,7 +26,9 @@ F64 = torch.float64
 NON_SIMPLE = tuple(w for w in WEIGHTINGS if w != "simple")
 CONTINUOUS = [VP(), SubVP(), VE(), Cosine(), EDM(), Flow()]
 CONTINUOUS_IDS = [type(p).__name__ for p in CONTINUOUS]
-DISCRETE = [Discrete.from_schedule(s, T) for s in ("linear", "cosine", "sigmoid", "quadratic") for T in (50, 1000)]
+DISCRETE = [
+    Discrete.from_schedule(SCHEDULES[s], T) for s in ("linear", "cosine", "sigmoid", "quadratic") for T in (50, 1000)
+]
 DISCRETE_IDS = [f"Discrete-{s}-T{T}" for s in ("linear", "cosine", "sigmoid", "quadratic") for T in (50, 1000)]
 
 
@@ -289,7 +292,7 @@ def test_snr_weight_is_the_eps_loss(process):
 def test_sample_t_discrete_is_uniform_on_1_to_T(T):
     """Ho et al. 2020, Algorithm 1: t ~ Uniform({1, ..., T}). Every value is hit, none lies outside,
     all are integers, and each count is within Z binomial standard errors of n/T."""
-    process = Discrete.from_schedule("cosine", T)
+    process = Discrete.from_schedule(beta_cosine, T)
     n = 40_000
     t = sample_t(process, n, generator=gen(7))
     assert t.shape == (n,) and t.dtype == F64
@@ -307,7 +310,7 @@ def test_sample_t_discrete_is_uniform_on_1_to_T(T):
 def test_sample_t_discrete_T1000_range():
     """Uniform({1..T}) for T = 1000: bounds respected and the mean (T+1)/2 within Z standard errors
     sqrt((T^2 - 1)/12 / n)."""
-    process = Discrete.from_schedule("linear", 1000)
+    process = Discrete.from_schedule(beta_linear, 1000)
     n = 100_000
     t = sample_t(process, n, generator=gen(8))
     assert t.min() >= 1 and t.max() <= 1000 and torch.equal(t, t.round())
@@ -411,7 +414,7 @@ def test_discrete_elbo_of_the_exact_denoiser_on_gaussian_data(schedule, T, D):
     the expected loss is sum_t w_step(t) Var[x0|x_t], with w_step(1) = 1/(2 beta_1) and
     w_step(t) = (snr(t-1) - snr(t))/2, Var = v sigma_t^2/(alpha_t^2 v + sigma_t^2). Monte Carlo over
     t, x0, eps vs the closed form, within Z standard errors of the mean."""
-    process = Discrete.from_schedule(schedule, T)
+    process = Discrete.from_schedule(SCHEDULES[schedule], T)
     betas, alphas, ab = _ddpm_tables(process)
     m, v = 0.7, 2.5
     tt = torch.arange(1, T + 1)
@@ -475,7 +478,7 @@ def test_unknown_target_raises_listing_the_choices():
 def test_loss_passes_conditioning_and_is_reproducible():
     """Ho et al. 2020, Algorithm 1: t and eps come only from the generator; keyword conditioning
     (class labels) reaches the model unchanged."""
-    p = Discrete.from_schedule("linear", 50)
+    p = Discrete.from_schedule(beta_linear, 50)
     x0 = torch.randn(8, 2, generator=gen(30), dtype=F64)
     labels = torch.arange(8)
     seen = []

@@ -16,13 +16,14 @@ from conftest import Z, gen
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, SubVP
 from torchdiffusion.core.denoiser import Preconditioned, as_denoiser
 from torchdiffusion.core.predictions import ALL_PREDICTIONS
+from torchdiffusion.core.processes import beta_linear
 from torchdiffusion.names import NETS
 from torchdiffusion.nets import EMBEDDINGS, MLP, FourierEmbedding, SinusoidalEmbedding
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-PROCESSES = [VP(), SubVP(), VE(), Cosine(), EDM(), Flow(), Discrete.from_schedule("linear", 50)]
+PROCESSES = [VP(), SubVP(), VE(), Cosine(), EDM(), Flow(), Discrete.from_schedule(beta_linear, 50)]
 PROCESS_IDS = [type(p).__name__ for p in PROCESSES]
 
 

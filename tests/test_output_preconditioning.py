@@ -21,6 +21,7 @@ from conftest import Z, gen
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
 from torchdiffusion.core.denoiser import Preconditioned, as_denoiser
 from torchdiffusion.core.predictions import ALL_PREDICTIONS, EPS, FLOW, SCORE, X0, V
+from torchdiffusion.core.processes import beta_linear
 from torchdiffusion.names import PREDICTIONS, WEIGHTINGS, build_net
 from torchdiffusion.nets import MLP
 from torchdiffusion.objectives import SIMPLE, denoising_loss
@@ -31,7 +32,7 @@ from torchdiffusion.training.loop import train
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-PROCESSES = [VP(), SubVP(), VE(), Cosine(), EDM(), Flow(), Discrete.from_schedule("linear", 50)]
+PROCESSES = [VP(), SubVP(), VE(), Cosine(), EDM(), Flow(), Discrete.from_schedule(beta_linear, 50)]
 IDS = [type(p).__name__ for p in PROCESSES]
 GM = GaussianMixture(weights=[0.3, 0.7], means=[[-1.0, 0.5], [0.8, -0.4]], variances=[[0.2, 0.05], [0.1, 0.3]])
 

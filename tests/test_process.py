@@ -14,7 +14,8 @@ import torch
 from conftest import Z, gen
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, SubVP, make_betas
 from torchdiffusion.core.process import NoiseProcess
-from torchdiffusion.core.processes import BETA_SCHEDULES
+from torchdiffusion.core.processes import beta_cosine, beta_linear
+from torchdiffusion.names import SCHEDULES, build_process
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -241,13 +242,13 @@ def test_posterior_by_numerical_integration():
     assert float(var) == pytest.approx(float(var_num), rel=1e-7)
 
 
-@pytest.mark.parametrize("schedule", sorted(BETA_SCHEDULES))
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 @pytest.mark.parametrize("T", [1000, 50])
 def test_discrete_posterior_is_ho_eq7(schedule, T):
     """DDPM posterior for s = t - 1 (Ho et al. 2020, Eq. 7), written with betas and alphas_cumprod:
     beta_tilde = (1 - abar_{t-1}) / (1 - abar_t) beta_t,
     mu_tilde = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0 + sqrt(1 - beta_t) (1 - abar_{t-1}) / (1 - abar_t) x_t."""
-    betas = make_betas(schedule, T)
+    betas = make_betas(SCHEDULES[schedule], T)
     p = Discrete(betas)
     abar = torch.cat([torch.ones(1, dtype=F64), torch.cumprod(1 - betas, 0)])  # abar_0 = 1
     g = gen(3)
@@ -277,7 +278,7 @@ SDE_CASES = [
     (Cosine(), 1e-3, 0.6),
     (EDM(), 0.002, 2.0),
     (Flow(), 1e-3, 0.6),
-    (Discrete.from_schedule("linear", 50), 1.0, 25.0),
+    (Discrete.from_schedule(beta_linear, 50), 1.0, 25.0),
 ]
 
 
@@ -314,11 +315,11 @@ def test_forward_sde_reproduces_transition(process, s, t):
 # --- discrete time ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("schedule", sorted(BETA_SCHEDULES))
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 @pytest.mark.parametrize("T", [1000, 50])
 def test_alphas_cumprod_is_cumprod_one_minus_beta(schedule, T):
     """abar_t = prod_{i<=t} (1 - beta_i) (Ho et al. 2020, Sec. 2), and alpha(t)^2 = abar_t on integer t."""
-    p = Discrete.from_schedule(schedule, T)
+    p = Discrete.from_schedule(SCHEDULES[schedule], T)
     ref = torch.cat([torch.ones(1, dtype=F64), torch.cumprod(1 - p.betas, 0)])
     assert p.alphas_cumprod.shape == (T + 1,)
     # Two roundings of one product of t factors: the cumprod rounds each 1 - beta_i and each product (2 t u);
@@ -336,14 +337,14 @@ def test_alphas_cumprod_is_cumprod_one_minus_beta(schedule, T):
 
 def test_linear_betas_are_ho_values():
     """Ho et al. 2020, Sec. 4: betas linear from 1e-4 to 0.02 for T = 1000."""
-    torch.testing.assert_close(make_betas("linear", 1000), torch.linspace(1e-4, 0.02, 1000, dtype=F64))
+    torch.testing.assert_close(make_betas(beta_linear, 1000), torch.linspace(1e-4, 0.02, 1000, dtype=F64))
 
 
 @pytest.mark.parametrize("T", [1000, 50])
 def test_cosine_betas_match_nichol_eq17(T):
     """Nichol & Dhariwal 2021, Eq. 17: abar_t = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2), s = 0.008,
     wherever beta_t is below the 0.999 clip."""
-    p = Discrete.from_schedule("cosine", T)
+    p = Discrete.from_schedule(beta_cosine, T)
     s = 0.008
     t = torch.arange(0, T + 1, dtype=F64)
     fcos = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
@@ -353,15 +354,19 @@ def test_cosine_betas_match_nichol_eq17(T):
 
 
 def test_make_betas_unknown_name_lists_choices():
+    """A schedule name becomes a function at the edge (``names``), where an unknown one lists the choices; inside the
+    library a name is not a schedule, and ``make_betas`` says so."""
     with pytest.raises(ValueError) as err:
-        make_betas("exponential", 100)
-    for name in BETA_SCHEDULES:
+        build_process({"name": "ddpm", "schedule": "exponential", "T": 100})
+    for name in SCHEDULES:
         assert name in str(err.value)
+    with pytest.raises(TypeError, match="schedule must be a function"):
+        make_betas("exponential", 100)
 
 
 def test_make_betas_and_discrete_reject_bad_input():
     with pytest.raises(ValueError):
-        make_betas("linear", 1)
+        make_betas(beta_linear, 1)
     with pytest.raises(ValueError):
         Discrete(torch.tensor([0.1, 1.0]))
     with pytest.raises(ValueError):

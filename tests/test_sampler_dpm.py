@@ -21,6 +21,7 @@ import torch
 from conftest import Z, gen
 from mixture_checks import gaussian_flow_map, observed_order
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
+from torchdiffusion.core.processes import beta_linear
 from torchdiffusion.core.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
 from torchdiffusion.samplers import count_nfe, sample_ddpm
 from torchdiffusion.samplers.ddim import sample_ddim
@@ -49,7 +50,7 @@ SAMPLERS = {
     "unipc1": (_with(sample_unipc, order=1), 1, False),
     "unipc2": (_with(sample_unipc, order=2), 1, False),
     "unipc3": (_with(sample_unipc, order=3), 1, False),
-    "unipc2-bh1": (_with(sample_unipc, order=2, variant="bh1"), 1, False),
+    "unipc2-bh1": (_with(sample_unipc, order=2, bh1=True), 1, False),
 }
 ODE = [name for name, (_, _, stochastic) in SAMPLERS.items() if not stochastic]
 MULTISTEP = [name for name in SAMPLERS if name.startswith(("pp", "unipc")) and name != "pp2m-sde"]
@@ -96,7 +97,7 @@ ORDER_PROCESSES = {
     "Cosine": Cosine(),
     "SubVP": SubVP(),
     "Flow": Flow(),
-    "Discrete": Discrete.from_schedule("linear", 1000),
+    "Discrete": Discrete.from_schedule(beta_linear, 1000),
 }
 # Global orders: DDIM / DPM-Solver-k: k (Lu et al. 2022, Thm. 3.2); DPM-Solver++(2M): 2 (Lu et al. 2023,
 # Algorithm 2); 3M: 2 on a uniform grid, from its first-order first step (3 with a resolved start,
@@ -216,7 +217,7 @@ EQUIV = {
     "EDM-karras": (EDM(), lambda p: grid_karras(p, 25)),
     "Cosine-lam": (Cosine(), lambda p: grid_lam(p, 25)),
     "Flow-t": (Flow(), lambda p: grid_t(p, 25)),
-    "Discrete50": (Discrete.from_schedule("linear", 50), lambda p: grid_discrete(p, 25)),
+    "Discrete50": (Discrete.from_schedule(beta_linear, 50), lambda p: grid_discrete(p, 25)),
 }
 
 
@@ -243,7 +244,7 @@ def test_ddim_eta1_equals_ddpm_with_the_same_noise(case):
     ts = grid(process)
     x = _exact_start(process, GM2, 32, seed=3)
     d = GM2.denoiser(process)
-    a = sample_ddpm(d, process, x, ts, variance="posterior", generator=gen(4))
+    a = sample_ddpm(d, process, x, ts, generator=gen(4))
     b = sample_ddim(d, process, x, ts, eta=1.0, generator=gen(4))
     torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9 * float(a.abs().max()))
     a1 = sample_ddpm(d, process, x, ts[:2], final_denoise=False, generator=gen(5))
@@ -327,7 +328,7 @@ def test_reproduces_the_mixture(name):
 CASES = {
     "VP-lam": (VP(), lambda p: grid_lam(p, 6)),
     "EDM-karras": (EDM(), lambda p: grid_karras(p, 12)),
-    "Discrete50": (Discrete.from_schedule("linear", 50), lambda p: grid_discrete(p, 8)),
+    "Discrete50": (Discrete.from_schedule(beta_linear, 50), lambda p: grid_discrete(p, 8)),
 }
 
 
@@ -430,10 +431,11 @@ def test_rejects_bad_options():
         lambda: sample_dpm_solver_pp(d, p, x, ts, order=0),
         lambda: sample_dpm_solver_pp_sde(d, p, x, ts, eta=-1.0),
         lambda: sample_unipc(d, p, x, ts, order=4),
-        lambda: sample_unipc(d, p, x, ts, variant="bh3"),
     ):
         with pytest.raises(ValueError):
             bad()
+    with pytest.raises(TypeError, match="bh1"):  # B(h) is chosen by a flag, not a name
+        sample_unipc(d, p, x, ts, bh1="bh3")
 
 
 # --- parity with k-diffusion --------------------------------------------------------------------------

@@ -18,9 +18,12 @@ import torch
 from conftest import Z, gen
 from mixture_checks import check_mixture, observed_order
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture, SubVP
+from torchdiffusion.core.processes import beta_cosine, beta_linear
 from torchdiffusion.core.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
 from torchdiffusion.samplers import count_nfe
-from torchdiffusion.samplers.sde import sample_pc, sample_reverse_sde
+from torchdiffusion.samplers.sde import euler_maruyama, reverse_diffusion, sample_pc, sample_reverse_sde
+
+PREDICTORS = {"euler_maruyama": euler_maruyama, "reverse_diffusion": reverse_diffusion}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -100,7 +103,7 @@ LAW_CASES = {
     "Flow-from-1": (Flow(), lambda p: grid_t(p, 12)),
     "EDM-karras": (EDM(), lambda p: grid_karras(p, 12)),
     "Discrete-cosine-T1000": (
-        Discrete.from_schedule("cosine", 1000),
+        Discrete.from_schedule(beta_cosine, 1000),
         lambda p: grid_discrete(p, 10, spacing="trailing"),
     ),
 }
@@ -115,7 +118,9 @@ def test_exact_law_on_gaussian_data(case, predictor):
     process, grid = LAW_CASES[case]
     ts, n = grid(process), 20_000
     x = _prior(process, GAUSS, n, seed=1)
-    out = sample_pc(GAUSS.denoiser(process), process, x, ts, predictor=predictor, corrector="none", generator=gen(2))
+    out = sample_pc(
+        GAUSS.denoiser(process), process, x, ts, predictor=PREDICTORS[predictor], n_corrector=0, generator=gen(2)
+    )
     assert bool(torch.isfinite(out).all())
     sT2 = _c(process, "sigma", ts[0]) ** 2
     laws = [_denoised_law(process, ts[-1], m, v, *_gaussian_law(process, ts, m, v, 0.0, sT2, predictor)) for m, v in MV]
@@ -185,10 +190,10 @@ def test_reverse_sde_is_song_vp_euler_maruyama():
 def test_reverse_diffusion_is_song_algorithm_3_predictor():
     """On a DDPM grid (Discrete, t = T..1) the reverse-diffusion predictor is Algorithm 3's
     x_i = (2 - sqrt(1 - beta_{i+1})) x_{i+1} + beta_{i+1} s(x_{i+1}, i+1) + sqrt(beta_{i+1}) z."""
-    p = Discrete.from_schedule("linear", 50)
+    p = Discrete.from_schedule(beta_linear, 50)
     ts = grid_discrete(p, 50)
     x = _prior(p, GM2, 64, seed=5)
-    out = sample_pc(GM2.denoiser(p), p, x, ts, corrector="none", final_denoise=False, generator=gen(6))
+    out = sample_pc(GM2.denoiser(p), p, x, ts, n_corrector=0, final_denoise=False, generator=gen(6))
     g, y = gen(6), x.clone()
     for t in ts[:-1]:
         beta = float(p.betas[int(t) - 1])
@@ -220,7 +225,7 @@ def test_pc_is_song_algorithm_2_with_algorithm_4(n_corrector):
         ts,
         snr=r,
         n_corrector=n_corrector,
-        norms="example",
+        batch_norms=False,
         final_denoise=False,
         generator=gen(8),
     )
@@ -241,12 +246,20 @@ def test_pc_is_song_algorithm_2_with_algorithm_4(n_corrector):
 def test_langevin_corrector_step_on_vp(norms):
     """One corrector step at level s after a step t -> s on VP (Algorithm 5): eps = 2 a (r ||z|| / ||g||)^2 with
     a = alpha_ts^2 = (alpha_t / alpha_s)^2 (1 - beta_i on a DDPM grid), norms per example or averaged over the
-    batch (the paper's large-batch rule); predictor "none" leaves x as it is."""
+    batch (the paper's large-batch rule); predictor None leaves x as it is."""
     p, r = VP(), 0.3
     ts = torch.tensor([0.5, 0.4], dtype=F64)
     x = _exact_start(p, GM2, 16, seed=9, t=0.4)
     out = sample_pc(
-        GM2.denoiser(p), p, x, ts, predictor="none", snr=r, norms=norms, final_denoise=False, generator=gen(10)
+        GM2.denoiser(p),
+        p,
+        x,
+        ts,
+        predictor=None,
+        snr=r,
+        batch_norms=norms == "batch",
+        final_denoise=False,
+        generator=gen(10),
     )
     z = torch.randn(x.shape, generator=gen(10), dtype=F64)
     grad = GM2.score(x, p, ts[1])
@@ -263,7 +276,7 @@ def test_langevin_corrector_second_moment(process):
         E||u'||^2 / D = S [1 - 2k + (k^2 + 2k) (D + 2) / (D - 2)]      (E[1 / chi^2_D] = 1 / (D - 2)),
 
     not S (1 + k^2) as for a fixed step: the step depends on x. Iterated, this inflates variances by about
-    (1 + k/2)(D + 2)/(D - 2) (a 2-D mixture's tenfold), which is why the mixture tests below use norms="batch"."""
+    (1 + k/2)(D + 2)/(D - 2) (a 2-D mixture's tenfold), which is why the mixture tests below use batch_norms=True."""
     D, r, n = 8, 0.5, 40_000
     m = torch.linspace(-1.0, 2.0, D, dtype=F64)
     gm = GaussianMixture([1.0], m[None], 0.7)
@@ -275,9 +288,9 @@ def test_langevin_corrector_second_moment(process):
         process,
         x,
         ts,
-        predictor="none",
+        predictor=None,
         snr=r,
-        norms="example",
+        batch_norms=False,
         final_denoise=False,
         generator=gen(12),
     )
@@ -318,7 +331,12 @@ def test_pc_reproduces_mixture(process):
     of a step eps = 2 r^2 S) are both far under the smallest component's tolerance (5 x 5% = 25%)."""
     ts = grid_t(process, 500)
     x = sample_pc(
-        GM2.denoiser(process), process, _exact_start(process, GM2, 4000, seed=15), ts, norms="batch", generator=gen(16)
+        GM2.denoiser(process),
+        process,
+        _exact_start(process, GM2, 4000, seed=15),
+        ts,
+        batch_norms=True,
+        generator=gen(16),
     )
     check_mixture(x, GM2, lambda v: v)
 
@@ -339,15 +357,15 @@ def test_reverse_sde_reproduces_16d_mixture():
 
 # --- conformance: NFE, ends, determinism, shapes ---------------------------------------------------------
 
-# name: (sampler, kwargs, documented NFE per step: 1 for a predictor other than "none" plus n_corrector
+# name: (sampler, kwargs, documented NFE per step: 1 for a predictor (not None) plus n_corrector
 # for the Langevin corrector)
 CONFIGS = {
     "reverse_sde": (sample_reverse_sde, {}, 1),
     "pc": (sample_pc, {}, 2),
-    "pc-batch-2": (sample_pc, {"norms": "batch", "n_corrector": 2}, 3),
-    "pc-em": (sample_pc, {"predictor": "euler_maruyama", "n_corrector": 2}, 3),
-    "corrector-only": (sample_pc, {"predictor": "none", "n_corrector": 2}, 2),
-    "predictor-only": (sample_pc, {"corrector": "none"}, 1),
+    "pc-batch-2": (sample_pc, {"batch_norms": True, "n_corrector": 2}, 3),
+    "pc-em": (sample_pc, {"predictor": euler_maruyama, "n_corrector": 2}, 3),
+    "corrector-only": (sample_pc, {"predictor": None, "n_corrector": 2}, 2),
+    "predictor-only": (sample_pc, {"n_corrector": 0}, 1),
 }
 
 
@@ -426,17 +444,18 @@ def test_determinism_inputs_and_shapes(config):
 
 
 def test_rejects_bad_options():
+    """Bad values are ValueErrors; a name where a predictor function or a flag belongs is a TypeError (names become
+    objects only at the edge)."""
     p = VE()
     x, ts, d = _prior(p, GM2, 2, 31), grid_lam(p, 3), GM2.denoiser(p)
+    for kw in ({"predictor": "ancestral"}, {"batch_norms": "global"}):
+        with pytest.raises(TypeError):
+            sample_pc(d, p, x, ts, **kw)
     for kw in (
-        {"predictor": "ancestral"},
-        {"corrector": "ald"},
-        {"norms": "global"},
         {"n_corrector": -1},
         {"n_corrector": 1.5},
         {"snr": 0.0},
-        {"predictor": "none", "corrector": "none"},
-        {"predictor": "none", "n_corrector": 0},
+        {"predictor": None, "n_corrector": 0},
     ):
         with pytest.raises(ValueError):
             sample_pc(d, p, x, ts, **kw)

@@ -19,6 +19,7 @@ import torch
 from conftest import Z, gen
 from mixture_checks import check_mixture
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture
+from torchdiffusion.core.processes import beta_cosine, beta_linear
 from torchdiffusion.core.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
 from torchdiffusion.names import SAMPLERS
 from torchdiffusion.samplers import count_nfe, langevin_dynamics, sample_annealed_langevin, sample_ddpm
@@ -63,7 +64,7 @@ SPECS = {
     "pc": Spec(  # Song et al. 2021, Algorithms 1-5: predictor + n_corrector Langevin calls per pair (t, s)
         kwargs={"n_corrector": 1},
         nfe=lambda n_ts, kw: (n_ts - 1) * (1 + kw["n_corrector"]),
-        batch_independent=False,  # default norms="batch" averages the Langevin step's norms over the batch
+        batch_independent=False,  # default batch_norms=True averages the Langevin step's norms over the batch
     ),
     "euler": Spec(stochastic=False),  # Song et al. 2021, Eq. 13 (Euler): 1 call per step
     "heun": Spec(kwargs={"churn": 1.0}, nfe=lambda n_ts, kw: 2 * (n_ts - 1)),  # Karras et al. 2022, Alg. 2
@@ -100,7 +101,7 @@ SHAPES = {"2d": GM2, "4d": GM4}
 CASES = {
     "VP-lam": (VP(), lambda p: grid_lam(p, 6)),
     "VE-lam": (VE(), lambda p: grid_lam(p, 6)),
-    "Discrete50": (Discrete.from_schedule("linear", 50), lambda p: grid_discrete(p, 8)),
+    "Discrete50": (Discrete.from_schedule(beta_linear, 50), lambda p: grid_discrete(p, 8)),
 }
 
 
@@ -220,8 +221,8 @@ def test_callback_once_per_step(name, case):
 def test_ddpm_rejects_unknown_options():
     p = VP()
     x = _start(p, GM2, 2, seed=8)
-    with pytest.raises(ValueError, match="posterior"):
-        sample_ddpm(GM2.denoiser(p), p, x, grid_t(p, 3), variance="learned")
+    with pytest.raises(TypeError, match="beta_variance"):  # a flag, not a name
+        sample_ddpm(GM2.denoiser(p), p, x, grid_t(p, 3), beta_variance="learned")
     with pytest.raises(TypeError, match="eps_form"):  # the update's form is a flag, not a string
         sample_ddpm(GM2.denoiser(p), p, x, grid_t(p, 3), eps_form="v")
     with pytest.raises(ValueError):
@@ -231,7 +232,7 @@ def test_ddpm_rejects_unknown_options():
 def test_ddpm_grid_ending_at_data_needs_no_final_denoise():
     """A DDPM grid ending at t = 0 (sigma = 0) lands on the data: no noise on the last step and no
     extra evaluation (Ho et al. 2020, Algorithm 2, z = 0 for t = 1)."""
-    p = Discrete.from_schedule("linear", 50)
+    p = Discrete.from_schedule(beta_linear, 50)
     ts = torch.cat([grid_discrete(p, 50), torch.zeros(1, dtype=F64)])
     d = count_nfe(GM2.denoiser(p))
     x = _start(p, GM2, 6, seed=9)
@@ -247,11 +248,13 @@ def test_ddpm_last_step_to_data_is_noise_free(variance):
     """Ho et al. 2020, Algorithm 2, line 3: z = 0 on the last step (t = 1 -> 0), for either choice of
     sigma_t^2 (beta-tilde or beta). On a point mass at m the exact denoiser returns m, and the step to
     s = 0 has mean c_x x + c_0 m with c_x = 0, c_0 = 1, so the samples are exactly m."""
-    p = Discrete.from_schedule("linear", 50)
+    p = Discrete.from_schedule(beta_linear, 50)
     m = torch.tensor([0.7, -1.3], dtype=F64)
     point = GaussianMixture([1.0], m[None], [[0.0, 0.0]])
     ts = torch.cat([grid_discrete(p, 50), torch.zeros(1, dtype=F64)])
-    out = sample_ddpm(point.denoiser(p), p, _start(p, point, 64, seed=15), ts, variance=variance, generator=gen(8))
+    out = sample_ddpm(
+        point.denoiser(p), p, _start(p, point, 64, seed=15), ts, beta_variance=variance == "beta", generator=gen(8)
+    )
     torch.testing.assert_close(out, m.expand(64, 2), rtol=0, atol=1e-12)
 
 
@@ -262,7 +265,7 @@ def test_ald_rejects_bad_options():
         sample_annealed_langevin(GM2.denoiser(p), p, x, grid_lam(p, 3), n_steps_each=0)
     with pytest.raises(ValueError):
         sample_annealed_langevin(GM2.denoiser(p), p, x, grid_lam(p, 3), step_eps=0.0)
-    q = Discrete.from_schedule("linear", 50)
+    q = Discrete.from_schedule(beta_linear, 50)
     with pytest.raises(ValueError):  # sigma(0) = 0: no score at the last level
         sample_annealed_langevin(GM2.denoiser(q), q, x, torch.tensor([10.0, 0.0], dtype=F64))
 
@@ -275,7 +278,7 @@ EQUIV = {
     "VE": (VE(), lambda p: grid_lam(p, 40)),
     "EDM": (EDM(), lambda p: grid_karras(p, 40)),
     "Flow-below-1": (Flow(), lambda p: grid_t(p, 40, t_start=0.999)),
-    "Discrete50": (Discrete.from_schedule("linear", 50), lambda p: grid_discrete(p, 50)),
+    "Discrete50": (Discrete.from_schedule(beta_linear, 50), lambda p: grid_discrete(p, 50)),
 }
 
 
@@ -287,10 +290,22 @@ def test_ddpm_x0_form_equals_eps_form(case, variance):
     process, grid = EQUIV[case]
     x = _start(process, GM2, 32, seed=11)
     a = sample_ddpm(
-        GM2.denoiser(process), process, x, grid(process), eps_form=False, variance=variance, generator=gen(2)
+        GM2.denoiser(process),
+        process,
+        x,
+        grid(process),
+        eps_form=False,
+        beta_variance=variance == "beta",
+        generator=gen(2),
     )
     b = sample_ddpm(
-        GM2.denoiser(process), process, x, grid(process), eps_form=True, variance=variance, generator=gen(2)
+        GM2.denoiser(process),
+        process,
+        x,
+        grid(process),
+        eps_form=True,
+        beta_variance=variance == "beta",
+        generator=gen(2),
     )
     scale = float(x.abs().max())
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * scale)
@@ -367,7 +382,7 @@ def _check_gaussian_law(x, M, V):
     [
         (VP(), lambda p: grid_t(p, 12)),
         (VE(), lambda p: grid_lam(p, 12)),
-        (Discrete.from_schedule("cosine", 50), lambda p: grid_discrete(p, 10)),
+        (Discrete.from_schedule(beta_cosine, 50), lambda p: grid_discrete(p, 10)),
     ],
     ids=["VP", "VE", "Discrete"],
 )
@@ -377,7 +392,7 @@ def test_ddpm_exact_law_on_gaussian_data(process, grid, variance):
     n = 20_000
     ts = grid(process)
     x = _start(process, GAUSS, n, seed=13)
-    out = sample_ddpm(GAUSS.denoiser(process), process, x, ts, variance=variance, generator=gen(4))
+    out = sample_ddpm(GAUSS.denoiser(process), process, x, ts, beta_variance=variance == "beta", generator=gen(4))
     sT2 = float(process.sigma(ts[0])) ** 2
     laws = [_ddpm_gaussian_law(process, ts, m, v, 0.0, sT2, variance) for m, v in ((1.5, 0.4), (-0.7, 2.0))]
     _check_gaussian_law(out, [law[0] for law in laws], [law[1] for law in laws])
@@ -454,7 +469,7 @@ def test_ddpm_discrete_t1000_reproduces_mixture():
     c_0^2 Var[x0 | x_t] of variance (the spread of x0 given x_t), an O(1/T) deficit; on an isolated
     Gaussian component it is given exactly by the linear recursion _ddpm_gaussian_law (about -2%
     here, under one standard error), which the per-component variance check uses."""
-    p = Discrete.from_schedule("linear", 1000)
+    p = Discrete.from_schedule(beta_linear, 1000)
     ts = grid_discrete(p, 1000)
     x = sample_ddpm(GM2.denoiser(p), p, _exact_start(p, GM2, 4000, seed=20), ts, generator=gen(21))
     check_mixture(x, GM2, lambda v: _ddpm_var_from_exact_start(p, ts, v))

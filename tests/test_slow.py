@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from torchdiffusion import Discrete, GaussianMixture, grid_discrete, sample_ddpm
+from torchdiffusion.core.processes import beta_linear
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def test_ddpm_algorithm2_full_grid_many_samples():
     """Ho et al. 2020 Algorithm 2 on T = 1000 with the exact denoiser: mixture weights within 4
     binomial standard errors at n = 20000 (a tighter version of the fast test)."""
     gm = GaussianMixture([0.2, 0.3, 0.5], [[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], [[0.1, 0.2], [0.3, 0.1], [0.2, 0.2]])
-    p = Discrete.from_schedule("linear", 1000)
+    p = Discrete.from_schedule(beta_linear, 1000)
     n = 20000
     g = torch.Generator().manual_seed(0)
     x = sample_ddpm(

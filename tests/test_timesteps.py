@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from torchdiffusion import EDM, VE, VP, Discrete, Flow
+from torchdiffusion.core.processes import beta_cosine, beta_linear
 from torchdiffusion.core.timesteps import (
     LAM_MIN,
     check_grid,
@@ -140,7 +141,7 @@ SPACINGS = ["leading", "linspace", "trailing"]
 def test_grid_discrete_full_is_ho_algorithm2(spacing):
     """With n = T every spacing gives t = T, T-1, ..., 1 (Ho et al. 2020, Algorithm 2): T points, one
     ancestral step per pair plus the final denoising step at t = 1."""
-    p = Discrete.from_schedule("linear", 1000)
+    p = Discrete.from_schedule(beta_linear, 1000)
     ts = grid_discrete(p, 1000, spacing=spacing)
     assert ts.dtype == F64
     torch.testing.assert_close(ts, torch.arange(1000, 0, -1, dtype=F64), rtol=0, atol=0)
@@ -163,7 +164,7 @@ EXPECTED = {
 @pytest.mark.parametrize("spacing, n", list(EXPECTED), ids=[f"{s}-{n}" for s, n in EXPECTED])
 def test_grid_discrete_documented_formulas(spacing, n):
     """linspace: round(linspace(T, 1, n)); leading: 1 + k (T // n), k = n-1..0; trailing: round(T - k T/n)."""
-    p = Discrete.from_schedule("linear", 1000)
+    p = Discrete.from_schedule(beta_linear, 1000)
     ts = grid_discrete(p, n, spacing=spacing)
     torch.testing.assert_close(ts, torch.tensor(EXPECTED[spacing, n], dtype=F64), rtol=0, atol=0)
 
@@ -172,7 +173,7 @@ def test_grid_discrete_documented_formulas(spacing, n):
 @pytest.mark.parametrize("n", [2, 7, 13, 333, 999])
 def test_grid_discrete_properties(spacing, n):
     """n integer times in 1..T, strictly decreasing."""
-    p = Discrete.from_schedule("cosine", 1000)
+    p = Discrete.from_schedule(beta_cosine, 1000)
     ts = grid_discrete(p, n, spacing=spacing)
     assert ts.shape == (n,)
     assert bool((ts == ts.round()).all())
@@ -181,7 +182,7 @@ def test_grid_discrete_properties(spacing, n):
 
 
 def test_grid_discrete_errors(continuous_process):
-    p = Discrete.from_schedule("linear", 50)
+    p = Discrete.from_schedule(beta_linear, 50)
     for n in (0, 51):
         with pytest.raises(ValueError):
             grid_discrete(p, n)

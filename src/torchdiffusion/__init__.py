@@ -28,23 +28,8 @@ from .core.processes import EDM, VE, VP, Cosine, Discrete, Flow, SubVP, make_bet
 from .core.timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
 from .likelihood import bits_per_dim, dequantize, elbo, log_likelihood, nll_8bit, vlb, vlb_terms
 from .objectives import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR, MinSNR, Weighting, denoising_loss
-from .samplers import (
-    DEFAULT_SAMPLER,
-    langevin_dynamics,
-    sample_annealed_langevin,
-    sample_ddim,
-    sample_ddpm,
-    sample_dpm_solver,
-    sample_dpm_solver_pp,
-    sample_dpm_solver_pp_sde,
-    sample_euler,
-    sample_heun,
-    sample_ode_adaptive,
-    sample_pc,
-    sample_reverse_sde,
-    sample_rk4,
-    sample_unipc,
-)
+from .samplers import *  # noqa: F403  (every sampler by name, DEFAULT_SAMPLER, langevin_dynamics)
+from .samplers import __all__ as _samplers_all
 from .training import TrainConfig, load_denoiser, train
 
 __version__ = "0.1.0"
@@ -58,9 +43,7 @@ __all__ = [
     # time grids
     "grid_t", "grid_lam", "grid_karras", "grid_quadratic", "grid_discrete",
     # samplers: every one by name, and the default
-    "DEFAULT_SAMPLER", "sample_ddpm", "sample_annealed_langevin", "langevin_dynamics", "sample_euler", "sample_heun",
-    "sample_rk4", "sample_ode_adaptive", "sample_reverse_sde", "sample_pc", "sample_ddim", "sample_dpm_solver",
-    "sample_dpm_solver_pp", "sample_dpm_solver_pp_sde", "sample_unipc",
+    *_samplers_all,
     # objectives
     "denoising_loss", "Weighting", "SIMPLE", "ELBO", "LIKELIHOOD", "SNR", "MinSNR", "MIN_SNR",
     # likelihood

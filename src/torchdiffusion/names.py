@@ -16,7 +16,19 @@ from typing import Any
 import torch
 
 from .core.predictions import ALL_PREDICTIONS
-from .core.processes import BETA_SCHEDULES, EDM, VE, VP, Cosine, Discrete, Flow, SubVP
+from .core.processes import (
+    EDM,
+    VE,
+    VP,
+    Cosine,
+    Discrete,
+    Flow,
+    SubVP,
+    beta_cosine,
+    beta_linear,
+    beta_quadratic,
+    beta_sigmoid,
+)
 from .core.timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
 from .nets import MLP, UNet
 from .objectives.weightings import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR
@@ -57,7 +69,7 @@ GRID_FUNCTIONS = {
     "discrete": grid_discrete,
 }
 GRIDS = ("auto", *GRID_FUNCTIONS, "fit")  # "auto": the sampler's own (INFO.grid); "fit": grid_fit.fit_grid
-SCHEDULES = tuple(BETA_SCHEDULES)
+SCHEDULES = {"linear": beta_linear, "cosine": beta_cosine, "sigmoid": beta_sigmoid, "quadratic": beta_quadratic}
 
 
 @dataclass(frozen=True)
@@ -122,7 +134,7 @@ PROCESSES = {
     "cosine": Cosine,
     "edm": EDM,
     "flow": Flow,
-    "ddpm": Discrete.from_schedule,  # kwargs: schedule ("linear", "cosine", "sigmoid", "quadratic"), T
+    "ddpm": lambda schedule="linear", T=1000: Discrete.from_schedule(_pick("beta schedule", SCHEDULES, schedule), T),
 }
 
 

@@ -212,6 +212,20 @@ class NoiseProcess:
         d = x[0].numel()
         return -0.5 * (x.flatten(1) ** 2).sum(1) / s**2 - d * (math.log(s) + 0.5 * math.log(2 * math.pi))
 
+    # -- the variational bound ------------------------------------------------------
+    def elbo_weight(self, t: Tensor, s: Tensor | None = None) -> Tensor:
+        """The ELBO's weight on ||x0 - x0_hat(x_t, t)||^2 (seed 003, "Final objective function"), float64.
+
+        For a step t -> s < t: (snr(s) - snr(t)) / 2, the KL between the posteriors q(x_s | x_t, x0) and
+        q(x_s | x_t, x0_hat) of equal variance (Ho et al. 2020, Eqs. 5 and 8). In continuous time (s None) its
+        density in t, -snr'(t) / 2 = alpha^2 g2 / (2 sigma^4) (Kingma et al. 2021, Eq. 17, with snr' from f, g2).
+        """
+        t = as_time(t)
+        if s is not None:
+            return 0.5 * (self.snr(s) - self.snr(t))
+        a, sig = self.alpha_sigma(t)
+        return 0.5 * a**2 * self.g2(t) / sig**4
+
     # -- the reverse processes (seed 003, "Score-based SDE") -----------------------
     def reverse_drift_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Float64 (c_x, c_0) with the reverse-time SDE's drift f x - g2 score(x) = c_x x + c_0 x0_hat.

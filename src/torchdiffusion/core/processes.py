@@ -15,6 +15,7 @@ Each class gives closed forms of what it can (f, g2, t_from_lam); the rest comes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,8 @@ from torch import Tensor
 
 from .process import NoiseProcess, as_time
 
-__all__ = ["VP", "SubVP", "VE", "Cosine", "EDM", "Flow", "Discrete", "BETA_SCHEDULES", "make_betas"]
+__all__ = ["VP", "SubVP", "VE", "Cosine", "EDM", "Flow", "Discrete", "make_betas"]
+__all__ += ["beta_linear", "beta_cosine", "beta_sigmoid", "beta_quadratic"]
 
 
 class _VariancePreserving(NoiseProcess):
@@ -255,48 +257,45 @@ class Flow(NoiseProcess):
 # -- discrete time (DDPM) ---------------------------------------------------------------
 
 
-def _beta_linear(T: int) -> Tensor:
-    # Ho et al. 2020: 1e-4 .. 0.02 for T = 1000, rescaled so other T keep the same alpha_bar_T.
+def beta_linear(T: int) -> Tensor:
+    """Ho et al. 2020: 1e-4 .. 0.02 for T = 1000, rescaled so other T keep the same alpha_bar_T."""
     scale = 1000 / T
     return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
 
 
-def _beta_quadratic(T: int) -> Tensor:
+def beta_quadratic(T: int) -> Tensor:
+    """sqrt(beta) linear between the linear schedule's ends (Ho et al.'s code; Nichol & Dhariwal 2021)."""
     scale = 1000 / T
     return torch.linspace(math.sqrt(scale * 1e-4), math.sqrt(scale * 0.02), T, dtype=torch.float64) ** 2
 
 
-def _beta_sigmoid(T: int) -> Tensor:
-    # GeoDiff (Xu et al. 2022): a sigmoid between the linear schedule's ends.
+def beta_sigmoid(T: int) -> Tensor:
+    """GeoDiff (Xu et al. 2022): a sigmoid between the linear schedule's ends."""
     scale = 1000 / T
     lo, hi = scale * 1e-4, scale * 0.02
     return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (hi - lo) + lo
 
 
-def _beta_cosine(T: int, s: float = 0.008) -> Tensor:
-    # Nichol & Dhariwal 2021, Eq. 17, with betas clipped at 0.999 to avoid a singularity at t = T.
+def beta_cosine(T: int, s: float = 0.008) -> Tensor:
+    """Nichol & Dhariwal 2021, Eq. 17, with betas clipped at 0.999 to avoid a singularity at t = T."""
     steps = torch.arange(T + 1, dtype=torch.float64) / T
     ab = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - ab[1:] / ab[:-1]).clamp(max=0.999)
 
 
-BETA_SCHEDULES = {
-    "linear": _beta_linear,
-    "cosine": _beta_cosine,
-    "sigmoid": _beta_sigmoid,
-    "quadratic": _beta_quadratic,
-}
-
-
-def make_betas(schedule: str, T: int) -> Tensor:
-    """The betas of a named DDPM schedule with T steps (float64)."""
-    if schedule not in BETA_SCHEDULES:
-        raise ValueError(f"unknown beta schedule {schedule!r}; choose one of {sorted(BETA_SCHEDULES)}")
+def make_betas(schedule: Callable[[int], Tensor], T: int) -> Tensor:
+    """The betas of a DDPM schedule (``beta_linear``, ``beta_cosine``, ``beta_sigmoid``, ``beta_quadratic`` or any
+    function T -> (T,) betas) with T steps, float64, clipped at 0.999."""
+    if not callable(schedule):
+        raise TypeError(
+            f"schedule must be a function such as beta_linear, got {schedule!r}; "
+            "names become schedules through torchdiffusion.names.SCHEDULES"
+        )
     if T < 2:
         raise ValueError(f"T must be at least 2, got {T}")
     # The 1000/T rescaling of the linear-type schedules passes beta = 1 for T <= 20; clip as
     # Nichol & Dhariwal do for the cosine schedule, so every T gives a valid process.
-    return BETA_SCHEDULES[schedule](T).clamp(max=0.999)
+    return schedule(T).clamp(max=0.999)
 
 
 @dataclass(frozen=True, repr=False)
@@ -307,12 +306,12 @@ class Discrete(_VariancePreserving):
     interpolated linearly, which makes lam, f, g2 and t_from_lam defined for every t and lets
     continuous-time samplers run on a DDPM model. ``alphas_cumprod`` lives only here.
 
-    Build with ``Discrete.from_schedule("linear", T=1000)`` or ``Discrete(betas)``.
+    Build with ``Discrete.from_schedule(beta_linear, T=1000)`` or ``Discrete(betas)``.
     """
 
     discrete = True  # time is the integer step t = 0..T (``NoiseProcess.discrete``)
 
-    betas: Tensor = field(default_factory=lambda: _beta_linear(1000))
+    betas: Tensor = field(default_factory=lambda: beta_linear(1000))
 
     def __post_init__(self):
         betas = torch.as_tensor(self.betas, dtype=torch.float64).flatten()
@@ -326,7 +325,7 @@ class Discrete(_VariancePreserving):
         object.__setattr__(self, "t_max", float(betas.numel()))
 
     @classmethod
-    def from_schedule(cls, schedule: str = "linear", T: int = 1000) -> Discrete:
+    def from_schedule(cls, schedule: Callable[[int], Tensor] = beta_linear, T: int = 1000) -> Discrete:
         return cls(make_betas(schedule, T))
 
     @property

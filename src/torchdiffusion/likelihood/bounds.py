@@ -98,8 +98,9 @@ def vlb_terms(
             t = torch.randint(2, T + 1, (B * n,), generator=generator, device=dev).to(F64)
             scale = torch.full_like(t, float(T - 1))
     idx = torch.arange(B, device=dev).repeat_interleave(n)
-    _, c_0, var = process.posterior_coeffs(t - 1, t)
-    contrib = scale * c_0**2 / (2 * var) * _sq_err_rows(denoiser, process, x0, idx, t, generator, chunk, cond)
+    contrib = (
+        scale * process.elbo_weight(t, t - 1) * _sq_err_rows(denoiser, process, x0, idx, t, generator, chunk, cond)
+    )
     if n_t is None:
         terms["diffusion"] = contrib.view(B, n).sum(1)
     else:
@@ -168,13 +169,12 @@ def elbo(
         t1, lam_lo = float(process.t_from_lam(as_time(LAM_FLOOR))), LAM_FLOOR
     B, dev, D = x0.shape[0], x0.device, x0[0].numel()
     u = torch.rand(B * n_t, generator=generator, device=dev, dtype=F64)
-    if importance:
+    if importance:  # the weight -snr'(t)/2 dt = snr dlam over the density 1 / (lam_hi - lam_lo) of lam
         lam = lam_lo + (lam_hi - lam_lo) * u
         t, w = process.t_from_lam(lam), (lam_hi - lam_lo) * torch.exp(2 * lam)
-    else:
+    else:  # the weight over the density 1 / (t1 - t0) of t
         t = t0 + (t1 - t0) * u
-        a, s = process.alpha_sigma(t)
-        w = (t1 - t0) * a**2 * process.g2(t) / (2 * s**4)
+        w = (t1 - t0) * process.elbo_weight(t)
     idx = torch.arange(B, device=dev).repeat_interleave(n_t)
     diffusion, se = _per_example(w * _sq_err_rows(denoiser, process, x0, idx, t, generator, chunk, cond), B, n_t)
     terms = {

@@ -75,9 +75,9 @@ class _ELBO(Weighting):
     def x0_weight(self, process, t):
         if not process.discrete:
             return LIKELIHOOD.x0_weight(process, t)
-        # the sum over t = 1..T of (snr(t-1) - snr(t)) / 2, the decoder's 1 / (2 beta_1) at t = 1
+        # the sum over t = 1..T of the steps' weights, the decoder's 1 / (2 beta_1) at t = 1
         decoder = 0.5 / process.sigma(t) ** 2  # at t = 1, sigma^2 = 1 - alpha_bar_1 = beta_1
-        per_step = torch.where(t <= 1, decoder, 0.5 * (process.snr(t - 1) - process.snr(t)))
+        per_step = torch.where(t <= 1, decoder, process.elbo_weight(t, t - 1))
         return per_step / process.train_t_density(t)
 
 
@@ -85,9 +85,7 @@ class _Likelihood(Weighting):
     name = "likelihood"
 
     def x0_weight(self, process, t):
-        # -snr'(t) / 2 = alpha^2 g^2 / (2 sigma^4) (snr = alpha^2 / sigma^2 with the process's f, g^2)
-        a, s = process.alpha(t), process.sigma(t)
-        return 0.5 * a**2 * process.g2(t) / s**4 / process.train_t_density(t)
+        return process.elbo_weight(t) / process.train_t_density(t)  # -snr'(t) / 2 over the density of t
 
 
 class _SNR(Weighting):

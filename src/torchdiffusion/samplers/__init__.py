@@ -9,37 +9,34 @@ from functools import partial
 
 from ..core.denoiser import CountingDenoiser, count_nfe
 from ._common import progress_callback
-from .ancestral import sample_ddpm
-from .ddim import sample_ddim
-from .dpm_solver import sample_dpm_solver, sample_dpm_solver_pp, sample_dpm_solver_pp_sde
-from .langevin import langevin_dynamics, sample_annealed_langevin
-from .ode import sample_euler, sample_heun, sample_ode_adaptive, sample_rk4
-from .sde import sample_pc, sample_reverse_sde
-from .unipc import sample_unipc
+
+# Every family module's __all__ (its sample_* functions): adding a sampler is the function in its family's file
+# (listed in that file's __all__) and one row in names.INFO; tests/test_samplers_table.py checks they agree.
+from .ancestral import *  # noqa: F403
+from .ddim import *  # noqa: F403
+from .dpm_solver import *  # noqa: F403
+from .langevin import *  # noqa: F403
+from .ode import *  # noqa: F403
+from .sde import *  # noqa: F403
+from .unipc import *  # noqa: F403
 
 # The sampler to use when you have no reason to pick another: UniPC with the order-3 predictor and its
 # corrector (Zhao et al. 2023), on ``grid_lam``, or for the best samples per NFE on a grid fitted to
 # the model (``grid_fit.fit_grid``; see docs/bench/samplers.md).
-DEFAULT_SAMPLER = partial(sample_unipc, order=3)
-DEFAULT_SAMPLER.__name__, DEFAULT_SAMPLER.__doc__ = "sample_unipc", sample_unipc.__doc__
+DEFAULT_SAMPLER = partial(sample_unipc, order=3)  # noqa: F405
+DEFAULT_SAMPLER.__name__, DEFAULT_SAMPLER.__doc__ = "sample_unipc", sample_unipc.__doc__  # noqa: F405
+
+SAMPLER_FUNCTIONS = {name: fn for name, fn in dict(globals()).items() if name.startswith("sample_")}
+"""Every sampler function by its name (``sample_ddim``, ...)."""
 
 __all__ = [
-    "CountingDenoiser",
-    "progress_callback",
-    "count_nfe",
-    "sample_ddpm",
-    "sample_annealed_langevin",
-    "langevin_dynamics",
-    "sample_euler",
-    "sample_heun",
-    "sample_rk4",
-    "sample_ode_adaptive",
-    "sample_reverse_sde",
-    "sample_pc",
-    "sample_ddim",
-    "sample_dpm_solver",
-    "sample_dpm_solver_pp",
-    "sample_dpm_solver_pp_sde",
-    "sample_unipc",
+    *SAMPLER_FUNCTIONS,
+    "langevin_dynamics",  # noqa: F405
+    "euler_maruyama",  # noqa: F405  (sample_pc's predictors)
+    "reverse_diffusion",  # noqa: F405
     "DEFAULT_SAMPLER",
+    "SAMPLER_FUNCTIONS",
+    "CountingDenoiser",
+    "count_nfe",
+    "progress_callback",
 ]

@@ -36,7 +36,7 @@ def sample_ddim(
       exponential integrator of the probability-flow ODE, i.e. DPM-Solver-1 (Lu et al. 2022, Sec. 4.1).
       Order 1; x / alpha depends on the grid only through lam, so VP and VE agree on one lam grid.
     - eta = 1: c^2 is the posterior variance, and the step is DDPM's ancestral step (Ho et al. 2020, Eq. 7)
-      with the same noise draws as ``sample_ddpm(variance="posterior")``.
+      with the same noise draws as ``sample_ddpm`` (posterior variance).
 
     The update is gathered onto x_t and x0_hat: with q = sqrt(sigma_s^2 - c^2) / sigma_s, x_s = q sigma_s/sigma_t
     x_t + alpha_s ((1 - e^{-h}) + e^{-h} (1 - q)) x0_hat + c z, a sum of non-negative parts (no cancellation for

@@ -39,6 +39,15 @@ def _midpoints(process: NoiseProcess, g: _common.Grid, order: int) -> list[tuple
     return mids
 
 
+def _d_2m(g: _common.Grid, i: int, order: int) -> tuple[float, float]:
+    """DPM-Solver++(2M)'s D = (1 + 1/(2 r)) m0 - 1/(2 r) m1, r = (lam_i - lam_{i-1}) / h, as the weights of (m0, m1)
+    (Lu et al. 2023, Algorithm 2); at first order D = m0."""
+    if order == 1:
+        return (1.0, 0.0)
+    r = g.h[i - 1] / g.h[i]
+    return (1 + 1 / (2 * r), -1 / (2 * r))
+
+
 def sample_dpm_solver(
     denoiser,
     process: NoiseProcess,
@@ -170,9 +179,8 @@ def sample_dpm_solver_pp(
         else:
             s, h = i + 1, g.h[i]
             a_s = g.alpha[s]
-            if orders[i] < 3:  # x_s = sigma_s/sigma_t x_t + alpha_s (1 - e^{-h}) D, D as weights of (m0, m1)
-                r0 = g.h[i - 1] / h if orders[i] == 2 else math.inf
-                w = [a_s * g.one_minus_em[i] * d for d in (1 + 1 / (2 * r0), -1 / (2 * r0))]
+            if orders[i] < 3:  # x_s = sigma_s/sigma_t x_t + alpha_s (1 - e^{-h}) D
+                w = [a_s * g.one_minus_em[i] * d for d in _d_2m(g, i, orders[i])]
             else:  # x_s = sigma_s/sigma_t x_t - alpha_s (phi1 m0 - phi2 D1 + phi3 D2), D as weights of (m0, m1, m2)
                 r0, r1 = g.h[i - 1] / h, g.h[i - 2] / h
                 d10, d11 = (1 / r0, -1 / r0, 0.0), (0.0, 1 / r1, -1 / r1)  # D1_0, D1_1
@@ -223,8 +231,7 @@ def sample_dpm_solver_pp_sde(
             x = m[0]
         else:
             s, h, em = i + 1, g.h[i], g.em[i]
-            r = g.h[i - 1] / h if orders[i] == 2 else math.inf
-            D = (1 + 1 / (2 * r), -1 / (2 * r))  # weights of (m0, m1); first order: (1, 0)
+            D = _d_2m(g, i, orders[i])
             phi = _common.one_minus_exp(1 + eta, h, em)  # 1 - e^{-(1 + eta) h}
             x = _common.combine(g.sigma[s] / g.sigma[i] * em**eta, x, [g.alpha[s] * phi * w for w in D], m)
             std = g.sigma[s] * math.sqrt(_common.one_minus_exp(2 * eta, h, em)) if eta > 0 else 0.0

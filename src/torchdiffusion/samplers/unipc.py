@@ -12,10 +12,8 @@ from . import _common
 
 __all__ = ["sample_unipc"]
 
-VARIANTS = ("bh1", "bh2")
 
-
-def unipc_rhos(h: float, rks: list[float], p: int, variant: str) -> tuple[float, list[float], list[float]]:
+def unipc_rhos(h: float, rks: list[float], p: int, bh1: bool) -> tuple[float, list[float], list[float]]:
     """B(h) and the predictor / corrector weights rho^p, rho^c of one UniPC step (Zhao et al. 2023, Sec. 3).
 
     rks are r_k = (lam_{i-k} - lam_i) / h, k = 1..p-1. With phi_k the exponential-integrator functions
@@ -24,7 +22,7 @@ def unipc_rhos(h: float, rks: list[float], p: int, variant: str) -> tuple[float,
     their limits as h -> 0.
     """
     hh = -h
-    B = hh if variant == "bh1" else math.expm1(hh)
+    B = hh if bh1 else math.expm1(hh)
     h_phi = math.expm1(hh) / hh - 1  # hh phi_2(hh)
     b, fact = [], 1
     for j in range(1, p + 1):
@@ -51,7 +49,7 @@ def sample_unipc(
     ts,
     *,
     order: int = 2,
-    variant: str = "bh2",
+    bh1: bool = False,
     lower_order_final: bool = True,
     final_denoise: bool = True,
     generator: torch.Generator | None = None,
@@ -77,12 +75,12 @@ def sample_unipc(
 
     Args: as ``sample_dpm_solver``; order: predictor order p (1, 2 or 3; global order p + 1, for p = 3
         approached once the first-order start matters less, see tests/test_sampler_dpm.py);
-        variant: "bh2" (B(h) = e^h - 1 in the paper's sign convention) or "bh1" (B(h) = h).
+        bh1: B(h) = h (the paper's "bh1") instead of e^h - 1 ("bh2", in the paper's sign convention).
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
+    if not isinstance(bh1, bool):
+        raise TypeError(f"bh1 must be True (B(h) = h) or False (B(h) = e^h - 1), got {bh1!r}")
     x, g = _common.setup(process, x, ts)
     orders = _common.multistep_orders(g.lam, order, lower_order_final)
     m = [denoiser(x, g.time(0, x), **cond)] if g.n > 0 else []  # x0_hat at t_i, t_{i-1}, ...
@@ -96,7 +94,7 @@ def sample_unipc(
         a_s, c_x = g.alpha[s], g.sigma[s] / g.sigma[i]
         if math.isfinite(h):  # UniP-p: the DDIM part plus B(h) sum rho^p_k D_k, gathered as weights of m_0, m_k
             rks = [(g.lam[i - k] - g.lam[i]) / h for k in range(1, p)]
-            B, rho_p, rho_c = unipc_rhos(h, rks, p, variant)
+            B, rho_p, rho_c = unipc_rhos(h, rks, p, bh1)
             D = [1 / r for r in rks]  # D_k = (m_k - m_0) / r_k
             w_p = [a_s * g.one_minus_em[i] + a_s * B * sum(rho * d for rho, d in zip(rho_p, D))]
             w_p += [-a_s * B * rho * d for rho, d in zip(rho_p, D)]

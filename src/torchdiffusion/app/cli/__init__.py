@@ -1,0 +1,23 @@
+"""The command line: ``torchdiffusion train | sample | likelihood | evaluate | demo | samplers``.
+
+Names given on the command line become objects through ``torchdiffusion.names`` (processes, networks,
+samplers, targets, weightings, grids), whose keys are also the ``--help`` choice lists; everything else is the
+Python API. Errors are reported as one clear line, found
+before the work where they can be (devices, outputs, shapes, labels), and never leave a
+half-written file behind. OpenMP threads sleep when idle (``OMP_WAIT_POLICY=PASSIVE``, set in
+``torchdiffusion/__init__.py`` before torch loads); ``--threads`` sets torch's thread count.
+
+One module per command (``train``, ``sample``, ``likelihood``, ``evaluate``, ``demo``, ``samplers``), each
+registering itself on the click group of ``group.py``. What they share: ``_shared.py`` (errors, threads,
+devices, outputs) and ``_sampling.py`` (class labels, the batch loop); ``_train_config.py`` turns train's options
+into a TrainConfig. Heavy imports stay inside the command functions, so ``--help`` starts fast.
+"""
+
+from __future__ import annotations
+
+from ...names import PREDICTIONS as TARGETS
+from . import demo, evaluate, likelihood, sample, samplers, train  # noqa: F401  (registers the commands on main)
+from ._train_config import IMAGE_DEFAULTS, IMAGE_NET
+from .group import main
+
+__all__ = ["IMAGE_DEFAULTS", "IMAGE_NET", "TARGETS", "main"]

@@ -1,0 +1,176 @@
+"""``torchdiffusion sample``: samples of a checkpoint as .npy and a PNG, on a given or fitted grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from ...names import GRIDS, SAMPLERS
+from ._sampling import _class_labels, _draw
+from ._shared import _device, _fail, _writable, threads_option
+from .group import main
+
+
+def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, spread, **cond):
+    """``grid_fit.fit_grid`` for --grid fit (with ``grid_fit.SPREAD`` for --fit-objective spread), on pilot starts of
+    seed + 1 (with ``cond``, e.g. their class labels); prints what it found and returns the fit."""
+    from ...names import get_sampler
+    from ...samplers.grid_fit import SPREAD, fit_grid
+
+    pilot = process.prior_sample(pilot_shape, generator=torch.Generator(device).manual_seed(seed + 1), device=device)
+    recipe = SPREAD if spread else {}
+    with torch.no_grad():
+        fit = fit_grid(
+            get_sampler(sampler), denoiser, process, steps, pilot, progress=not no_progress, **recipe, **cond
+        )
+    lam = ", ".join(f"{v:.2f}" for v in process.lam(fit.ts).tolist())
+    gap = f"; log-density gap {fit.logp_gap_uniform_lam:+.3g} -> {fit.logp_gap:+.3g} nats" if spread else ""
+    click.echo(
+        f"fitted a {steps}-step grid ({fit.nfe} evaluations of {pilot_shape[0]} pilot starts): distance to the "
+        f"teacher {fit.error_uniform_lam:.4g} (uniform lam) -> {fit.error:.4g}{gap}; lam = [{lam}]"
+    )
+    return fit
+
+
+@main.command()
+@click.option("--checkpoint", "ckpt", required=True, type=click.Path(), help="Run directory or checkpoint folder.")
+@click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="ddpm", help="Sampling algorithm.")
+@click.option("--steps", type=click.IntRange(min=1), default=250, help="Steps (noise levels for ald).")
+@click.option(
+    "--grid",
+    type=click.Choice(GRIDS),
+    default="auto",
+    help="Time grid (auto: the sampler's usual one, see `torchdiffusion samplers`; discrete: integer DDPM steps; "
+    "fit: fitted to this model first, for deterministic samplers, see --fit-pilot).",
+)
+@click.option(
+    "--fit-pilot",
+    type=click.IntRange(min=1),
+    default=256,
+    help="Pilot starts for --grid fit (drawn with seed + 1, not the samples' noise).",
+)
+@click.option(
+    "--fit-objective",
+    type=click.Choice(["spread", "distance"]),
+    default="spread",
+    help="With --grid fit: spread also holds the samples' log-density at the teacher's (grid_fit.SPREAD: the end "
+    "is fitted, no final denoise), which keeps few-step samples from coming out too concentrated; distance fits "
+    "the distance to the teacher alone.",
+)
+@click.option("--n", "n", type=click.IntRange(min=1), default=2000, help="Number of samples.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples drawn at once [default: all of them for points, 1000 for images]; memory grows with it. "
+    "Each batch draws its noise from the seeded stream in turn: one seed and batch size always give the same "
+    "samples, another batch size gives other (equally valid) samples.",
+)
+@click.option("--n-steps-each", type=click.IntRange(min=1), default=10, help="Langevin steps per level (ald).")
+@click.option("--seed", type=int, default=0, help="Seed of the sampler's noise.")
+@click.option("--class", "klass", type=click.IntRange(min=0), default=None, help="Class-conditional models: one class.")
+@click.option(
+    "--labels",
+    default=None,
+    help="Class-conditional models: labels, e.g. 0,3,7, or a .npy of integers; sample i gets label "
+    "L[i mod len(L)] [default: i mod the number of classes, every class evenly].",
+)
+@click.option("--out", type=click.Path(dir_okay=False), default="samples.npy", help="Samples (.npy).")
+@click.option("--png", type=click.Path(dir_okay=False), default=None, help="Picture (default: --out with .png).")
+@click.option("--no-ema", is_flag=True, help="Use the raw weights instead of their EMA.")
+@click.option("--device", default="cpu", help="torch device.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option(
+    "--figure",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw the reverse process (PNG): snapshots and trajectories of 2-D points, or x_t of the first "
+    "images at six moments (from the first batch).",
+)
+@threads_option
+def sample(
+    ckpt,
+    sampler,
+    steps,
+    grid,
+    fit_pilot,
+    fit_objective,
+    n,
+    batch_size,
+    n_steps_each,
+    seed,
+    klass,
+    labels,
+    out,
+    png,
+    no_ema,
+    device,
+    no_progress,
+    figure,
+):
+    """Draw samples from a trained checkpoint; write them as .npy and a PNG."""
+    from ...names import GRID_FUNCTIONS, INFO
+    from ...utils.io import atomic_write
+    from ..pipeline import load
+    from ..plotting import TrajectoryRecorder, reverse_process_figure, reverse_process_images, save_samples_png
+
+    if not out.endswith(".npy"):
+        raise click.BadParameter(f"samples are written as .npy; got {out!r}", param_hint="--out")
+    png = png or str(Path(out).with_suffix(".png"))
+    for path, option in ((out, "--out"), (png, "--png"), (figure, "--figure")):
+        _writable(path, option)  # before the sampling, not after it
+    device = _device(device)
+    try:
+        pipe = load(ckpt, ema=not no_ema, device=device)
+        denoiser, process, cfg = pipe.denoiser, pipe.process, pipe.config
+        grid = INFO[sampler].grid if grid == "auto" else grid
+        if grid == "fit" and INFO[sampler].stochastic:
+            raise ValueError(f"--grid fit needs a deterministic sampler; {sampler!r} draws noise")
+        ts = None if grid == "fit" else GRID_FUNCTIONS[grid](process, steps)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    shape = pipe.shape
+    images = len(shape) == 3
+    class_labels, how = _class_labels(cfg, ckpt, klass, labels, n)
+    if how:
+        click.echo(f"class-conditional model: {how}")
+    kwargs = {"n_steps_each": n_steps_each} if sampler == "ald" else {}
+    gen = torch.Generator(device).manual_seed(seed)
+    if ts is None:
+        # the pilot starts get the samples' labels (cycled), so the grid is fitted to what will be sampled
+        pilot = None if class_labels is None else class_labels.repeat(-(-fit_pilot // n))[:fit_pilot]
+        cond = {} if pilot is None else {"class_labels": pilot.to(device)}
+        pilot_shape, spread = (fit_pilot, *shape), fit_objective == "spread"
+        fit = _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_progress, spread, **cond)
+        ts, kwargs = fit.ts, {**kwargs, "final_denoise": fit.final_denoise}
+    recorders = []
+
+    def record(x):  # the first batch only: a figure shows a few images, or one cloud of points
+        recorders.append(TrajectoryRecorder(x, keep=8 if images else None))
+        return recorders[0]
+
+    batch = batch_size or (1000 if images else n)
+    xs = _draw(sampler, denoiser, process, shape, n, batch, ts, gen, device, class_labels, no_progress, kwargs,
+               record if figure else None)  # fmt: skip
+    if figure:
+        title = f"reverse process: {sampler}, {process!r}"
+        if images:
+            reverse_process_images(recorders[0], shape, figure, title)
+        else:
+            reverse_process_figure(recorders[0], xs, None, figure, title)
+        click.echo(f"wrote the reverse-process figure to {figure}")
+    atomic_write(out, lambda p: np.save(p, xs.numpy()))
+    if images:
+        from ...utils.image_grid import save_image_grid
+
+        if class_labels is not None and klass is None and labels is None:
+            nrow = cfg["net"]["num_classes"]  # labels i mod K: every class in its own column
+        else:
+            nrow = 16 if len(xs) >= 256 else 8
+        save_image_grid(xs[:256].clamp(-1, 1), png, nrow=nrow)
+    else:
+        save_samples_png(xs, png, f"{sampler}, {len(ts)} levels, {process!r}")
+    click.echo(f"wrote {n} samples to {out} and a picture to {png}")

@@ -1,0 +1,23 @@
+"""``torchdiffusion samplers``: the table of samplers."""
+
+from __future__ import annotations
+
+import click
+
+from .group import main
+
+
+@main.command()
+def samplers():
+    """List the samplers: order, network evaluations per step, default grid, stochastic or not, paper."""
+    from ...names import DEFAULT_SAMPLER_NAME as DEFAULT_SAMPLER
+    from ...names import INFO
+
+    click.echo(f"{'name':<14} {'order':<11} {'NFE/step':<24} {'grid':<7} {'noise':<6} paper")
+    for name, info in INFO.items():
+        noise = "yes" if info.stochastic else "no"
+        click.echo(f"{name:<14} {info.order:<11} {info.nfe:<24} {info.grid:<7} {noise:<6} {info.paper}")
+    click.echo(
+        f"\nFor few steps: {DEFAULT_SAMPLER} (torchdiffusion.DEFAULT_SAMPLER) on a grid fitted to the model, "
+        f"`sample --sampler {DEFAULT_SAMPLER} --grid fit` (docs/bench/samplers.md)."
+    )
