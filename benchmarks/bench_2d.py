@@ -20,8 +20,6 @@ import time
 import torch
 from _machine import cpu_name
 
-from torchdiffusion.core.processes import beta_linear
-
 BATCH, WIDTH, DEPTH, T = 512, 256, 4, 1000
 
 
@@ -39,7 +37,7 @@ def _data(n):
 
 
 def train_ours(steps):
-    from torchdiffusion import Discrete, Preconditioned
+    from torchdiffusion import Discrete, Preconditioned, beta_linear
     from torchdiffusion.objectives.denoising import denoising_loss
 
     process = Discrete.from_schedule(beta_linear, T)
@@ -79,7 +77,7 @@ def train_diffusers(steps):
 
 
 def sample_ours(n, steps, trivial=False):
-    from torchdiffusion import Discrete, Preconditioned, as_denoiser, grid_discrete, sample_ddpm
+    from torchdiffusion import Discrete, Preconditioned, as_denoiser, beta_linear, grid_discrete, sample_ddpm
 
     process = Discrete.from_schedule(beta_linear, T)
     den = (lambda x, t: torch.zeros_like(x)) if trivial else as_denoiser(Preconditioned(_net(), process), process)

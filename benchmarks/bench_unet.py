@@ -34,8 +34,6 @@ import time
 import torch
 from _machine import cpu_name
 
-from torchdiffusion.core.processes import beta_linear
-
 T, NFE = 1000, 50
 HEAD = 32  # channels per attention head, both libraries
 CONFIGS = {
@@ -95,7 +93,7 @@ def _times(fn, warmup, reps):
 
 
 def train_ours(name, warmup, reps):
-    from torchdiffusion import Discrete, Preconditioned
+    from torchdiffusion import Discrete, Preconditioned, beta_linear
     from torchdiffusion.objectives.denoising import denoising_loss
 
     process = Discrete.from_schedule(beta_linear, T)
@@ -141,7 +139,7 @@ class _Zero(torch.nn.Module):
 
 
 def sample_ours(name, warmup, reps, trivial=False):
-    from torchdiffusion import Discrete, Preconditioned, as_denoiser, count_nfe, grid_discrete
+    from torchdiffusion import Discrete, Preconditioned, as_denoiser, beta_linear, count_nfe, grid_discrete
     from torchdiffusion.samplers import sample_ddim
 
     process = Discrete.from_schedule(beta_linear, T)

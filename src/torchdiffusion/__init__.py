@@ -24,7 +24,20 @@ from .core.denoiser import Preconditioned, as_denoiser, count_nfe
 from .core.mixture import GaussianMixture
 from .core.predictions import EPS, FLOW, SCORE, X0, Prediction, V, eps_from, tweedie_score
 from .core.process import NoiseProcess, append_dims
-from .core.processes import EDM, VE, VP, Cosine, Discrete, Flow, SubVP, make_betas
+from .core.processes import (
+    EDM,
+    VE,
+    VP,
+    Cosine,
+    Discrete,
+    Flow,
+    SubVP,
+    beta_cosine,
+    beta_linear,
+    beta_quadratic,
+    beta_sigmoid,
+    make_betas,
+)
 from .core.timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
 from .likelihood import bits_per_dim, dequantize, elbo, log_likelihood, nll_8bit, vlb, vlb_terms
 from .objectives import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR, MinSNR, Weighting, denoising_loss
@@ -37,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     # the noise process (core)
     "NoiseProcess", "append_dims", "VP", "SubVP", "VE", "Cosine", "EDM", "Flow", "Discrete", "make_betas",
+    "beta_linear", "beta_cosine", "beta_sigmoid", "beta_quadratic",
     # predictions and the denoiser
     "Prediction", "EPS", "X0", "V", "SCORE", "FLOW", "eps_from", "tweedie_score", "Preconditioned", "as_denoiser",
     "count_nfe", "GaussianMixture",

@@ -121,7 +121,7 @@ def _figure(path, config, result, process, denoiser, held, x_ddpm, x_ald, metric
     ts = torch.tensor([0.0, 0.1, 0.25, 0.5, 1.0], dtype=torch.float64)
     for ax, t in zip(axes[0], ts):
         t = t.clamp(min=process.t_min)
-        xt = process.perturb(x0, t.expand(len(x0)), torch.randn(x0.shape, generator=gen, dtype=torch.float64))
+        xt = process.perturb(x0, t, torch.randn(x0.shape, generator=gen, dtype=torch.float64))
         a, s = float(process.alpha(t)), float(process.sigma(t))
         plotting.scatter(ax, xt, f"forward q(x_t), t={float(t):.3g}\nalpha={a:.2f} sigma={s:.2f}", color="C7")
     # Row 2: learned vs exact score fields at two noise levels.

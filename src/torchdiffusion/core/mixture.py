@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from .process import NoiseProcess, as_time
+from .process import NoiseProcess
 
 __all__ = ["GaussianMixture"]
 
@@ -85,10 +85,8 @@ class GaussianMixture:
         if process is None:  # the data distribution itself
             one = torch.ones(xf.shape[0], 1, dtype=torch.float64, device=xf.device)
             return one, torch.zeros_like(one), xf
-        t = as_time(t).to(xf.device)
-        if t.ndim == 0:
-            t = t.expand(xf.shape[0])
-        return process.alpha(t)[:, None], process.sigma(t)[:, None], xf
+        alpha, sigma = process.at(t, xf)
+        return alpha, sigma, xf  # float64, like xf
 
     def _component_terms(self, process, t, x):
         """log w_k + log N_k(x) (B, K), and per-component mean and variance of p_t."""

@@ -21,7 +21,7 @@ all (eps, v, score and flow give x0_hat = c(t) x + c'(t) out with c' -> 0 as sig
 network must learn the identity map at low noise, where an error e in x0_hat is a score error
 e alpha / sigma^2). ``Preconditioned(..., predicts=...)`` therefore also scales the output
 (``output_scalings``: EDM's c_skip and c_out for x0, the target's standard deviation for the
-others), and ``losses`` weight its raw output F as EDM does (Eq. 8).
+others), and ``objectives.SIMPLE`` weights its raw output F as EDM does (Eq. 8).
 """
 
 from __future__ import annotations

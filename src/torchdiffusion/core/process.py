@@ -134,7 +134,7 @@ class NoiseProcess:
     def train_t(self, u: Tensor) -> Tensor:
         """Training times t = F^-1(u) for u uniform on [0, 1): by default uniform on [t_min, t_max].
 
-        ``losses.sample_t`` draws from it (continuous time); a process whose t is not a good scale to
+        ``objectives.sample_t`` draws from it; a process whose t is not a good scale to
         spread training over (EDM's t = sigma) overrides this and ``train_t_density`` together.
         """
         return self.t_min + (self.t_max - self.t_min) * as_time(u)

@@ -90,9 +90,9 @@ def grid_discrete(process: NoiseProcess, n: int, *, spacing: str = "leading") ->
     - "trailing": T - k * (T / n) for k = 0..n-1, rounded (Lin et al. 2024, starts at t = T).
     With n = T all three give T, T-1, ..., 1: Ho et al.'s Algorithm 2.
     """
+    if not process.discrete:
+        raise ValueError(f"grid_discrete needs a discrete-time process (Discrete), got {process!r}")
     T = process.n_steps
-    if T is None:
-        raise ValueError("grid_discrete needs a discrete-time process (process.n_steps is None)")
     if not 1 <= n <= T:
         raise ValueError(f"n must be in 1..{T}, got {n}")
     if spacing == "linspace":

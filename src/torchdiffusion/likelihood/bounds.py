@@ -66,7 +66,7 @@ def vlb_terms(
                 probability proportional to lam(t-1) - lam(t) (``importance``, the discrete form of
                 uniform log-SNR sampling, Kingma et al. 2021) or uniform on 2..T.
     "decoder"   L_0 = -log p(x0 | x_1), p centred at x0_hat(x_1, 1) with variance sigma_1^2 = beta_1
-                (the weight 1/(2 beta_1) of losses.py): "gaussian" is N(x0_hat, beta_1 I), a density;
+                (the weight 1/(2 beta_1) of ``objectives.ELBO``): "gaussian" is N(x0_hat, beta_1 I), a density;
                 "discretized" is Ho's Eq. 13 for data on ``bins`` levels in [-1, 1], a probability.
     "total"     the sum: -ELBO >= -log p(x0) (a density for "gaussian", a probability mass for
                 "discretized"). With n_t >= 2 also "stderr": that of "diffusion" over its n_t

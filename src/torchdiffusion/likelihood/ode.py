@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..core.process import NoiseProcess, as_time
+from ..core.process import NoiseProcess, as_time, batch_time
 from ._common import F64, gauss_logp, index_cond
 
 _ADAPTIVE = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")  # torchdiffeq's adaptive solvers
@@ -35,7 +35,7 @@ def _ode_logp(denoiser, process, x, probes, t0, t1, rtol, atol, method, cond):
         c_x, c_0 = process.ode_velocity_coeffs(t)
         with torch.enable_grad():
             xg = state[0].detach().requires_grad_(True)
-            x0_hat = denoiser(xg.reshape(shape).to(dtype), t.to(dtype).expand(B), **cond).reshape(B, -1).to(F64)
+            x0_hat = denoiser(xg.reshape(shape).to(dtype), batch_time(t, xg, dtype), **cond).reshape(B, -1).to(F64)
             div = D * c_x + c_0 * _divergence(x0_hat, xg, probes)
         return c_x * state[0] + c_0 * x0_hat.detach(), div.detach()
 

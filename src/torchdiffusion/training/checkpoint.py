@@ -223,8 +223,8 @@ def _read_state(file: Path) -> dict[str, Any]:
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint from a run directory or from the checkpoint directory itself.
 
-    The networks are rebuilt with ``specs.build_net(config["net"])`` and moved to ``device``; the
-    process with ``specs.build_process(config["process"])``. Raises ``CheckpointError`` naming the
+    The networks are rebuilt with ``names.build_net(config["net"])`` and moved to ``device``; the
+    process with ``names.build_process(config["process"])``. Raises ``CheckpointError`` naming the
     path and the problem when anything is missing, corrupt or inconsistent.
     """
     ckpt = _locate(Path(path))

@@ -34,9 +34,9 @@ class TrainConfig:
     data_options: dict = _spec()  # keyword arguments of data.load_images, e.g. {pad_to: 16}, {split: train}
     flip: bool = False  # random left-right flips of image batches (from the training generator)
     class_conditional: bool = False  # pass labels to the net as class_labels; the net gets num_classes
-    process: dict = _spec(name="vp")  # noise-process spec for specs.build_process
+    process: dict = _spec(name="vp")  # noise-process spec for names.build_process
     target: str = "eps"  # network output: eps, x0, v, score or flow
-    weighting: str = "simple"  # loss weighting, one of WEIGHTINGS
+    weighting: str = "simple"  # loss weighting, a name of names.WEIGHTINGS
     net: dict = _spec(name="mlp", width=256, depth=4)  # network spec; dim / in_channels, image_size from the data
     steps: int = 4000  # total optimizer steps
     batch_size: int = 512  # examples per micro-batch per process; global batch = batch_size * grad_accum * world

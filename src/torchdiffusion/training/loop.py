@@ -1,7 +1,7 @@
 """The training loop: denoising score matching with AdamW, EMA weights and resumable checkpoints.
 
 ``train(TrainConfig(...), run_dir)`` fits a network to predict ``target`` (eps, x0, v, ...) under the
-denoising loss of ``losses.py`` (Ho et al. 2020, Algorithm 1), through ``Preconditioned`` so its
+denoising loss of ``objectives.denoising`` (Ho et al. 2020, Algorithm 1), through ``Preconditioned`` so its
 inputs have unit scale whatever the process (Karras et al. 2022). Ingredients:
 
 * Data: a 2-D toy set or a .npy / .csv matrix (MLP, "dim" filled in), or images (a name of
@@ -15,15 +15,15 @@ inputs have unit scale whatever the process (Karras et al. 2022). Ingredients:
 * Mixed precision: the network runs under ``torch.autocast`` (bf16 on CPU or CUDA; fp16 on CUDA with
   a ``GradScaler``, Micikevicius et al. 2018); weights, optimizer and loss stay float32.
 * Scale: the global batch is batch_size * grad_accum * world_size examples per optimizer step, with
-  gradient accumulation and data-parallel processes under torchrun (``distributed.py``); the same
+  gradient accumulation and data-parallel processes under torchrun (``training.distributed``); the same
   global batch gives the same update, however it is split.
 * Determinism: data, initialisation, batch order and diffusion noise each come from their own
   seeded generator, and the caller's global RNG is left untouched (``fork_rng``). A run stopped
   and resumed from a checkpoint ends with weights bit-for-bit equal to an uninterrupted run.
 
 ``run_dir`` receives ``log.csv`` (step, loss, lr, grad_norm, steps_per_s: loss and grad_norm are
-means over the rows' window), ``checkpoint/`` (see ``checkpoint.py``), for image data with
-``sample_every`` ``samples/step_XXXXXX.png`` (EMA weights, ``image_grid.py``), and with
+means over the rows' window), ``checkpoint/`` (see ``training.checkpoint``), for image data with
+``sample_every`` ``samples/step_XXXXXX.png`` (EMA weights, ``training.sample_grids``), and with
 ``tensorboard`` the same scalars and grids in ``tensorboard/``.
 """
 
@@ -122,7 +122,7 @@ def train(
     """Train a denoiser as ``config`` says, writing log.csv, checkpoints and sample grids into ``run_dir``.
 
     Under torchrun (WORLD_SIZE > 1 in the environment) every process calls this; they join one process
-    group and train data-parallel (``distributed.py``), and only rank 0 writes files.
+    group and train data-parallel (``training.distributed``), and only rank 0 writes files.
 
     Args:
         config: the run's ``TrainConfig``.

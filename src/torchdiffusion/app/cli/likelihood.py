@@ -58,7 +58,7 @@ def likelihood(ckpt, data, method, n, batch_size, n_t, rtol, atol, hutchinson, s
             f"shape {tuple(x.shape[1:])}; give data of the model's dimension",
             param_hint="--data",
         )
-    discrete = process.n_steps is not None
+    discrete = process.discrete
     if method == "vlb" and not discrete:
         raise click.BadParameter(
             f"vlb is DDPM's discrete-time bound and needs a discrete-time process (trained with --process ddpm); "
