@@ -17,8 +17,8 @@ from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, SubVP
 from torchdiffusion.core.denoiser import Preconditioned, as_denoiser
 from torchdiffusion.core.predictions import ALL_PREDICTIONS
 from torchdiffusion.core.processes import beta_linear
-from torchdiffusion.names import NETS
-from torchdiffusion.nets import EMBEDDINGS, MLP, FourierEmbedding, SinusoidalEmbedding
+from torchdiffusion.names import EMBEDDINGS, NETS, build_net
+from torchdiffusion.nets import MLP, FourierEmbedding, SinusoidalEmbedding
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -61,7 +61,7 @@ def _times(process, B: int) -> torch.Tensor:
 def test_mlp_output_shape_and_zero_init(D, time_embedding):
     """MLP: (x (B, D), c_noise (B,)) -> (B, D). The last layer starts at zero, so the output at
     initialisation is exactly 0 (an untrained eps-net predicts the prior mean), for any input."""
-    net = _mlp(dim=D, time_embedding=time_embedding)
+    net = _mlp(dim=D, time_embedding=EMBEDDINGS[time_embedding])
     x, c = _inputs(7, D)
     out = net(x, c)
     assert out.shape == (7, D) and out.dtype == F64
@@ -98,9 +98,11 @@ def test_mlp_class_conditional_labels():
 def test_mlp_unknown_time_embedding_and_odd_dim_raise():
     """Configuration errors are ValueErrors: an unknown embedding (listing the choices) and an odd
     embedding size (sin/cos come in pairs)."""
-    with pytest.raises(ValueError, match="unknown time_embedding") as info:
-        MLP(time_embedding="learned")
+    with pytest.raises(ValueError, match="unknown time_embedding") as info:  # a name, at the edge
+        build_net({"name": "mlp", "time_embedding": "learned"})
     assert all(repr(k) in str(info.value) for k in EMBEDDINGS)
+    with pytest.raises(TypeError, match="time_embedding"):  # inside the library a name is not an embedding
+        MLP(time_embedding="learned")
     with pytest.raises(ValueError, match="even"):
         MLP(emb_dim=7)
     for cls in (SinusoidalEmbedding, FourierEmbedding):
@@ -181,7 +183,7 @@ def test_fourier_embedding_reproducible_and_saved():
     assert "freqs" in a.state_dict()
     other.load_state_dict(a.state_dict())
     assert torch.equal(other.freqs, a.freqs)
-    assert "time.0.freqs" in _mlp(time_embedding="fourier").state_dict()
+    assert "time.0.freqs" in _mlp(time_embedding=FourierEmbedding).state_dict()
 
     # b_k ~ N(0, scale^2): mean within Z s.e. scale/sqrt(n), variance within Z s.e. scale^2 sqrt(2/n)
     f = a.freqs.to(F64)

@@ -30,7 +30,7 @@ from .core.processes import (
     beta_sigmoid,
 )
 from .core.timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
-from .nets import MLP, UNet
+from .nets import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
 from .objectives.weightings import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR
 from .samplers import (
     DEFAULT_SAMPLER,
@@ -50,12 +50,14 @@ from .samplers import (
 )
 
 __all__ = [
-    "PROCESSES", "NETS", "INFO", "SAMPLERS", "SamplerInfo", "DEFAULT_SAMPLER_NAME", "PREDICTIONS", "WEIGHTINGS",
+    "PROCESSES", "NETS", "EMBEDDINGS", "INFO", "SAMPLERS", "SamplerInfo", "DEFAULT_SAMPLER_NAME", "PREDICTIONS",
+    "WEIGHTINGS",
     "PRECISIONS", "GRIDS", "GRID_FUNCTIONS", "SCHEDULES", "build_process", "build_net", "get_sampler",
     "get_prediction", "get_weighting",
 ]  # fmt: skip
 
 NETS = {"mlp": MLP, "unet": UNet}
+EMBEDDINGS = {e.name: e for e in (SinusoidalEmbedding, FourierEmbedding)}  # a net spec's "time_embedding"
 PREDICTIONS = {p.name: p for p in ALL_PREDICTIONS}  # eps, x0, v, score, flow
 # "sigma2": NCSN's lambda(sigma) = sigma^2 on the score error is the snr weight in x0 units
 WEIGHTINGS = {"simple": SIMPLE, "elbo": ELBO, "likelihood": LIKELIHOOD, "snr": SNR, "sigma2": SNR, "min_snr": MIN_SNR}
@@ -158,6 +160,8 @@ def build_net(spec: dict[str, Any]):
     """A network from ``{"name": "mlp", "dim": 2, "width": 256, ...}``."""
     spec = dict(spec)
     cls = _pick("network", NETS, spec.pop("name"))
+    if "time_embedding" in spec:
+        spec["time_embedding"] = _pick("time_embedding", EMBEDDINGS, spec["time_embedding"])
     try:
         return cls(**spec)
     except TypeError as e:

@@ -16,6 +16,8 @@ class SinusoidalEmbedding(nn.Module):
     the frequencies over 0.01 to 100).
     """
 
+    name = "sinusoidal"  # its name in a net spec (names.EMBEDDINGS)
+
     def __init__(self, dim: int, max_period: float = 10_000.0, scale: float = 100.0):
         super().__init__()
         if dim % 2:
@@ -33,6 +35,8 @@ class SinusoidalEmbedding(nn.Module):
 class FourierEmbedding(nn.Module):
     """Random Fourier features of a scalar (Tancik et al. 2020; Song et al. 2021, NCSN++)."""
 
+    name = "fourier"
+
     def __init__(self, dim: int, scale: float = 16.0, seed: int = 0):
         super().__init__()
         if dim % 2:
@@ -45,4 +49,10 @@ class FourierEmbedding(nn.Module):
         return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
 
 
-EMBEDDINGS = {"sinusoidal": SinusoidalEmbedding, "fourier": FourierEmbedding}
+def check_embedding(time_embedding) -> None:
+    """A time embedding is a module class called with its width (SinusoidalEmbedding, FourierEmbedding)."""
+    if not (isinstance(time_embedding, type) and issubclass(time_embedding, nn.Module)):
+        raise TypeError(
+            f"time_embedding must be a module class such as SinusoidalEmbedding or FourierEmbedding, got "
+            f"{time_embedding!r}; names become embeddings through torchdiffusion.names.EMBEDDINGS"
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .embeddings import EMBEDDINGS
+from .embeddings import SinusoidalEmbedding, check_embedding
 
 
 class _Block(nn.Module):
@@ -41,24 +41,23 @@ class MLP(nn.Module):
         dim: int = 2,
         width: int = 256,
         depth: int = 4,
-        time_embedding: str = "sinusoidal",
+        time_embedding: type[nn.Module] = SinusoidalEmbedding,
         emb_dim: int = 64,
         num_classes: int | None = None,
         dropout: float = 0.0,
     ):
         super().__init__()
-        if time_embedding not in EMBEDDINGS:
-            raise ValueError(f"unknown time_embedding {time_embedding!r}; choose one of {sorted(EMBEDDINGS)}")
+        check_embedding(time_embedding)
         self.config = dict(
             dim=dim,
             width=width,
             depth=depth,
-            time_embedding=time_embedding,
+            time_embedding=getattr(time_embedding, "name", time_embedding.__name__),  # JSON: the name
             emb_dim=emb_dim,
             num_classes=num_classes,
             dropout=dropout,
         )
-        self.time = nn.Sequential(EMBEDDINGS[time_embedding](emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU())
+        self.time = nn.Sequential(time_embedding(emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU())
         self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(_Block(width, emb_dim, dropout) for _ in range(depth))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embeddings import EMBEDDINGS
+from .embeddings import SinusoidalEmbedding, check_embedding
 
 __all__ = ["UNet", "ResBlock", "Attention"]
 
@@ -166,15 +166,14 @@ class UNet(nn.Module):
         head_channels: int | None = None,
         dropout: float = 0.1,
         num_classes: int | None = None,
-        time_embedding: str = "sinusoidal",
+        time_embedding: type[nn.Module] = SinusoidalEmbedding,
         emb_dim: int | None = None,
         resblock_updown: bool = False,
         scale_shift: bool = True,
         groups: int = 32,
     ):
         super().__init__()
-        if time_embedding not in EMBEDDINGS:
-            raise ValueError(f"unknown time_embedding {time_embedding!r}; choose one of {sorted(EMBEDDINGS)}")
+        check_embedding(time_embedding)
         out_channels = out_channels or in_channels
         emb_dim = emb_dim or 4 * channels
         channel_mult, attention_resolutions = list(channel_mult), list(attention_resolutions)
@@ -196,7 +195,7 @@ class UNet(nn.Module):
             head_channels=head_channels,
             dropout=dropout,
             num_classes=num_classes,
-            time_embedding=time_embedding,
+            time_embedding=getattr(time_embedding, "name", time_embedding.__name__),  # JSON: the name
             emb_dim=emb_dim,
             resblock_updown=resblock_updown,
             scale_shift=scale_shift,
@@ -215,7 +214,7 @@ class UNet(nn.Module):
             return res(c, c, "up" if up else "down") if resblock_updown else _Resample(c, up)
 
         self.time = nn.Sequential(
-            EMBEDDINGS[time_embedding](channels), nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            time_embedding(channels), nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.inp = nn.Conv2d(in_channels, channels, 3, padding=1)
