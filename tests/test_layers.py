@@ -4,7 +4,7 @@ Layers, bottom to top (docs/architecture.md draws them):
 
     0  utils                          atomic writes, PNG grids
     1  core, nets, data               process, predictions, denoiser, grids, mixture; backbones; data sets
-    2  samplers, objectives, likelihood   the algorithms, on objects of core
+    2  samplers, objectives, likelihood, guidance   the algorithms, on objects of core
     3  names                          the one table from strings to objects
     4  training, evaluation, interop  runs, measurements, other libraries
     5  app                            command line, demo, plots, load
@@ -30,6 +30,7 @@ LAYERS = {
     "samplers": 2,
     "objectives": 2,
     "likelihood": 2,
+    "guidance": 2,
     "names": 3,
     "training": 4,
     "evaluation": 4,

@@ -21,6 +21,8 @@ SMALLER = [
     (1, "steps=250,", "steps=10,"),
     (2, "(256, 2)", "(8, 2)"),
     (2, "sample(5000,", "sample(50,"),
+    (3, "steps=4000)", "steps=30, n_data=500, net={'name': 'mlp', 'width': 32, 'depth': 2}, checkpoint_every=30)"),
+    (3, "sample(1000,", "sample(50,"),
 ]
 
 
@@ -30,7 +32,7 @@ def python_blocks(text: str) -> list[str]:
 
 def test_readme_has_the_blocks_this_test_shrinks():
     blocks = python_blocks(README.read_text(encoding="utf-8"))
-    assert len(blocks) >= 3
+    assert len(blocks) >= 4
     for i, old, _ in SMALLER:
         assert old in blocks[i], f"README python block {i} no longer holds {old!r}: update SMALLER"
 
@@ -47,5 +49,7 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert re.search(r"mean log p: DDPM samples -?\d+\.\d{3}, exact samples -?\d+\.\d{3}", out)
     assert (tmp_path / "runs" / "moons" / "checkpoint").is_dir()
+    assert (tmp_path / "runs" / "8gaussians" / "checkpoint").is_dir()
+    assert namespace["guided"].num_classes == 8
     assert namespace["x0"].shape == (50, 2) and bool(namespace["x0"].isfinite().all())
     assert namespace["x0"].grad_fn is None  # a loaded model records no graph

@@ -21,7 +21,8 @@ if "torch" not in _sys.modules:
 
 from .app.pipeline import Pipeline, load
 from .core.denoiser import Preconditioned, as_denoiser, count_nfe
-from .core.mixture import GaussianMixture
+from .core.measurements import Blur, Colorize, Dense, Downsample, LinearOperator, Mask, Measurement, Outpaint
+from .core.mixture import FullCovarianceMixture, GaussianMixture
 from .core.predictions import EPS, FLOW, SCORE, X0, Prediction, V, eps_from, tweedie_score
 from .core.process import NoiseProcess, append_dims
 from .core.processes import (
@@ -53,7 +54,9 @@ __all__ = [
     "beta_linear", "beta_cosine", "beta_sigmoid", "beta_quadratic",
     # predictions and the denoiser
     "Prediction", "EPS", "X0", "V", "SCORE", "FLOW", "eps_from", "tweedie_score", "Preconditioned", "as_denoiser",
-    "count_nfe", "GaussianMixture",
+    "count_nfe", "GaussianMixture", "FullCovarianceMixture",
+    # measurements (inverse problems)
+    "LinearOperator", "Mask", "Outpaint", "Colorize", "Downsample", "Blur", "Dense", "Measurement",
     # time grids
     "grid_t", "grid_lam", "grid_karras", "grid_quadratic", "grid_discrete",
     # samplers: every one by name, and the default

@@ -15,13 +15,14 @@ from __future__ import annotations
 import operator
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..core.process import NoiseProcess
+from ..guidance import classifier_free, classifier_guidance
 
 __all__ = ["DEFAULT_STEPS", "IMAGE_BATCH", "Pipeline", "load", "draw_samples", "example_shape", "default_grid"]
 
@@ -162,6 +163,36 @@ class Pipeline:
     def step(self) -> int:
         """The optimizer steps the checkpoint was trained for."""
         return int(self.config["step"])
+
+    def guided(self, scale: float, *, interval: tuple[float, float] | None = None, rescale: float = 0.0) -> Pipeline:
+        """This pipeline with classifier-free guidance of ``scale`` (Ho & Salimans 2022; ``guidance.classifier_free``,
+        with its interval and rescale): ``load(run).guided(3.0).sample(n, labels=7)``. Needs a class-conditional
+        model trained with label dropout (``label_dropout > 0``), whose null class is label ``num_classes``."""
+        if not self.num_classes:
+            raise ValueError(
+                "classifier-free guidance needs a class-conditional model trained with label dropout; this one has "
+                "no classes: train with class_conditional=True, label_dropout=0.1 on labeled data"
+            )
+        if not self.config.get("label_dropout", 0.0) > 0:
+            raise ValueError(
+                "classifier-free guidance needs a model trained with label dropout (its null class is the "
+                "unconditional model); this run had label_dropout=0: train with label_dropout=0.1 "
+                "(--set label_dropout=0.1)"
+            )
+        den = classifier_free(self.denoiser, scale, null_label=self.num_classes, interval=interval, rescale=rescale)
+        return replace(self, denoiser=den)
+
+    def classifier_guided(self, classifier, scale: float = 1.0) -> Pipeline:
+        """This (unconditional) pipeline steered by a noise-conditional classifier (Dhariwal & Nichol 2021;
+        ``guidance.classifier_guidance``): ``load(run).classifier_guided(load_classifier(clf), 2.0).sample(n,
+        labels=3)``; the labels are the classifier's classes, its ``num_classes`` is the pipeline's."""
+        if self.num_classes:
+            raise ValueError("classifier guidance steers an unconditional model; this one is class-conditional: "
+                             "use guided() (classifier-free guidance)")  # fmt: skip
+        if repr(classifier.process) != repr(self.process):
+            raise ValueError(f"the classifier was trained on {classifier.process!r}, the model on {self.process!r}")
+        den = classifier_guidance(self.denoiser, self.process, classifier.log_prob, scale)
+        return replace(self, denoiser=den, num_classes=int(classifier.config["num_classes"]))
 
     def __repr__(self) -> str:
         classes = f", num_classes={self.num_classes}" if self.num_classes else ""

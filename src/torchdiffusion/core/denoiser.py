@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .predictions import EPS, X0, Prediction
 from .process import NoiseProcess, batch_time
 
-__all__ = ["Denoiser", "Preconditioned", "as_denoiser", "count_nfe", "CountingDenoiser"]
+__all__ = ["Denoiser", "Preconditioned", "as_denoiser", "count_nfe", "CountingDenoiser", "network_inputs"]
 
 
 def _check(predicts) -> None:
@@ -36,6 +36,15 @@ class Denoiser(Protocol):
 # any lam training draws (t < 1 in float64 gives lam > -37), so that x0 (with its skip), v and flow
 # networks give a finite x0_hat there, as samplers that start at t = 1 need.
 _LAM_FLOOR = -40.0
+
+
+def network_inputs(alpha: Tensor, sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:
+    """(c_in, c_noise) of a network reading x_t at unit scale: c_in = 1 / sqrt(alpha^2 sigma_data^2 + sigma^2)
+    (Karras et al. 2022, Table 1), c_noise = -lam / 4 per example, capped where lam = -inf (see ``_LAM_FLOOR``).
+    alpha, sigma: broadcast against x (``process.at``)."""
+    c_in = torch.rsqrt(alpha**2 * sigma_data**2 + sigma**2)
+    c_noise = (torch.log(sigma) - torch.log(alpha)).clamp(max=-_LAM_FLOOR).flatten() / 4  # -lam / 4
+    return c_in, c_noise
 
 
 class Preconditioned(nn.Module):
@@ -65,8 +74,7 @@ class Preconditioned(nn.Module):
 
     def forward_with(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, **cond) -> Tensor:
         """The same, given (B,) times and alpha(t), sigma(t) broadcast against x (saves recomputing them)."""
-        c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + sigma**2)
-        c_noise = (torch.log(sigma) - torch.log(alpha)).clamp(max=-_LAM_FLOOR).flatten() / 4  # -lam / 4
+        c_in, c_noise = network_inputs(alpha, sigma, self.sigma_data)
         out = self.net(c_in * x, c_noise, **cond)
         if self.predicts is None or self.predicts is EPS:  # eps: c_skip = 0, c_out = 1
             return out

@@ -10,6 +10,7 @@ from .image_files import IMAGE_EXTENSIONS, load_cifar10, load_idx, load_idx_fold
 from .images import DOWNLOADABLE, IMAGE_DATASETS, load_digits, load_images, random_flip
 from .images import download as download_images
 from .toy import (
+    LABELED_TOY_DATASETS,
     TOY_DATASETS,
     checkerboard,
     circles,
@@ -22,6 +23,7 @@ from .toy import (
 )
 
 __all__ = [
+    "LABELED_TOY_DATASETS",
     "SUPPORTED_SUFFIXES",
     "TOY_DATASETS",
     "checkerboard",

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "LABELED_TOY_DATASETS",
     "TOY_DATASETS",
     "checkerboard",
     "circles",
@@ -55,6 +56,13 @@ def _uniform(n: int, low: float, high: float, kw: dict) -> Tensor:
 def _coin(n: int, k: int, kw: dict) -> Tensor:
     """Uniform integer labels in {0, ..., k-1}."""
     return torch.randint(0, k, (n,), generator=kw["generator"], device=kw["device"])
+
+
+def _out(x: Tensor, labels: Tensor, dtype: torch.dtype, return_labels: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """``x`` cast to ``dtype``, with the (n,) int64 component labels when asked for. The labels are the draw
+    the points are built from anyway, so asking for them changes no random number and no point."""
+    x = x.to(dtype)
+    return (x, labels) if return_labels else x
 
 
 def _no_gen(kw: dict) -> dict:
@@ -99,17 +107,25 @@ _MOONS_MU = (0.5, 0.25)
 _MOONS_SCALE = math.sqrt((0.75 + 0.5625 - 1 / math.pi + 2 * _MOONS_NOISE**2) / 2)
 
 
-def moons(n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def moons(
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    return_labels: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Two interleaving half circles (sklearn ``make_moons``) with N(0, 0.1^2) noise.
 
     Centred by mu = (1/2, 1/4), divided by s ~= 0.712 (``_MOONS_SCALE``); std is ~1.22 in x, ~0.71 in y.
+    ``return_labels=True``: ``(x, labels)``, label 0 for the upper moon, 1 for the lower one.
     """
     n, kw = _setup(n, generator)
     t = _uniform(n, 0.0, math.pi, kw)
-    lower = _coin(n, 2, kw).to(_F64)  # 1 for the lower moon
+    labels = _coin(n, 2, kw)
+    lower = labels.to(_F64)  # 1 for the lower moon
     x = torch.stack([lower + (1 - 2 * lower) * torch.cos(t), 0.5 * lower + (1 - 2 * lower) * torch.sin(t)], 1)
     x = x + _MOONS_NOISE * torch.randn(n, 2, **kw)
-    return ((x - torch.tensor(_MOONS_MU, **_no_gen(kw))) / _MOONS_SCALE).to(dtype)
+    return _out((x - torch.tensor(_MOONS_MU, **_no_gen(kw))) / _MOONS_SCALE, labels, dtype, return_labels)
 
 
 # --- eight gaussians --------------------------------------------------------------------------------
@@ -133,13 +149,22 @@ def eight_gaussians_mixture_params() -> tuple[Tensor, Tensor, Tensor]:
     return weights, means, variances
 
 
-def eight_gaussians(n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Samples of the mixture returned by :func:`eight_gaussians_mixture_params` (FFJORD "8gaussians")."""
+def eight_gaussians(
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    return_labels: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Samples of the mixture returned by :func:`eight_gaussians_mixture_params` (FFJORD "8gaussians").
+
+    ``return_labels=True``: ``(x, labels)``, label k for the Gaussian at angle k pi / 4 (row k of the means).
+    """
     n, kw = _setup(n, generator)
     weights, means, variances = (p.to(kw["device"]) for p in eight_gaussians_mixture_params())
     # randint instead of multinomial: multinomial rejects n == 0, and the weights are equal by design.
     k = _coin(n, weights.numel(), kw)
-    return (means[k] + variances[k].sqrt() * torch.randn(n, 2, **kw)).to(dtype)
+    return _out(means[k] + variances[k].sqrt() * torch.randn(n, 2, **kw), k, dtype, return_labels)
 
 
 # --- checkerboard -----------------------------------------------------------------------------------
@@ -161,16 +186,24 @@ _CI_NOISE = 0.08  # FFJORD uses make_circles(factor=0.5, noise=0.08)
 _CI_SCALE = math.sqrt(((_CI_RADII[0] ** 2 + _CI_RADII[1] ** 2) / 2 + 2 * _CI_NOISE**2) / 2)
 
 
-def circles(n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def circles(
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    return_labels: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Concentric circles of radii 1 and 0.5 (prob. 1/2 each) plus N(0, 0.08^2) noise (sklearn / FFJORD).
 
-    Divided by s ~= 0.565 (``_CI_SCALE``).
+    Divided by s ~= 0.565 (``_CI_SCALE``). ``return_labels=True``: ``(x, labels)``, label 0 for the outer
+    circle (radius 1), 1 for the inner one (radius 0.5).
     """
     n, kw = _setup(n, generator)
-    radius = torch.tensor(_CI_RADII, **_no_gen(kw))[_coin(n, 2, kw)]
+    labels = _coin(n, 2, kw)
+    radius = torch.tensor(_CI_RADII, **_no_gen(kw))[labels]
     theta = _uniform(n, 0.0, 2 * math.pi, kw)
     x = radius[:, None] * torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
-    return ((x + _CI_NOISE * torch.randn(n, 2, **kw)) / _CI_SCALE).to(dtype)
+    return _out((x + _CI_NOISE * torch.randn(n, 2, **kw)) / _CI_SCALE, labels, dtype, return_labels)
 
 
 # --- pinwheel ---------------------------------------------------------------------------------------
@@ -180,19 +213,27 @@ _PW_ARMS, _PW_RADIAL_STD, _PW_TANGENTIAL_STD, _PW_RATE = 5, 0.3, 0.1, 0.25  # FF
 _PW_SCALE = math.sqrt((1 + _PW_RADIAL_STD**2 + _PW_TANGENTIAL_STD**2) / 2)
 
 
-def pinwheel(n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def pinwheel(
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    return_labels: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Five spiral arms (FFJORD "pinwheel"): a point (r, tau) rotated by 2 pi k / 5 + 0.25 exp(r).
 
-    Divided by s = sqrt(0.55) (``_PW_SCALE``) instead of FFJORD's factor 2.
+    Divided by s = sqrt(0.55) (``_PW_SCALE``) instead of FFJORD's factor 2. ``return_labels=True``:
+    ``(x, labels)``, label k for the arm k.
     """
     n, kw = _setup(n, generator)
     f = torch.randn(n, 2, **kw) * torch.tensor([_PW_RADIAL_STD, _PW_TANGENTIAL_STD], **_no_gen(kw))
     r, tau = f[:, 0] + 1.0, f[:, 1]
-    angle = _coin(n, _PW_ARMS, kw).to(_F64) * (2 * math.pi / _PW_ARMS) + _PW_RATE * torch.exp(r)
+    arm = _coin(n, _PW_ARMS, kw)
+    angle = arm.to(_F64) * (2 * math.pi / _PW_ARMS) + _PW_RATE * torch.exp(r)
     c, s = torch.cos(angle), torch.sin(angle)
     # Same orientation as FFJORD's einsum("ti,tij->tj", features, rotations).
     x = torch.stack([r * c + tau * s, tau * c - r * s], dim=1)
-    return (x / _PW_SCALE).to(dtype)
+    return _out(x / _PW_SCALE, arm, dtype, return_labels)
 
 
 TOY_DATASETS: dict[str, Callable[..., Tensor]] = {
@@ -204,13 +245,31 @@ TOY_DATASETS: dict[str, Callable[..., Tensor]] = {
     "pinwheel": pinwheel,
 }
 
+# The sets drawn as a mixture of components, with their number of classes: ``make_2d(..., return_labels=True)``
+# gives each point's component as its class label (for class-conditional training and guidance).
+LABELED_TOY_DATASETS: dict[str, int] = {"8gaussians": 8, "moons": 2, "circles": 2, "pinwheel": _PW_ARMS}
+
 
 def make_2d(
-    name: str, n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """Draw ``n`` points of the built-in dataset ``name`` (a key of :data:`TOY_DATASETS`)."""
+    name: str,
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    return_labels: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Draw ``n`` points of the built-in dataset ``name`` (a key of :data:`TOY_DATASETS`).
+
+    ``return_labels=True``: ``(x, labels)`` with each point's component as an int64 label in
+    0..K-1, for the sets of :data:`LABELED_TOY_DATASETS` (K classes); the points are the same as without it.
+    """
     try:
         fn = TOY_DATASETS[name]
     except (KeyError, TypeError):  # TypeError: unhashable name such as a list
         raise ValueError(f"unknown 2-D dataset {name!r}; valid choices: {', '.join(sorted(TOY_DATASETS))}") from None
-    return fn(n, generator=generator, dtype=dtype)
+    if not return_labels:
+        return fn(n, generator=generator, dtype=dtype)
+    if name not in LABELED_TOY_DATASETS:
+        with_labels = ", ".join(f"{k} ({v} classes)" for k, v in sorted(LABELED_TOY_DATASETS.items()))
+        raise ValueError(f"the 2-D dataset {name!r} has no class labels; the sets with labels: {with_labels}")
+    return fn(n, generator=generator, dtype=dtype, return_labels=True)

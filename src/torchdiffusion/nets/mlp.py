@@ -33,6 +33,7 @@ class MLP(nn.Module):
         time_embedding: "sinusoidal" or "fourier".  emb_dim: its size.
         num_classes: enables a class embedding (label ``num_classes`` is "unconditional").
         dropout: inside each block.
+        out_dim: the output size (default D); e.g. K logits for a noise-conditional classifier.
     The last layer starts at zero, so an untrained eps-network predicts 0 (the prior mean).
     """
 
@@ -45,6 +46,7 @@ class MLP(nn.Module):
         emb_dim: int = 64,
         num_classes: int | None = None,
         dropout: float = 0.0,
+        out_dim: int | None = None,
     ):
         super().__init__()
         check_embedding(time_embedding)
@@ -56,12 +58,13 @@ class MLP(nn.Module):
             emb_dim=emb_dim,
             num_classes=num_classes,
             dropout=dropout,
+            out_dim=out_dim,
         )
         self.time = nn.Sequential(time_embedding(emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU())
         self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(_Block(width, emb_dim, dropout) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, out_dim or dim))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

@@ -34,6 +34,7 @@ class TrainConfig:
     data_options: dict = _spec()  # keyword arguments of data.load_images, e.g. {pad_to: 16}, {split: train}
     flip: bool = False  # random left-right flips of image batches (from the training generator)
     class_conditional: bool = False  # pass labels to the net as class_labels; the net gets num_classes
+    label_dropout: float = 0.0  # share of labels replaced by the null class (classifier-free guidance needs > 0)
     process: dict = _spec(name="vp")  # noise-process spec for names.build_process
     target: str = "eps"  # network output: eps, x0, v, score or flow
     weighting: str = "simple"  # loss weighting, a name of names.WEIGHTINGS
@@ -89,10 +90,16 @@ class TrainConfig:
             "sample_count": self.sample_count >= 1,
             "sigma_data": self.sigma_data is None or self.sigma_data > 0,
             "precondition_output": isinstance(self.precondition_output, bool),
+            "label_dropout": isinstance(self.label_dropout, int | float) and 0 <= self.label_dropout < 1,
             "data_box": self.data_box is None or (isinstance(self.data_box, list | tuple) and len(self.data_box) == 2),
             **{k: isinstance(getattr(self, k), bool) for k in ("flip", "class_conditional", "tensorboard")},
         }
         bad = [k for k, ok in checks.items() if not ok]
+        if not bad and self.label_dropout > 0 and not self.class_conditional:
+            raise ValueError(
+                f"label_dropout={self.label_dropout} replaces class labels by the null class, but the run is not "
+                "class-conditional: set class_conditional=True, or label_dropout=0"
+            )
         if bad:
             raise ValueError(f"invalid TrainConfig value(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
 

@@ -200,6 +200,7 @@ class _Loop:
         self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         dtype = PRECISIONS[cfg.precision]
         self.target, self.weighting = get_prediction(cfg.target), get_weighting(cfg.weighting)
+        self.null_label = cfg.net.get("num_classes")  # the nets' unconditional label (label dropout)
         out = self.target if cfg.precondition_output else None  # Preconditioned's output preconditioning
         self.scaled = ScaledStep(
             net, self.opt, self.process, cfg.sigma_data, dtype=dtype, info=info, device=self.device, predicts=out
@@ -266,9 +267,13 @@ class _Loop:
         self.net.train()
         lr, rng, order = lr_at(self.step, self.cfg), self._rng(), self.batches.state_dict()
         try:
-            batch = self.batches.next(self.process, tuple(self.data.shape[1:]), self.device, self.cfg.flip)
+            batch = self.batches.next(
+                self.process, tuple(self.data.shape[1:]), self.device, self.cfg.flip, self.cfg.label_dropout
+            )
             self.opt.zero_grad(set_to_none=True)
-            loss = self.scaled.backward(self.data, self.labels, batch, target=self.target, weighting=self.weighting)
+            loss = self.scaled.backward(
+                self.data, self.labels, batch, target=self.target, weighting=self.weighting, null_label=self.null_label
+            )
             clip = self.cfg.grad_clip or math.inf  # with inf, clip_grad_norm_ only measures the norm
             info = {"loss": loss, "lr": lr, "grad_norm": nn.utils.clip_grad_norm_(self.net.parameters(), clip).item()}
         except KeyboardInterrupt:  # the step was not taken: undo its random draws so a resume redoes them

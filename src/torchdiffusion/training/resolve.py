@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..core import support
-from ..data import IMAGE_DATASETS, load_dataset, load_images
+from ..data import IMAGE_DATASETS, LABELED_TOY_DATASETS, load_dataset, load_images, make_2d
 from .config import TrainConfig
 
 
@@ -19,11 +19,17 @@ def is_image_spec(spec: str) -> bool:
 
 
 def load_training_data(config: TrainConfig, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-    """``(data, labels or None)``: images (N, C, H, W) via ``data.load_images``, else points (N, D)."""
+    """``(data, labels or None)``: images (N, C, H, W) via ``data.load_images``, else points (N, D).
+
+    A class-conditional run on a labeled built-in 2-D set (``data.LABELED_TOY_DATASETS``) gets each point's
+    component as its label; the points are those an unconditional run draws (the same random numbers).
+    """
     if is_image_spec(config.data):
         return load_images(config.data, **config.data_options)
     if config.data_options:
         raise ValueError(f"data_options {config.data_options} apply to image data; {config.data!r} is not an image set")
+    if config.class_conditional and config.data in LABELED_TOY_DATASETS:
+        return make_2d(config.data, config.n_data, generator=generator, return_labels=True)
     return load_dataset(config.data, config.n_data, generator=generator), None
 
 
@@ -40,8 +46,14 @@ def resolve_config(config: TrainConfig, data: Tensor, labels: Tensor | None) -> 
         raise ValueError(f"data {config.data!r}: expected points (N, D) or square images (N, C, H, H), got {shape}")
     if config.class_conditional:
         if labels is None:
-            raise ValueError(f"class_conditional needs labels, but the data {config.data!r} have none")
-        filled["num_classes"] = int(labels.max()) + 1
+            with_labels = ", ".join(sorted(LABELED_TOY_DATASETS))
+            raise ValueError(
+                f"class_conditional needs labels, but the data {config.data!r} have none; labeled data: the "
+                f"2-D sets {with_labels}, the images {', '.join(sorted(IMAGE_DATASETS))}, MNIST / CIFAR-10 files"
+            )
+        # A labeled 2-D set's classes are its components, all of them even if a small draw misses one.
+        toy_classes = LABELED_TOY_DATASETS.get(config.data) if data.ndim == 2 else None
+        filled["num_classes"] = toy_classes or int(labels.max()) + 1
     for key, value in filled.items():
         if net.get(key, value) != value:
             raise ValueError(f"net spec has {key}={net[key]} but the data {config.data!r} give {key}={value}")

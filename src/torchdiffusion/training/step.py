@@ -39,13 +39,14 @@ class Batch(NamedTuple):
     t: list[Tensor]  # (B,) float64 diffusion times
     noise: list[Tensor]  # (B, ...) standard normal noise
     flip: list[Tensor | None]  # (B,) bool: mirror left-right, or None without flips
+    drop: list[Tensor | None]  # (B,) bool: replace the class label by the null class, or None without label dropout
 
 
 class GlobalBatches:
     """The global batch of every step, drawn identically on all ranks and sliced for this one.
 
-    Indices: a fresh random permutation per epoch (``order`` generator, on the CPU); times, noise and
-    flips: from ``gen`` (the training generator, on the data's device), in that order, for all G examples.
+    Indices: a fresh random permutation per epoch (``order`` generator, on the CPU); times, noise, flips and
+    label drops: from ``gen`` (the training generator, on the data's device), in that order, for all G examples.
     """
 
     def __init__(self, n: int, batch_size: int, grad_accum: int, info: DistInfo, order: torch.Generator, gen):
@@ -65,16 +66,19 @@ class GlobalBatches:
             self.pos, need = self.pos + len(part), need - len(part)
         return torch.cat(parts)
 
-    def next(self, process, shape: tuple[int, ...], device, flip: bool) -> Batch:
+    def next(self, process, shape: tuple[int, ...], device, flip: bool, label_dropout: float = 0.0) -> Batch:
         G, B, A = self.global_size, self.batch_size, self.grad_accum
         idx = self.indices().to(device)
         t = denoising.sample_t(process, G, generator=self.gen, device=device)  # (G,)
         noise = torch.randn((G, *shape), generator=self.gen, device=device)  # (G, ...)
         flips = torch.rand(G, generator=self.gen, device=device) < 0.5 if flip else None  # data.random_flip's rule
+        # Drawn last, and only when asked for, so that runs without label dropout keep their random stream.
+        drops = torch.rand(G, generator=self.gen, device=device) < label_dropout if label_dropout > 0 else None
         start = self.info.rank * A * B
         rows = [slice(start + k * B, start + (k + 1) * B) for k in range(A)]
         flip_rows = [None if flips is None else flips[r] for r in rows]
-        return Batch([idx[r] for r in rows], [t[r] for r in rows], [noise[r] for r in rows], flip_rows)
+        drop_rows = [None if drops is None else drops[r] for r in rows]
+        return Batch([idx[r] for r in rows], [t[r] for r in rows], [noise[r] for r in rows], flip_rows, drop_rows)
 
     def state_dict(self) -> dict[str, Any]:
         # perm is replaced, never modified in place, so a reference is a valid snapshot.
@@ -128,14 +132,25 @@ class ScaledStep:
         self.model = Preconditioned(inner, process, sigma_data, predicts)
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
-    def backward(self, data: Tensor, labels: Tensor | None, batch: Batch, *, target, weighting) -> float:
-        """Accumulate this rank's gradients (unscaled, averaged over ranks); return the global batch's mean loss."""
+    def backward(
+        self, data: Tensor, labels: Tensor | None, batch: Batch, *, target, weighting, null_label: int | None = None
+    ) -> float:
+        """Accumulate this rank's gradients (unscaled, averaged over ranks); return the global batch's mean loss.
+
+        ``batch.drop``: examples whose class label is replaced by ``null_label`` (label dropout, Ho & Salimans 2022,
+        Algorithm 1: one network learns the conditional and the unconditional model, for classifier-free guidance).
+        """
         accum, total = len(batch.idx), torch.zeros((), device=data.device)
         for k in range(accum):
             x0 = data[batch.idx[k]]
             if batch.flip[k] is not None:
                 x0 = torch.where(batch.flip[k].view(-1, *[1] * (x0.ndim - 1)), x0.flip(-1), x0)
-            cond = {"class_labels": labels[batch.idx[k]]} if labels is not None else {}
+            cond = {}
+            if labels is not None:
+                lab = labels[batch.idx[k]]
+                if batch.drop[k] is not None:
+                    lab = torch.where(batch.drop[k], torch.full_like(lab, null_label), lab)
+                cond = {"class_labels": lab}
             last = k == accum - 1  # DDP averages the gradients once, in the last micro-batch's backward
             with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
                 loss = denoising.denoising_loss(

@@ -16,7 +16,7 @@ into a TrainConfig. Heavy imports stay inside the command functions, so ``--help
 from __future__ import annotations
 
 from ...names import PREDICTIONS as TARGETS
-from . import demo, evaluate, likelihood, sample, samplers, train  # noqa: F401  (registers the commands on main)
+from . import demo, evaluate, likelihood, sample, samplers, train, train_classifier  # noqa: F401  (registers the commands on main)
 from ._train_config import IMAGE_DEFAULTS, IMAGE_NET
 from .group import main
 

@@ -78,6 +78,33 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     help="Class-conditional models: labels, e.g. 0,3,7, or a .npy of integers; sample i gets label "
     "L[i mod len(L)] [default: i mod the number of classes, every class evenly].",
 )
+@click.option(
+    "--guidance",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Classifier-free guidance scale w (1: the conditional model, 0: the unconditional one; Ho & Salimans "
+    "2022). Needs a class-conditional model trained with label dropout (--set label_dropout=0.1).",
+)
+@click.option(
+    "--guidance-interval",
+    default=None,
+    metavar="LO,HI",
+    help="Guide only at times t in [LO, HI] (Kynkäänniemi et al. 2024); the conditional model elsewhere.",
+)
+@click.option(
+    "--guidance-rescale",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Rescale of the guided x0_hat (Lin et al. 2024).",
+)
+@click.option(
+    "--classifier",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Classifier guidance (Dhariwal & Nichol 2021) of an unconditional model by a `train-classifier` run; "
+    "--class / --labels then name the classifier's classes.",
+)
+@click.option("--classifier-scale", type=click.FloatRange(min=0), default=1.0, help="Classifier guidance scale.")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.npy", help="Samples (.npy).")
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Picture (default: --out with .png).")
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of their EMA.")
@@ -104,6 +131,11 @@ def sample(
     seed,
     klass,
     labels,
+    guidance,
+    guidance_interval,
+    guidance_rescale,
+    classifier,
+    classifier_scale,
     out,
     png,
     no_ema,
@@ -125,7 +157,18 @@ def sample(
     device = _device(device)
     try:
         pipe = load(ckpt, ema=not no_ema, device=device)
-        denoiser, process, cfg = pipe.denoiser, pipe.process, pipe.config
+        if classifier is not None:
+            from ...training.classifier import load_classifier
+
+            if guidance is not None:
+                raise ValueError("--classifier (classifier guidance) and --guidance (classifier-free): choose one")
+            pipe = pipe.classifier_guided(load_classifier(classifier, device=device), classifier_scale)
+        if guidance is not None:
+            interval = _interval(guidance_interval)
+            pipe = pipe.guided(guidance, interval=interval, rescale=guidance_rescale)
+        elif guidance_interval is not None or guidance_rescale:
+            raise ValueError("--guidance-interval and --guidance-rescale shape --guidance: give --guidance W too")
+        denoiser, process = pipe.denoiser, pipe.process
         grid = INFO[sampler].grid if grid == "auto" else grid
         if grid == "fit" and INFO[sampler].stochastic:
             raise ValueError(f"--grid fit needs a deterministic sampler; {sampler!r} draws noise")
@@ -134,7 +177,8 @@ def sample(
         _fail(e)
     shape = pipe.shape
     images = len(shape) == 3
-    class_labels, how = _class_labels(cfg, ckpt, klass, labels, n)
+    label_cfg = {"net": {"num_classes": pipe.num_classes}}  # the classifier's classes under --classifier
+    class_labels, how = _class_labels(label_cfg, classifier or ckpt, klass, labels, n)
     if how:
         click.echo(f"class-conditional model: {how}")
     kwargs = {"n_steps_each": n_steps_each} if sampler == "ald" else {}
@@ -167,10 +211,21 @@ def sample(
         from ...utils.image_grid import save_image_grid
 
         if class_labels is not None and klass is None and labels is None:
-            nrow = cfg["net"]["num_classes"]  # labels i mod K: every class in its own column
+            nrow = pipe.num_classes  # labels i mod K: every class in its own column
         else:
             nrow = 16 if len(xs) >= 256 else 8
         save_image_grid(xs[:256].clamp(-1, 1), png, nrow=nrow)
     else:
         save_samples_png(xs, png, f"{sampler}, {len(ts)} levels, {process!r}")
     click.echo(f"wrote {n} samples to {out} and a picture to {png}")
+
+
+def _interval(text: str | None) -> tuple[float, float] | None:
+    """``"LO,HI"`` -> (LO, HI)."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--guidance-interval takes LO,HI (two times, e.g. 0.2,0.8), got {text!r}") from None
+    return lo, hi
