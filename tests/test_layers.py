@@ -5,10 +5,11 @@ Layers, bottom to top (docs/architecture.md draws them):
     0  utils                          atomic writes, PNG grids
     1  core, nets, data               process, predictions, denoiser, grids, mixture; backbones; data sets
     2  samplers, objectives, likelihood, guidance   the algorithms, on objects of core
-    3  names                          the one table from strings to objects
-    4  training, evaluation, interop  runs, measurements, other libraries
-    5  app                            command line, demo, plots, load
-    6  torchdiffusion/__init__.py, __main__.py (the facade)
+    3  inverse                        posterior samplers for inverse problems (built on samplers)
+    4  names                          the one table from strings to objects
+    5  training, evaluation, interop  runs, measurements, other libraries
+    6  app                            command line, demo, plots, load
+    7  torchdiffusion/__init__.py, __main__.py (the facade)
 
 A module may import from its own folder and from lower layers, never from a higher layer nor from another
 folder of its own layer; and no set of modules imports itself around a cycle. Every import counts, those
@@ -31,13 +32,14 @@ LAYERS = {
     "objectives": 2,
     "likelihood": 2,
     "guidance": 2,
-    "names": 3,
-    "training": 4,
-    "evaluation": 4,
-    "interop": 4,
-    "app": 5,
-    "__init__": 6,
-    "__main__": 6,
+    "inverse": 3,
+    "names": 4,
+    "training": 5,
+    "evaluation": 5,
+    "interop": 5,
+    "app": 6,
+    "__init__": 7,
+    "__main__": 7,
 }
 
 

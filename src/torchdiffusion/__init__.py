@@ -40,6 +40,7 @@ from .core.processes import (
     make_betas,
 )
 from .core.timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
+from .inverse import sample_ddnm, sample_dps, sample_pigdm, sample_projection
 from .likelihood import bits_per_dim, dequantize, elbo, log_likelihood, nll_8bit, vlb, vlb_terms
 from .objectives import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR, MinSNR, Weighting, denoising_loss
 from .samplers import *  # noqa: F403  (every sampler by name, DEFAULT_SAMPLER, langevin_dynamics)
@@ -55,6 +56,8 @@ __all__ = [
     # predictions and the denoiser
     "Prediction", "EPS", "X0", "V", "SCORE", "FLOW", "eps_from", "tweedie_score", "Preconditioned", "as_denoiser",
     "count_nfe", "GaussianMixture", "FullCovarianceMixture",
+    # posterior samplers for inverse problems
+    "sample_projection", "sample_ddnm", "sample_dps", "sample_pigdm",
     # measurements (inverse problems)
     "LinearOperator", "Mask", "Outpaint", "Colorize", "Downsample", "Blur", "Dense", "Measurement",
     # time grids

@@ -38,9 +38,9 @@ def sample_ddim(
     - eta = 1: c^2 is the posterior variance, and the step is DDPM's ancestral step (Ho et al. 2020, Eq. 7)
       with the same noise draws as ``sample_ddpm`` (posterior variance).
 
-    The update is gathered onto x_t and x0_hat: with q = sqrt(sigma_s^2 - c^2) / sigma_s, x_s = q sigma_s/sigma_t
-    x_t + alpha_s ((1 - e^{-h}) + e^{-h} (1 - q)) x0_hat + c z, a sum of non-negative parts (no cancellation for
-    small h) that stays finite where alpha_t = 0 (Flow at t = 1: e^{-h} = 0).
+    The update (``ddim_step``) is gathered onto x_t and x0_hat: with q = sqrt(sigma_s^2 - c^2) / sigma_s, x_s =
+    q sigma_s/sigma_t x_t + alpha_s ((1 - e^{-h}) + e^{-h} (1 - q)) x0_hat + c z, a sum of non-negative parts (no
+    cancellation for small h) that stays finite where alpha_t = 0 (Flow at t = 1: e^{-h} = 0).
 
     Args:
         denoiser: (x, t (B,), **cond) -> x0_hat. process: the noise process.
@@ -55,17 +55,23 @@ def sample_ddim(
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (Song et al. 2021, Eq. 16), got {eta}")
     x, g = _common.setup(process, x, ts)
-    a, sg, em, omh = g.alpha, g.sigma, g.em, g.one_minus_em
     for i in range(g.n):
         x0_hat = denoiser(x, g.time(i, x), **cond)
-        if g.lands[i]:
-            x = x0_hat
-        else:
-            s = i + 1
-            one_m_q2 = eta**2 * omh[i] * (1 + em[i])  # 1 - q^2 = eta^2 (1 - e^{-2h})
-            q = math.sqrt(1 - one_m_q2)
-            x = torch.add(q * sg[s] / sg[i] * x, x0_hat, alpha=a[s] * (omh[i] + em[i] * one_m_q2 / (1 + q)))
-            if eta > 0:
-                x = torch.add(x, _common.noise_like(x, generator), alpha=sg[s] * math.sqrt(one_m_q2))  # c z
+        x = ddim_step(g, i, x, x0_hat, eta, generator)
         _common.report(callback, i, g, x, x0_hat, i + 1)
     return _common.finish(denoiser, g, x, final_denoise, cond)
+
+
+def ddim_step(g: _common.Grid, i: int, x: Tensor, x0_hat: Tensor, eta: float, generator) -> Tensor:
+    """One step t_i -> t_{i+1} of ``sample_ddim`` given x0_hat (the restoration samplers reuse it with a corrected
+    x0_hat): with q = sqrt(sigma_s^2 - c^2) / sigma_s, x_s = q sigma_s/sigma_t x_t + alpha_s ((1 - e^{-h}) + e^{-h}
+    (1 - q)) x0_hat + c z; x0_hat itself on a step that lands on the data."""
+    if g.lands[i]:
+        return x0_hat
+    s, em, omh = i + 1, g.em[i], g.one_minus_em[i]
+    one_m_q2 = eta**2 * omh * (1 + em)  # 1 - q^2 = eta^2 (1 - e^{-2h})
+    q = math.sqrt(1 - one_m_q2)
+    x = torch.add(q * g.sigma[s] / g.sigma[i] * x, x0_hat, alpha=g.alpha[s] * (omh + em * one_m_q2 / (1 + q)))
+    if eta > 0:
+        x = torch.add(x, _common.noise_like(x, generator), alpha=g.sigma[s] * math.sqrt(one_m_q2))  # c z
+    return x
