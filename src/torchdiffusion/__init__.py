@@ -40,7 +40,19 @@ from .core.processes import (
     make_betas,
 )
 from .core.timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
-from .inverse import sample_ddnm, sample_dps, sample_pigdm, sample_projection
+from .inverse import (
+    ddim_interpolate,
+    ddim_invert,
+    interpolate,
+    sample_ddnm,
+    sample_ddrm,
+    sample_dps,
+    sample_pigdm,
+    sample_projection,
+    sample_repaint,
+    sample_smc,
+    sdedit,
+)
 from .likelihood import bits_per_dim, dequantize, elbo, log_likelihood, nll_8bit, vlb, vlb_terms
 from .objectives import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR, MinSNR, Weighting, denoising_loss
 from .samplers import *  # noqa: F403  (every sampler by name, DEFAULT_SAMPLER, langevin_dynamics)
@@ -57,7 +69,9 @@ __all__ = [
     "Prediction", "EPS", "X0", "V", "SCORE", "FLOW", "eps_from", "tweedie_score", "Preconditioned", "as_denoiser",
     "count_nfe", "GaussianMixture", "FullCovarianceMixture",
     # posterior samplers for inverse problems
-    "sample_projection", "sample_ddnm", "sample_dps", "sample_pigdm",
+    "sample_projection", "sample_ddnm", "sample_dps", "sample_pigdm", "sample_repaint", "sample_ddrm", "sample_smc",
+    # editing: SDEdit, DDIM inversion and interpolation
+    "sdedit", "ddim_invert", "interpolate", "ddim_interpolate",
     # measurements (inverse problems)
     "LinearOperator", "Mask", "Outpaint", "Colorize", "Downsample", "Blur", "Dense", "Measurement",
     # time grids

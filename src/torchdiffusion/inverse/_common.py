@@ -20,7 +20,7 @@ def observation(measurement: Measurement, x: Tensor, *, noiseless: str | None = 
     if noiseless and measurement.sigma_y > 0:
         raise ValueError(
             f"{noiseless} assumes a noise-free measurement (sigma_y = 0), got sigma_y = {measurement.sigma_y}; "
-            "use sample_dps or sample_pigdm for noisy y"
+            "use sample_ddrm, sample_dps or sample_pigdm for noisy y"
         )
     y = measurement.y.to(device=x.device, dtype=x.dtype)
     if y.shape[0] not in (1, x.shape[0]):
