@@ -31,7 +31,8 @@ from torch import Tensor
 
 from .process import NoiseProcess, as_time
 
-__all__ = ["Prediction", "EPS", "X0", "V", "SCORE", "FLOW", "ALL_PREDICTIONS", "tweedie_score", "eps_from"]
+__all__ = ["Prediction", "EPS", "X0", "V", "SCORE", "FLOW", "ALL_PREDICTIONS", "tweedie_score", "eps_from", "x0_shift"]
+__all__ += ["gaussian_x0_variance"]
 
 
 def eps_from(x, x0_hat, alpha, sigma):
@@ -43,6 +44,18 @@ def tweedie_score(x, x0_hat, alpha, sigma):
     """Tweedie's formula: grad log p_t(x) = (alpha E[x0 | x] - x) / sigma^2 = -eps_hat / sigma (seed 003,
     "Tweedie's formula"; Efron 2011). alpha, sigma: floats or tensors broadcast against x."""
     return (alpha * x0_hat - x) / sigma**2
+
+
+def gaussian_x0_variance(alpha, sigma, sigma_data: float = 1.0):
+    """Var[x0 | x_t] = sigma_data^2 sigma^2 / (alpha^2 sigma_data^2 + sigma^2) under a N(0, sigma_data^2 I) prior:
+    the width PiGDM (Song et al. 2023) and the twisted diffusion sampler give p(x0 | x_t)."""
+    return sigma_data**2 * sigma**2 / (alpha**2 * sigma_data**2 + sigma**2)
+
+
+def x0_shift(score_shift, alpha, sigma):
+    """The change of x0_hat that adds ``score_shift`` to the score: Tweedie's formula solved for x0_hat,
+    x0_hat = (x + sigma^2 score) / alpha, so a shift g of the score moves x0_hat by sigma^2 / alpha g."""
+    return sigma**2 / alpha * score_shift
 
 
 class Prediction:

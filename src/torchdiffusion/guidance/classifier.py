@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.denoiser import network_inputs
+from ..core.predictions import x0_shift
 from ..core.process import NoiseProcess, batch_time
 
 __all__ = ["classifier_guidance", "NoiseConditionalClassifier"]
@@ -66,7 +67,7 @@ def classifier_guidance(denoiser, process: NoiseProcess, log_prob_class, scale: 
             xg = x.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(log_prob_class(xg, tb, labels).sum(), xg)
         alpha, sigma = process.at(tb, x)
-        shift = torch.where(alpha > 0, scale * sigma**2 / alpha.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
-        return x0_hat + shift * grad.to(x0_hat.dtype)
+        shift = x0_shift(scale * grad.to(x0_hat.dtype), alpha.clamp_min(torch.finfo(x.dtype).tiny), sigma)
+        return x0_hat + torch.where(alpha > 0, shift, 0.0)
 
     return guided

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..core.measurements import Measurement
+from ..core.predictions import gaussian_x0_variance, x0_shift
 from ..core.process import NoiseProcess
 from ..samplers import _common
 from ..samplers.ddim import ddim_step
@@ -50,7 +51,7 @@ def sample_pigdm(
     nfe = 0
     for i in range(g.n):
         a, sig = g.alpha[i], g.sigma[i]
-        r2 = sig**2 / (a**2 + sig**2)
+        r2 = gaussian_x0_variance(a, sig)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             x0_hat = denoiser(xg, g.time(i, xg), **cond)
@@ -61,7 +62,7 @@ def sample_pigdm(
         nfe += 1
         x0_hat = x0_hat.detach()
         if a > 0 and not g.lands[i]:
-            x0_hat = x0_hat + sig**2 / a * guide
+            x0_hat = x0_hat + x0_shift(guide, a, sig)
         x = ddim_step(g, i, x, x0_hat, eta, generator)
         _common.report(callback, i, g, x, x0_hat, nfe)
     return _common.finish(denoiser, g, x, final_denoise, cond)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..core.measurements import Measurement
+from ..core.predictions import gaussian_x0_variance
 from ..core.process import NoiseProcess
 from ..samplers import _common
 from ..samplers.ddim import ddim_step
@@ -135,8 +136,7 @@ def sample_smc(
     log_perp = _log_perp(y.reshape(G, -1), svd, sigma_y, A.out_dim).repeat_interleave(P, 0)
 
     def r2(i: int) -> float:
-        a, sig = g.alpha[i], g.sigma[i]
-        return sigma_data**2 * sig**2 / (a**2 * sigma_data**2 + sig**2)
+        return gaussian_x0_variance(g.alpha[i], g.sigma[i], sigma_data)
 
     def twist(i: int, xi: Tensor):
         """x0_hat, log p~_t(y | x_t) (N,) float64 and its gradient in x_t, at time i."""
