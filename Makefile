@@ -7,7 +7,8 @@ PIP    := $(BIN)/python -m pip
 # -n 2 uses both cores; the test suite is CPU-bound float64 math.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv demo demo-digits test test-portable test-slow test-all bench bench-samplers bench-likelihood lint format \
+.PHONY: venv demo demo-digits test test-portable test-slow test-all bench bench-samplers bench-likelihood bench-inverse \
+	lint format \
 	clean lock
 
 venv: $(STAMP)
@@ -59,9 +60,13 @@ test-all: $(STAMP)
 
 COMPARE := $(VENV)/.compare-installed
 
+# k-diffusion, azula and deepinv go in with --no-deps: their packages require torchvision, which has no CPU build
+# for the pinned torch here (PyPI's would replace torch with a CUDA build); what their code we run imports is in the
+# compare extra (einops, torchmetrics, natsort for deepinv), and benchmarks/inverse_deepinv.py imports deepinv with
+# a stub torchvision present only during the import.
 $(COMPARE): $(STAMP) $(COMPARE_LOCK)
 	$(PIP) install --quiet -c constraints.txt -r $(COMPARE_LOCK)
-	$(PIP) install --quiet -c constraints.txt --no-deps k-diffusion==0.1.1.post1
+	$(PIP) install --quiet -c constraints.txt --no-deps k-diffusion==0.1.1.post1 azula==0.11.1 deepinv==0.5.0
 	touch $(COMPARE)
 
 # Benchmarks run next to the libraries people use today (the `compare` extra).
@@ -74,6 +79,12 @@ bench: $(COMPARE)
 bench-samplers: $(COMPARE)
 	$(BIN)/python benchmarks/bench_samplers.py --out bench-output
 	$(BIN)/python benchmarks/bench_trained.py --out bench-output $(TRAINED_ARGS)
+
+# Posterior samplers against exact posteriors (Gaussian-mixture priors), next to azula, deepinv and diffusers'
+# RePaint: SW2, weight error and residual per NFE, and the twisted diffusion sampler's cost to reach the floor
+# (about 30-60 minutes on 2 cores; INVERSE_ARGS=--quick: a few minutes).
+bench-inverse: $(COMPARE)
+	$(BIN)/python benchmarks/bench_inverse.py --out bench-output $(INVERSE_ARGS)
 
 # Likelihood accuracy and time against closed-form densities, next to k-diffusion.
 bench-likelihood: $(COMPARE)

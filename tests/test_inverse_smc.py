@@ -82,13 +82,14 @@ def masked_64d(sigma_y):
     return prior, Measurement.observe(Mask(mask), prior.sample(1, generator=g), sigma_y, generator=g)
 
 
-def replicates(prior, meas, P, R, steps, seed=0):
+def replicates(prior, meas, P, R, steps, seed=0, **kw):
     """R independent runs of P particles: per run the self-normalized estimates of the posterior weights (R, K),
     mean (R, D) and second moments about the pooled mean (R, D, D), and Z_hat / p(y) (R,)."""
     p = VP()
     x = p.prior_sample((R * P, *prior.shape), generator=gen(seed), dtype=F64)
     parts, lw = sample_smc(
-        prior.denoiser(p), p, x, grid_lam(p, steps), meas, particles=P, return_particles=True, generator=gen(seed + 1)
+        prior.denoiser(p), p, x, grid_lam(p, steps), meas, particles=P, return_particles=True, generator=gen(seed + 1),
+        **kw,
     )
     assert parts.shape == (R, P, *prior.shape) and lw.shape == (R, P)
     post = prior.posterior(meas)
@@ -111,8 +112,8 @@ def within(est, exact, what, keep=None):
     assert not bad.any(), f"{what}: errors {err[bad].tolist()} against se {se[bad].tolist()}"
 
 
-def check_posterior(prior, meas, P, R, steps, evidence=True, free=None):
-    post, weights, mean, second, ratio = replicates(prior, meas, P, R, steps)
+def check_posterior(prior, meas, P, R, steps, evidence=True, free=None, **kw):
+    post, weights, mean, second, ratio = replicates(prior, meas, P, R, steps, **kw)
     within(weights, post.weights, "weights", keep=post.weights >= MIN_WEIGHT)
     within(mean, post.mean(), "mean", keep=free)
     cov_keep = None if free is None else free[:, None] & free[None, :]
@@ -130,6 +131,13 @@ def test_ring_inpainting_matches_the_exact_posterior():
 def test_random_2_row_measurement_of_an_8d_mixture_matches_the_exact_posterior():
     prior, meas = dense_8d()
     check_posterior(prior, meas, P=100, R=30, steps=400)
+
+
+def test_another_proposal_keeps_the_target():
+    """With MMPS's step as the proposal (``proposal="mmps"``) the weights carry p(x'|x) / q(x'|x) for that proposal:
+    the target, and so the weights, means, covariances and evidence, are unchanged."""
+    prior, meas = ring()
+    check_posterior(prior, meas, P=100, R=30, steps=400, proposal="mmps")
 
 
 def test_masked_64d_mixture_matches_the_exact_posterior():

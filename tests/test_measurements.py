@@ -119,10 +119,10 @@ def test_closed_form_singular_values(name):
         assert len(s) == op.out_dim and bool((s == w.norm()).all())
 
 
-def test_outpaint_keeps_the_outside_of_the_centre_box():
+def test_outpaint_keeps_only_the_centre_box():
     op = Outpaint((2, 7, 8), (3, 4))
-    expect = torch.ones(7, 8, dtype=F64)
-    expect[2:5, 2:6] = 0  # rows (7 - 3) // 2 = 2 .. 5, columns (8 - 4) // 2 = 2 .. 6
+    expect = torch.zeros(7, 8, dtype=F64)
+    expect[2:5, 2:6] = 1  # rows (7 - 3) // 2 = 2 .. 5, columns (8 - 4) // 2 = 2 .. 6
     assert torch.equal(op.mask, expect.expand(2, 7, 8))
     x = torch.randn(1, 2, 7, 8, generator=gen(4), dtype=F64)
     assert torch.equal(op(x), x * expect)

@@ -47,6 +47,7 @@ from .inverse import (
     sample_ddnm,
     sample_ddrm,
     sample_dps,
+    sample_mmps,
     sample_pigdm,
     sample_projection,
     sample_repaint,
@@ -70,6 +71,7 @@ __all__ = [
     "count_nfe", "GaussianMixture", "FullCovarianceMixture",
     # posterior samplers for inverse problems
     "sample_projection", "sample_ddnm", "sample_dps", "sample_pigdm", "sample_repaint", "sample_ddrm", "sample_smc",
+    "sample_mmps",
     # editing: SDEdit, DDIM inversion and interpolation
     "sdedit", "ddim_invert", "interpolate", "ddim_interpolate",
     # measurements (inverse problems)

@@ -30,6 +30,18 @@ from .core.processes import (
     beta_sigmoid,
 )
 from .core.timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
+from .inverse import (
+    sample_ddnm,
+    sample_ddrm,
+    sample_dps,
+    sample_mmps,
+    sample_pigdm,
+    sample_projection,
+    sample_repaint,
+    sample_smc,
+)
+from .inverse.repaint import repaint_budget
+from .inverse.smc import smc_budget
 from .nets import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
 from .objectives.weightings import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR
 from .samplers import (
@@ -53,7 +65,7 @@ __all__ = [
     "PROCESSES", "NETS", "EMBEDDINGS", "INFO", "SAMPLERS", "SamplerInfo", "DEFAULT_SAMPLER_NAME", "PREDICTIONS",
     "WEIGHTINGS",
     "PRECISIONS", "GRIDS", "GRID_FUNCTIONS", "SCHEDULES", "build_process", "build_net", "get_sampler",
-    "get_prediction", "get_weighting",
+    "get_prediction", "get_weighting", "INVERSE", "InverseInfo", "get_inverse",
 ]  # fmt: skip
 
 NETS = {"mlp": MLP, "unet": UNet}
@@ -129,6 +141,38 @@ SAMPLERS: dict[str, Callable] = {name: info.fn for name, info in INFO.items()}
 DEFAULT_SAMPLER_NAME = next(name for name, info in INFO.items() if info.fn is DEFAULT_SAMPLER)
 
 
+@dataclass(frozen=True)
+class InverseInfo:
+    """A posterior sampler of ``inverse/`` and what it assumes (each also refuses what it cannot do itself)."""
+
+    fn: Callable
+    paper: str
+    noiseless: bool  # only sigma_y = 0 (exact data consistency)
+    masks: bool  # only inpainting masks (Mask, Outpaint)
+    gradient: bool  # backpropagates through the denoiser at every step
+    budget: Callable[[int], dict] | None = None  # nfe -> {"steps", ...knobs}; None: steps = nfe - 1
+
+    def knobs(self, nfe: int) -> dict:
+        """``{"steps": ..., **knobs}`` whose denoiser calls (per sample, final denoise included) fit ``nfe``."""
+        if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 2:
+            raise ValueError(f"the budget must be an int >= 2 denoiser calls (a step and the last), got {nfe!r}")
+        return dict(self.budget(nfe)) if self.budget is not None else {"steps": nfe - 1}
+
+
+INVERSE: dict[str, InverseInfo] = {
+    "projection": InverseInfo(sample_projection, "Song et al. 2021 (replacement / projection)", True, False, False),
+    "ddnm": InverseInfo(sample_ddnm, "Wang et al. 2023 (range-null space)", True, False, False),
+    "ddrm": InverseInfo(sample_ddrm, "Kawar et al. 2022 (spectral DDIM)", False, False, False),
+    "dps": InverseInfo(sample_dps, "Chung et al. 2023 (diffusion posterior sampling)", False, False, True),
+    "pigdm": InverseInfo(sample_pigdm, "Song et al. 2023 (pseudo-inverse guidance)", False, False, True),
+    "mmps": InverseInfo(sample_mmps, "Rozet et al. 2024 (moment matching posterior sampling)", False, False, True),
+    "repaint": InverseInfo(sample_repaint, "Lugmayr et al. 2022 (resampling jumps)", True, True, False, repaint_budget),
+    "smc": InverseInfo(
+        sample_smc, "Wu et al. 2023 (twisted diffusion sampler, exact as P grows)", False, False, True, smc_budget
+    ),  # fmt: skip
+}
+
+
 PROCESSES = {
     "vp": VP,
     "subvp": SubVP,
@@ -171,6 +215,11 @@ def build_net(spec: dict[str, Any]):
 def get_sampler(name: str):
     """A sampler function by name (see ``torchdiffusion.samplers.SAMPLERS``)."""
     return _pick("sampler", SAMPLERS, name)
+
+
+def get_inverse(name: str) -> InverseInfo:
+    """A posterior sampler's entry by name (see ``INVERSE``)."""
+    return _pick("posterior sampler", INVERSE, name)
 
 
 def get_prediction(name: str):

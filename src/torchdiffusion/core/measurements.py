@@ -11,7 +11,8 @@ al. 2023; DPS, Chung et al. 2023):
 
     Mask(mask)               inpainting: y = mask * x, the full shape, zeros where mask = 0 (deepinv's
                              ``Inpainting`` convention); SVD: s = 1 on the kept entries
-    Outpaint(shape, box)     a Mask keeping what lies outside a centred box
+    Outpaint(shape, box)     outpainting: a Mask keeping only a centred box (the known picture), so the
+                             outside is generated
     Colorize(shape=...)      (B, 3, H, W) -> (B, 1, H, W), y = sum_c w_c x_c, by default the channel mean
                              (DDRM's and DDNM's colorization); SVD: s = |w| at every pixel
     Downsample(f, shape=...) f x f average pooling (DDRM's and DDNM's super-resolution); A A^T = I / f^2,
@@ -225,11 +226,12 @@ class Mask(LinearOperator):
 
 
 class Outpaint(Mask):
-    """Outpainting: observe everything outside a centred box of the last two (spatial) axes.
+    """Outpainting: observe only a centred box of the last two (spatial) axes and generate what lies outside
+    it (the picture is extended beyond its borders). Hiding a centre box instead is inpainting: ``Mask``.
 
     Args:
         shape: the example shape, e.g. (C, H, W); the last two axes are the image.
-        box: (h, w) or an int: the size of the hidden centre box, rows (H - h) // 2 .. + h and columns
+        box: (h, w) or an int: the size of the observed centre box, rows (H - h) // 2 .. + h and columns
             (W - w) // 2 .. + w.
     """
 
@@ -241,9 +243,9 @@ class Outpaint(Mask):
         H, W = shape[-2:]
         if not (0 <= h <= H and 0 <= w <= W):
             raise ValueError(f"Outpaint: the box {(h, w)} must fit in the image {(H, W)}")
-        m = torch.ones(H, W, dtype=F64)
+        m = torch.zeros(H, W, dtype=F64)
         top, left = (H - h) // 2, (W - w) // 2
-        m[top : top + h, left : left + w] = 0
+        m[top : top + h, left : left + w] = 1
         super().__init__(m, shape)
         self.box = (h, w)
 

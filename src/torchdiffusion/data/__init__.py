@@ -6,7 +6,16 @@ Nothing is downloaded unless ``download_images`` is called.
 """
 
 from .arrays import SUPPORTED_SUFFIXES, load_array, load_dataset
-from .image_files import IMAGE_EXTENSIONS, load_cifar10, load_idx, load_idx_folder, load_image_folder, load_npz
+from .image_files import (
+    IMAGE_EXTENSIONS,
+    load_cifar10,
+    load_idx,
+    load_idx_folder,
+    load_image_folder,
+    load_npz,
+    read_image,
+    read_mask,
+)
 from .images import DOWNLOADABLE, IMAGE_DATASETS, load_digits, load_images, random_flip
 from .images import download as download_images
 from .toy import (
@@ -47,5 +56,7 @@ __all__ = [
     "load_idx_folder",
     "load_image_folder",
     "load_npz",
+    "read_image",
+    "read_mask",
     "random_flip",
 ]

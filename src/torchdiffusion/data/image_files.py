@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["IMAGE_EXTENSIONS", "load_cifar10", "load_idx", "load_idx_folder", "load_image_folder", "load_npz"]
+__all__ = [
+    "IMAGE_EXTENSIONS", "load_cifar10", "load_idx", "load_idx_folder", "load_image_folder", "load_npz", "read_image",
+    "read_mask",
+]  # fmt: skip
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _SPLITS = ("train", "test")
@@ -207,6 +210,35 @@ def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
     left, top = (new[0] - size) // 2, (new[1] - size) // 2
     im = im.crop((left, top, left + size, top + size))
     return np.asarray(im, dtype=np.uint8).reshape(size, size, -1)
+
+
+def read_image(path: str | os.PathLike, channels: int) -> Tensor:
+    """One image file at its own size, as float32 (channels, H, W) in [-1, 1] (1: gray, 3: RGB; converted as
+    PIL converts: gray = ITU-R 601 luma, gray to RGB by repetition)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        from PIL import Image, ImageOps, UnidentifiedImageError
+    except ImportError:
+        raise ImportError("read_image needs Pillow: pip install pillow") from None
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")
+            im = ImageOps.exif_transpose(im).convert("RGB" if channels == 3 else "L")
+            array = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: cannot read image ({err})") from None
+    array = array.reshape(*array.shape[:2], -1).transpose(2, 0, 1)
+    return _from_uint8(array[None])[0]
+
+
+def read_mask(path: str | os.PathLike) -> Tensor:
+    """A mask image as (H, W) booleans: True where the gray level is at least half (white), False where dark."""
+    return read_image(path, 1)[0] >= 0
 
 
 def load_image_folder(

@@ -8,6 +8,8 @@ colorization, super-resolution, restoration), each with the common sampler shape
     sample_pigdm        pseudo-inverse guidance (Song et al. 2023)                            any sigma_y
     sample_repaint      inpainting with resampling jumps (Lugmayr et al. 2022)                sigma_y = 0, masks
     sample_ddrm         spectral DDIM step in A's SVD (Kawar et al. 2022)                     any sigma_y
+    sample_mmps         moment matching: p(x0 | x_t) with the denoiser's own covariance      any sigma_y
+                        (Rozet et al. 2024)
     sample_smc          twisted SMC, exact as its particles grow (TDS, Wu et al. 2023)        any sigma_y
 
 ``core.measurements`` holds the operators and ``Measurement``; ``core.mixture`` the exact posterior they are
@@ -26,11 +28,12 @@ from .ddnm import sample_ddnm
 from .ddrm import sample_ddrm
 from .dps import sample_dps
 from .editing import ddim_interpolate, ddim_invert, interpolate, sdedit
+from .mmps import sample_mmps
 from .pigdm import sample_pigdm
 from .projection import sample_projection
 from .repaint import sample_repaint
 from .smc import sample_smc
 
 __all__ = ["sample_projection", "sample_ddnm", "sample_dps", "sample_pigdm", "sample_repaint", "sample_ddrm"]
-__all__ += ["sample_smc"]
+__all__ += ["sample_smc", "sample_mmps"]
 __all__ += ["sdedit", "ddim_invert", "interpolate", "ddim_interpolate"]

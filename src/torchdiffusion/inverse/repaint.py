@@ -11,7 +11,7 @@ from ..samplers import _common
 from ..samplers.ddim import ddim_step
 from ._common import observation
 
-__all__ = ["sample_repaint", "repaint_schedule"]
+__all__ = ["sample_repaint", "repaint_schedule", "repaint_budget"]
 
 
 def repaint_schedule(n: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
@@ -43,6 +43,36 @@ def repaint_schedule(n: int, jump_length: int = 10, jump_n_sample: int = 10) -> 
             i -= j
             path.append(i)
     return path
+
+
+def repaint_calls(n: int, jump_length: int, jump_n_sample: int) -> int:
+    """Denoiser calls of ``sample_repaint`` on an n-step grid: one per reverse step of the schedule, and the
+    final denoise."""
+    path = repaint_schedule(n, jump_length, jump_n_sample)
+    return sum(1 for a, b in zip(path[:-1], path[1:]) if b > a) + 1
+
+
+def repaint_budget(nfe: int) -> dict:
+    """RePaint's knobs for a budget of ``nfe`` denoiser calls: ``{"steps", "jump_length", "jump_n_sample"}``.
+
+    Lugmayr et al.'s jumps (length 10, 10 resamplings: about 10 calls per step) where the budget buys at least two
+    blocks of them; below, shorter jumps with fewer resamplings (5/5, 3/3, 2/2, none), so that the chain keeps at
+    least nfe / 4 distinct steps. ``steps`` is the largest grid whose calls fit.
+    """
+    if not isinstance(nfe, int) or nfe < 2:
+        raise ValueError(f"repaint_budget: nfe must be an int >= 2 (a step and the final denoise), got {nfe!r}")
+
+    def fit(jl: int, jn: int) -> int:
+        n = 0
+        while repaint_calls(n + 1, jl, jn) <= nfe:
+            n += 1
+        return n
+
+    for jl, jn in ((10, 10), (5, 5), (3, 3), (2, 2)):
+        n = fit(jl, jn)
+        if n >= max(2 * jl, nfe // 4):
+            return {"steps": n, "jump_length": jl, "jump_n_sample": jn}
+    return {"steps": fit(1, 1), "jump_length": 1, "jump_n_sample": 1}
 
 
 def sample_repaint(

@@ -13,12 +13,29 @@ from ..core.process import NoiseProcess
 from ..samplers import _common
 from ..samplers.ddim import ddim_step
 from ._common import observation
+from .mmps import mmps_update
 
-__all__ = ["sample_smc"]
+__all__ = ["sample_smc", "smc_budget"]
 
 F64 = torch.float64
 LOG_2PI = math.log(2 * math.pi)
 RESAMPLING = ("systematic", "multinomial")
+PROPOSALS = ("twist", "mmps")
+
+
+def smc_budget(nfe: int) -> dict:
+    """``{"particles": P, "steps": s}`` for a budget of ``nfe`` denoiser calls per sample, P (s + 1) <= nfe.
+
+    More particles shrink the weights' Monte Carlo error, more steps the discretization bias of the model's chain;
+    s is about 2 sqrt(nfe) (at least 12) and the rest buys particles; a budget that buys only one particle goes to
+    steps. On the benchmark's 2-D ring and 8-D mixture (``benchmarks/bench_inverse.py``) this split came within
+    about 20% of the best s in 12..48 at NFE 50, 100 and 250.
+    """
+    if not isinstance(nfe, int) or nfe < 2:
+        raise ValueError(f"smc_budget: nfe must be an int >= 2 (a step and the last one), got {nfe!r}")
+    steps = min(nfe - 1, max(12, round(2 * math.sqrt(nfe))))
+    P = max(1, nfe // (steps + 1))
+    return {"particles": 1, "steps": nfe - 1} if P == 1 else {"particles": P, "steps": steps}
 
 
 def sample_smc(
@@ -33,6 +50,8 @@ def sample_smc(
     sigma_data: float = 1.0,
     ess_threshold: float = 0.5,
     resampling: str = "systematic",
+    proposal: str = "twist",
+    cg_iterations: int = 3,
     return_particles: bool = False,
     generator: torch.Generator | None = None,
     callback=None,
@@ -100,6 +119,13 @@ def sample_smc(
         ess_threshold: in [0, 1]: resample when ESS < ess_threshold P (0: never, 1: at every step); default 0.5,
             the usual rule (Doucet & Johansen 2009).
         resampling: "systematic" or "multinomial".
+        proposal: "twist" (Wu et al.'s: the model's mean moved by c_t^2 g) or "mmps": the model's step taken from
+            MMPS's E[x0 | x_t, y] (``mmps.mmps_x0``, the covariance of p(x0 | x_t) from the denoiser's Jacobian,
+            ``cg_iterations`` conjugate-gradient steps) instead of x0_hat. Either way the weights carry
+            p(x_t' | x_t) / q(x_t' | x_t) for the proposal used, (|u - d|^2 - |u|^2) / (2 c_t^2) with d the shift of
+            the mean and u = x_t' - (model's mean), so the target is the same; only the weights' variance changes
+            (``bench_inverse.py``: mmps helps on the 64-D image-like cases and hurts on the 8-D one, where the moved
+            particles disagree with the isotropic twist).
         return_particles: return (particles (G, P, *shape), log_weights (G, P) float64) instead of one sample per
             group. The log weights are unnormalized: logsumexp over P minus log P is the SMC estimate of the
             model's log p(y) (its exp is unbiased), on range(A) at sigma_y = 0 as ``GaussianMixture.log_evidence``.
@@ -116,6 +142,8 @@ def sample_smc(
         raise ValueError(f"ess_threshold must be in [0, 1] (a fraction of the particles), got {ess_threshold}")
     if resampling not in RESAMPLING:
         raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
+    if proposal not in PROPOSALS:
+        raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
     if not isinstance(measurement, Measurement):
         raise TypeError(f"measurement must be a Measurement(operator, y, sigma_y), got {type(measurement).__name__}")
     x, g = _common.setup(process, x, ts)
@@ -133,27 +161,34 @@ def sample_smc(
 
     s = svd.s.to(x)
     yt = svd.Ut(y.reshape(G, -1)).repeat_interleave(P, 0)  # (N, R): y~ = U^T y per particle
+    y_all = y.repeat_interleave(P, 0)
     log_perp = _log_perp(y.reshape(G, -1), svd, sigma_y, A.out_dim).repeat_interleave(P, 0)
 
     def r2(i: int) -> float:
         return gaussian_x0_variance(g.alpha[i], g.sigma[i], sigma_data)
 
     def twist(i: int, xi: Tensor):
-        """x0_hat, log p~_t(y | x_t) (N,) float64 and its gradient in x_t, at time i."""
+        """x0_hat, log p~_t(y | x_t) (N,) float64, and the proposal's x0: x0_hat + sigma^2 / alpha times the
+        twist's gradient in x_t (Tweedie), or MMPS's E[x0 | x_t, y] (``mmps.mmps_x0``), at time i."""
         var = r2(i) * s**2 + sigma_y**2  # (R,): the twist's variance along each singular direction
         with torch.enable_grad():
             xg = xi.detach().requires_grad_(True)
             x0_hat = denoiser(xg, g.time(i, xg), **cond)
             e = yt - s * svd.Vt(x0_hat.reshape(N, -1))
             lt = -0.5 * ((e**2 / var).sum(1) + torch.log(var).sum() + len(var) * LOG_2PI)
-            (grad,) = torch.autograd.grad(lt.sum(), xg)
-        return x0_hat.detach(), lt.detach().to(F64) + log_perp, grad
+            if proposal == "twist":  # Wu et al.: the mean moves by its variance c^2 times the twist's score
+                (v,) = torch.autograd.grad(lt.sum(), xg)
+            elif g.alpha[i] > 0:  # the step from MMPS's x0 instead of x0_hat: the mean moves by b (x0_q - x0_hat)
+                v = mmps_update(x0_hat, xg, g.alpha[i], g.sigma[i], measurement, y_all, cg_iterations) - x0_hat
+            else:  # alpha = 0 (Flow's start): x_t holds nothing of x0, no covariance to match
+                v = torch.zeros_like(x0_hat)
+        return x0_hat.detach(), lt.detach().to(F64) + log_perp, v.detach()
 
     x = x.detach()
     lw = torch.zeros(G, P, dtype=F64, device=x.device)
     prev, ratio = 0.0, 0.0
     for i in range(last + 1):
-        x0_hat, lt, grad = twist(i, x)
+        x0_hat, lt, v = twist(i, x)
         lw = lw + (lt - prev + ratio).reshape(G, P)
         if i == last:
             break
@@ -164,14 +199,15 @@ def sample_smc(
             keep = torch.arange(P, device=x.device).expand(G, P)
             idx = torch.where(resampled[:, None], idx, keep) + P * torch.arange(G, device=x.device)[:, None]
             idx = idx.flatten()
-            x, x0_hat, lt, grad = x[idx], x0_hat[idx], lt[idx], grad[idx]
+            x, x0_hat, lt, v = x[idx], x0_hat[idx], lt[idx], v[idx]
             mean = torch.logsumexp(lw, 1, keepdim=True) - math.log(P)  # keeps the running estimate of p(y)
             lw = torch.where(resampled[:, None], mean.expand(G, P), lw)
         a, b, c = _ancestral(g, i, eta)
-        drift = c**2 * grad  # the twisted proposal's shift of the model's mean
-        x_new = ddim_step(g, i, x, x0_hat, eta, generator) + drift
-        u = x_new - (a * x + b * x0_hat)  # c z + drift
-        ratio = (-(u * grad).flatten(1).sum(1) + 0.5 * c**2 * (grad**2).flatten(1).sum(1)).to(F64)
+        d = c**2 * v if proposal == "twist" else b * v  # the proposal's shift of the model's mean a x + b x0_hat
+        x_new = ddim_step(g, i, x, x0_hat, eta, generator) + d
+        u = x_new - (a * x + b * x0_hat)  # c z + d
+        # log p(x_new | x) - log q(x_new | x) = (|u - d|^2 - |u|^2) / (2 c^2)
+        ratio = ((-(u * d).flatten(1).sum(1) + 0.5 * (d**2).flatten(1).sum(1)) / c**2).to(F64)
         prev, x = lt, x_new
         if callback is not None:
             info = {"i": i, "t": float(g.ts[i]), "x": x, "x0_hat": x0_hat, "nfe": i + 1}

@@ -1,4 +1,5 @@
-"""The command line: ``torchdiffusion train | sample | likelihood | evaluate | demo | samplers``.
+"""The command line: ``torchdiffusion train | sample | likelihood | evaluate | demo | samplers | train-classifier |
+inpaint | outpaint | colorize | upscale | edit | interpolate``.
 
 Names given on the command line become objects through ``torchdiffusion.names`` (processes, networks,
 samplers, targets, weightings, grids), whose keys are also the ``--help`` choice lists; everything else is the
@@ -7,7 +8,8 @@ before the work where they can be (devices, outputs, shapes, labels), and never 
 half-written file behind. OpenMP threads sleep when idle (``OMP_WAIT_POLICY=PASSIVE``, set in
 ``torchdiffusion/__init__.py`` before torch loads); ``--threads`` sets torch's thread count.
 
-One module per command (``train``, ``sample``, ``likelihood``, ``evaluate``, ``demo``, ``samplers``), each
+One module per command (``train``, ``sample``, ``likelihood``, ``evaluate``, ``demo``, ``samplers``,
+``train_classifier``; ``restore`` holds inpaint / outpaint / colorize / upscale, ``edit`` edit / interpolate), each
 registering itself on the click group of ``group.py``. What they share: ``_shared.py`` (errors, threads,
 devices, outputs) and ``_sampling.py`` (class labels, the batch loop); ``_train_config.py`` turns train's options
 into a TrainConfig. Heavy imports stay inside the command functions, so ``--help`` starts fast.
@@ -16,7 +18,17 @@ into a TrainConfig. Heavy imports stay inside the command functions, so ``--help
 from __future__ import annotations
 
 from ...names import PREDICTIONS as TARGETS
-from . import demo, evaluate, likelihood, sample, samplers, train, train_classifier  # noqa: F401  (registers the commands on main)
+from . import (  # noqa: F401  (registers the commands on main)
+    demo,
+    edit,
+    evaluate,
+    likelihood,
+    restore,
+    sample,
+    samplers,
+    train,
+    train_classifier,
+)
 from ._train_config import IMAGE_DEFAULTS, IMAGE_NET
 from .group import main
 
