@@ -87,6 +87,7 @@ OURS = {
     "ddrm-eta1": (sample_ddrm, {"eta": 1.0}, lambda p: True),
     "repaint": (sample_repaint, {}, lambda p: p.is_mask and p.sigma_y == 0),
     "mmps": (sample_mmps, {}, lambda p: True),
+    "mmps-cg3": (sample_mmps, {"cg_iterations": 3}, lambda p: True),
     "mmps-cg10": (sample_mmps, {"cg_iterations": 10}, lambda p: True),
     "smc": (sample_smc, {}, lambda p: True),
     "smc-mmps": (sample_smc, {"proposal": "mmps"}, lambda p: True),
@@ -293,6 +294,7 @@ def smc_summary(rows) -> str:
 
 def plot(path, rows, floors, nfes):
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -312,10 +314,15 @@ def plot(path, rows, floors, nfes):
                 ax.plot(*zip(*pts), "o-", color=colors[lib], label=lib)
         ax.axhline(floors[case]["sw2"], color="k", ls="--", lw=1, label="exact vs exact")
         ax.set(xscale="log", yscale="log", title=case, xlabel="NFE")
-        ax.set_ylabel("SW2 to the exact posterior (best method)")
+        ax.set_xticks(list(nfes), [str(v) for v in nfes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    for ax in axes[::cols]:
+        ax.set_ylabel("SW2 to the exact posterior")
     for ax in axes[len(cases) :]:
         ax.axis("off")
     axes[0].legend(fontsize=7)
+    fig.suptitle("Best method of each library per NFE; dashed: two exact sample sets (the floor)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,10 +18,10 @@ import torchdiffusion as td
 from torchdiffusion.app.restore import colorization, inpainting, outpainting, solve, super_resolution
 
 METHODS = {
-    "inpaint": ("projection", "ddnm", "ddrm", "repaint", "dps", "pigdm", "smc"),
-    "outpaint": ("ddrm", "repaint", "dps", "smc"),
-    "upscale": ("ddrm", "ddnm", "pigdm", "dps"),
-    "colorize": ("ddrm", "ddnm", "pigdm", "dps"),
+    "inpaint": ("projection", "ddnm", "ddrm", "repaint", "dps", "pigdm", "mmps", "smc"),
+    "outpaint": ("ddrm", "repaint", "dps", "mmps", "smc"),
+    "upscale": ("ddrm", "ddnm", "pigdm", "dps", "mmps"),
+    "colorize": ("ddrm", "ddnm", "pigdm", "dps", "mmps"),
 }
 
 

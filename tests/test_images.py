@@ -49,7 +49,7 @@ def test_digits_resize_and_registry(digits):
     x16, y16 = load_digits(16)
     assert x16.shape == (1797, 1, 16, 16) and x16.min() >= -1 and x16.max() <= 1
     assert torch.equal(y16, digits[1])
-    assert set(IMAGE_DATASETS) == {"digits", "digits16"}
+    assert set(IMAGE_DATASETS) == {"digits", "digits16", "shapes16", "shapes32"}
     assert torch.equal(load_images("digits16")[0], x16)
     assert torch.equal(load_images("digits")[0], digits[0])
 

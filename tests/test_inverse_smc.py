@@ -88,7 +88,14 @@ def replicates(prior, meas, P, R, steps, seed=0, **kw):
     p = VP()
     x = p.prior_sample((R * P, *prior.shape), generator=gen(seed), dtype=F64)
     parts, lw = sample_smc(
-        prior.denoiser(p), p, x, grid_lam(p, steps), meas, particles=P, return_particles=True, generator=gen(seed + 1),
+        prior.denoiser(p),
+        p,
+        x,
+        grid_lam(p, steps),
+        meas,
+        particles=P,
+        return_particles=True,
+        generator=gen(seed + 1),
         **kw,
     )
     assert parts.shape == (R, P, *prior.shape) and lw.shape == (R, P)

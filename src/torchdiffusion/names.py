@@ -42,7 +42,7 @@ from .inverse import (
 )
 from .inverse.repaint import repaint_budget
 from .inverse.smc import smc_budget
-from .nets import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
+from .nets import MLP, FourierEmbedding, SinusoidalEmbedding, UNet, UNetClassifier
 from .objectives.weightings import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR
 from .samplers import (
     DEFAULT_SAMPLER,
@@ -68,7 +68,7 @@ __all__ = [
     "get_prediction", "get_weighting", "INVERSE", "InverseInfo", "get_inverse",
 ]  # fmt: skip
 
-NETS = {"mlp": MLP, "unet": UNet}
+NETS = {"mlp": MLP, "unet": UNet, "unet_classifier": UNetClassifier}  # unet_classifier: train-classifier on images
 EMBEDDINGS = {e.name: e for e in (SinusoidalEmbedding, FourierEmbedding)}  # a net spec's "time_embedding"
 PREDICTIONS = {p.name: p for p in ALL_PREDICTIONS}  # eps, x0, v, score, flow
 # "sigma2": NCSN's lambda(sigma) = sigma^2 on the score error is the snr weight in x0 units

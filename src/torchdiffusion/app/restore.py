@@ -10,10 +10,12 @@ The measurement builders take one image (C, H, W) in [-1, 1] (as ``data`` loads 
 for ``core.measurements``' operators; ``solve`` draws posterior samples with any sampler of ``names.INVERSE``
 within a budget of denoiser calls per sample (``InverseInfo.knobs``: RePaint's jumps and SMC's particles included).
 
-Default methods per task: ``DEFAULT_METHODS``, the best of ``make bench-inverse`` on the 64-D image-like mixture
-at the default budget (see the README's table): the exact-data-consistency samplers win where sigma_y = 0, DDRM
-where the measurement is noisy. SMC (the twisted diffusion sampler) is exact as its particles grow, but each
-particle is one more image per step: on images it is a choice for a user who pays for it, not a default.
+Default method per task (``DEFAULT_METHODS``): DDRM. On the exact denoiser of ``make bench-inverse``'s image-like
+mixture MMPS is our best single-trajectory method (SW2 0.012-0.022 at 100 calls against DDRM's 0.014-0.034), but it
+reads the covariance of p(x0 | x_t) off the denoiser's Jacobian, which a trained network does not make symmetric
+positive definite: on the digits model, 3 conjugate-gradient steps left observed pixels up to 2.0 off. DDRM keeps
+noiseless observations exactly, handles noisy ones, and is among the fastest. SMC (the twisted diffusion sampler) is
+exact as its particles grow, but every particle is one more image per step: a choice for a user who pays for it.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from ..samplers import progress_callback
 
 __all__ = [
     "TASKS", "DEFAULT_METHODS", "DEFAULT_NFE", "inpainting", "outpainting", "colorization", "super_resolution",
-    "solve",
+    "solve", "condition_labels",
 ]  # fmt: skip
 
 TASKS = ("inpaint", "outpaint", "colorize", "upscale")
 DEFAULT_NFE = 100
-# task -> default method, from the benchmark's 64-D image-like cases (bench_inverse.py; README table)
+# task -> default method (see the module docstring: the benchmark's best, MMPS, is unstable on trained networks)
 DEFAULT_METHODS = {"inpaint": "ddrm", "outpaint": "ddrm", "colorize": "ddrm", "upscale": "ddrm"}
 
 
@@ -97,6 +99,20 @@ def super_resolution(low: Tensor, shape: tuple[int, int, int], sigma_y: float = 
     return Measurement(Downsample(f, shape=shape), low[None].to(torch.float64), sigma_y)
 
 
+def condition_labels(pipe, n: int, labels=None) -> Tensor | None:
+    """The class labels (n,) for conditioning on a picture: the given class, or for a class-conditional model without
+    one its null class (the unconditional model that label dropout trains), so the answer depends on the picture
+    alone; None for an unconditional model."""
+    if labels is not None or not pipe.num_classes:
+        return pipe._labels(n, labels)
+    if not pipe.config.get("label_dropout", 0.0) > 0:
+        raise ValueError(
+            "this class-conditional model was trained without label dropout, so it has no unconditional part: "
+            f"give a class (labels=K / --class K, 0..{pipe.num_classes - 1})"
+        )
+    return torch.full((n,), pipe.num_classes)
+
+
 def solve(
     pipe,
     measurement: Measurement,
@@ -116,7 +132,8 @@ def solve(
         method: a name of ``names.INVERSE`` (default: ``DEFAULT_METHODS[task]``, or "ddrm" without a task).
         nfe: denoiser calls per sample (final step included; RePaint's re-done steps and SMC's particles count).
         generator: every random number (prior noise, the sampler's noise).
-        labels: a class-conditional model's class (one int) for every sample.
+        labels: a class-conditional model's class (one int) for every sample; default: its null class (the
+            unconditional model that label dropout trains), so the posterior is given y alone.
         **knobs: the method's own options (``zeta`` for DPS, ``eta``, ...).
     """
     if task is not None and task not in DEFAULT_METHODS:
@@ -140,7 +157,7 @@ def solve(
     meas = Measurement(measurement.operator, measurement.y.to(device), measurement.sigma_y)
     x = pipe.process.prior_sample((n * particles, *pipe.shape), generator=generator, device=device)
     cond = {}
-    lab = pipe._labels(n, labels)
+    lab = condition_labels(pipe, n, labels)
     if lab is not None:
         cond["class_labels"] = lab.repeat_interleave(particles).to(device)
     tick, bar = progress_callback(steps, f"{name} ({n} samples, {nfe} calls each)", disable=not progress)

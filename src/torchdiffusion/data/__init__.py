@@ -1,7 +1,7 @@
 """Data: built-in 2-D toy distributions, user arrays (``.npy`` / ``.csv``) and images.
 
-Images come as float32 (N, C, H, W) in [-1, 1]: the bundled 8x8 digits (no download), MNIST
-and Fashion-MNIST IDX files, CIFAR-10 python batches, image folders and ``.npz`` arrays.
+Images come as float32 (N, C, H, W) in [-1, 1]: the bundled 8x8 digits (no download), coloured shapes drawn
+from a seed, MNIST and Fashion-MNIST IDX files, CIFAR-10 python batches, image folders and ``.npz`` arrays.
 Nothing is downloaded unless ``download_images`` is called.
 """
 
@@ -18,6 +18,7 @@ from .image_files import (
 )
 from .images import DOWNLOADABLE, IMAGE_DATASETS, load_digits, load_images, random_flip
 from .images import download as download_images
+from .shapes import COLOURS, SHAPES, draw_shapes, load_shapes, make_shapes, shape_params
 from .toy import (
     LABELED_TOY_DATASETS,
     TOY_DATASETS,
@@ -59,4 +60,10 @@ __all__ = [
     "read_image",
     "read_mask",
     "random_flip",
+    "SHAPES",
+    "COLOURS",
+    "make_shapes",
+    "load_shapes",
+    "shape_params",
+    "draw_shapes",
 ]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .image_files import load_cifar10, load_idx, load_idx_folder, load_image_folder, load_npz
+from .shapes import load_shapes
 
 __all__ = ["DOWNLOADABLE", "IMAGE_DATASETS", "download", "load_digits", "load_images", "random_flip"]
 
@@ -80,6 +81,8 @@ def random_flip(x: Tensor, generator: torch.Generator | None = None, *, p: float
 IMAGE_DATASETS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "digits": partial(load_digits, 8),
     "digits16": partial(load_digits, 16),
+    "shapes16": partial(load_shapes, 16),  # coloured shapes (data.shapes), 8192 by default, 24 classes
+    "shapes32": partial(load_shapes, 32),
 }
 
 _PATH_KINDS = (
@@ -91,7 +94,7 @@ _PATH_KINDS = (
 def load_images(spec: str | os.PathLike, **kw) -> tuple[Tensor, Tensor | None]:
     """A built-in image data set by name, or image data at a path; ``kw`` go to the loader.
 
-    * a name of :data:`IMAGE_DATASETS` -> :func:`load_digits`;
+    * a name of :data:`IMAGE_DATASETS` -> :func:`load_digits` or :func:`.shapes.load_shapes` (``n=``, ``seed=``);
     * a folder with ``data_batch_1`` (itself or in ``cifar-10-batches-py/``) -> :func:`load_cifar10`
       (``split=``); with ``train-images-idx3-ubyte[.gz]`` -> :func:`load_idx_folder` (``split=``);
       any other folder -> :func:`load_image_folder` (``size=`` required; class names are dropped);

@@ -51,7 +51,7 @@ def sample_smc(
     ess_threshold: float = 0.5,
     resampling: str = "systematic",
     proposal: str = "twist",
-    cg_iterations: int = 3,
+    cg_iterations: int = 1,
     return_particles: bool = False,
     generator: torch.Generator | None = None,
     callback=None,

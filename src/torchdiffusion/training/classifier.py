@@ -26,9 +26,25 @@ from ..names import build_net, build_process
 from ..objectives import denoising
 from ..utils.io import atomic_write
 
-__all__ = ["train_classifier", "save_classifier", "load_classifier", "WEIGHTS", "CONFIG"]
+__all__ = ["train_classifier", "save_classifier", "load_classifier", "image_classifier_spec", "WEIGHTS", "CONFIG"]
 
 WEIGHTS, CONFIG = "classifier.safetensors", "classifier.json"
+
+
+def image_classifier_spec(
+    in_channels: int, image_size: int, num_classes: int, *, channels: int = 32, num_res_blocks: int = 1
+) -> dict[str, Any]:
+    """A ``unet_classifier`` net spec (``nets.UNetClassifier``) for (C, H, H) images and K classes.
+
+    Levels halve the image down to about 4 pixels (16 -> 16, 8, 4; 32 -> 32, 16, 8, 4; at most four levels, each
+    size a whole number of pixels), with widths channels * (1, 2, 2, 2) as the U-Net's; attention only at the
+    middle block (the coarsest level), where it is cheap.
+    """
+    levels, side = 1, image_size
+    while levels < 4 and side % 2 == 0 and side // 2 >= 4:
+        side, levels = side // 2, levels + 1
+    return {"name": "unet_classifier", "in_channels": in_channels, "image_size": image_size, "out_dim": num_classes,
+            "channels": channels, "channel_mult": [1, 2, 2, 2][:levels], "num_res_blocks": num_res_blocks}  # fmt: skip
 
 
 def train_classifier(
@@ -45,6 +61,8 @@ def train_classifier(
     progress: bool = False,
 ) -> NoiseConditionalClassifier:
     """Fit ``net`` ((c_in x, c_noise) -> K logits) to p_t(c | x_t) by minimising E_t E_{x0, c, eps}[-log p(c | x_t)].
+
+    ``data`` are points (N, D) for an MLP or images (N, C, H, W) for a ``UNetClassifier``; ``labels`` (N,) in 0..K-1.
 
     Times come from ``process.train_t`` (``objectives.sample_t``), as the diffusion model's do; AdamW with a cosine
     decay of the rate; examples, times and noise only from ``generator``. Returns the classifier in eval mode with

@@ -31,6 +31,7 @@ def _shared(fn):
 def _setup(ckpt, no_ema, device, images, klass, n):
     from ...data.image_files import read_image
     from ..pipeline import load
+    from ..restore import condition_labels
 
     pipe = load(ckpt, ema=not no_ema, device=_device(device))
     if len(pipe.shape) != 3:
@@ -41,7 +42,7 @@ def _setup(ckpt, no_ema, device, images, klass, n):
         if tuple(pic.shape) != pipe.shape:
             raise ValueError(f"{path} is {tuple(pic.shape)}; the model makes {pipe.shape} images")
         pics.append(pic.to(pipe.device))
-    labels = pipe._labels(n, klass)
+    labels = condition_labels(pipe, n, klass)
     cond = {} if labels is None else {"class_labels": labels.to(pipe.device)}
     return pipe, pics, cond
 

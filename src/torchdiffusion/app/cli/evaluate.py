@@ -7,6 +7,7 @@ import os
 import click
 import torch
 
+from ...data.images import IMAGE_DATASETS
 from ...names import SAMPLERS
 from ._sampling import _class_labels, _draw
 from ._shared import _device, _example_shape, _fail, _writable, threads_option
@@ -15,7 +16,11 @@ from .group import main
 
 @main.command()
 @click.option("--checkpoint", "ckpt", required=True, type=click.Path(), help="Run directory or checkpoint folder.")
-@click.option("--data", required=True, help="Image data: digits, digits16, or a folder / .npz / IDX / CIFAR path.")
+@click.option(
+    "--data",
+    required=True,
+    help="Image data: a built-in set (digits, digits16, shapes16, shapes32) or a folder / .npz / IDX / CIFAR path.",
+)
 @click.option("--n", "n", type=click.IntRange(min=2), default=1000, help="Generated images to evaluate.")
 @click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="dpmpp_2m", help="Sampling algorithm.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, help="Sampler steps.")
@@ -89,7 +94,7 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
             net = load_inception(inception)
         else:
             cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "torchdiffusion", "features")
-            name = data if data in ("digits", "digits16") else os.path.basename(os.path.normpath(data))
+            name = data if data in IMAGE_DATASETS else os.path.basename(os.path.normpath(data))
             net = feature_net_for(name, cache, images=real, labels=real_labels, device=device)
     except (ValueError, OSError) as e:
         _fail(e)

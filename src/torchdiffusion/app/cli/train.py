@@ -70,7 +70,8 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
     "--data",
     default="moons",
     help="Built-in 2-D set (swiss_roll, moons, 8gaussians, checkerboard, circles, pinwheel), built-in images "
-    "(digits, digits16), or a path: an (N, D) .npy / .csv file, an image folder, .npz, IDX or CIFAR-10 folder.",
+    "(digits, digits16, shapes16, shapes32), or a path: an (N, D) .npy / .csv file, an image folder, .npz, IDX or "
+    "CIFAR-10 folder.",
 )
 @click.option(
     "--download",
