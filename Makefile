@@ -82,7 +82,7 @@ bench-samplers: $(COMPARE)
 
 # Posterior samplers against exact posteriors (Gaussian-mixture priors), next to azula, deepinv and diffusers'
 # RePaint: SW2, weight error and residual per NFE, and the twisted diffusion sampler's cost to reach the floor
-# (about 30-60 minutes on 2 cores; INVERSE_ARGS=--quick: a few minutes).
+# (about 1.5 hours on 2 cores at the default n = 2000; INVERSE_ARGS="--n 1000" about half; --quick: minutes).
 bench-inverse: $(COMPARE)
 	$(BIN)/python benchmarks/bench_inverse.py --out bench-output $(INVERSE_ARGS)
 

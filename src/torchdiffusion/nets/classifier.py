@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .embeddings import SinusoidalEmbedding, check_embedding
-from .unet import Attention, ResBlock, _norm, _Resample, _Seq, _zero
+from .unet import Attention, ResBlock, _norm, _Resample, _Seq, _zero, check_levels
 
 __all__ = ["UNetClassifier"]
 
@@ -54,14 +54,10 @@ class UNetClassifier(nn.Module):
         check_embedding(time_embedding)
         emb_dim = emb_dim or 4 * channels
         channel_mult, attention_resolutions = list(channel_mult), list(attention_resolutions)
-        self.multiple = 2 ** (len(channel_mult) - 1)
-        sizes = [image_size // 2**i for i in range(len(channel_mult))]
         if out_dim < 1:
             raise ValueError(f"out_dim (the number of classes) must be >= 1, got {out_dim}")
-        if image_size % self.multiple:
-            raise ValueError(f"image_size {image_size} must be a multiple of {self.multiple} (2^(levels - 1))")
-        if not set(attention_resolutions) <= set(sizes):
-            raise ValueError(f"attention_resolutions {attention_resolutions} must be among the level sizes {sizes}")
+        self.multiple = check_levels(image_size, channel_mult, attention_resolutions)
+        sizes = [image_size // 2**i for i in range(len(channel_mult))]
         self.config = dict(
             in_channels=in_channels,
             out_dim=out_dim,

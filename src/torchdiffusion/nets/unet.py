@@ -51,6 +51,18 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+def check_levels(image_size: int, channel_mult, attention_resolutions) -> int:
+    """The image size's required multiple 2^(levels - 1), after checking that every level halves the image exactly
+    and that attention sits at level sizes."""
+    multiple = 2 ** (len(channel_mult) - 1)
+    sizes = [image_size // 2**i for i in range(len(channel_mult))]
+    if image_size % multiple:
+        raise ValueError(f"image_size {image_size} must be a multiple of {multiple} (2^(levels - 1))")
+    if not set(attention_resolutions) <= set(sizes):
+        raise ValueError(f"attention_resolutions {attention_resolutions} must be among the level sizes {sizes}")
+    return multiple
+
+
 class ResBlock(nn.Module):
     """h = skip(x) + conv2(drop(SiLU(norm2'(conv1(SiLU(norm1(x))), emb)))) (Ho et al. 2020 App. B; ADM).
 
@@ -177,12 +189,8 @@ class UNet(nn.Module):
         out_channels = out_channels or in_channels
         emb_dim = emb_dim or 4 * channels
         channel_mult, attention_resolutions = list(channel_mult), list(attention_resolutions)
-        self.multiple = 2 ** (len(channel_mult) - 1)
+        self.multiple = check_levels(image_size, channel_mult, attention_resolutions)
         sizes = [image_size // 2**i for i in range(len(channel_mult))]
-        if image_size % self.multiple:
-            raise ValueError(f"image_size {image_size} must be a multiple of {self.multiple} (2^(levels - 1))")
-        if not set(attention_resolutions) <= set(sizes):
-            raise ValueError(f"attention_resolutions {attention_resolutions} must be among the level sizes {sizes}")
         self.config = dict(
             in_channels=in_channels,
             out_channels=out_channels,
