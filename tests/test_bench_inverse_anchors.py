@@ -9,35 +9,16 @@ that mean (a sampler that ignored y, or pushed away from it, fails). For azula, 
 operator without zero rows) is the operator, and the per-example DPS call takes each example's one-example step.
 """
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from _bench_inverse import bench_module, toward_y
+
 F64 = torch.float64
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-
-def _bench_module(name: str):
-    """A benchmarks/ module; they import each other by plain name, so benchmarks/ goes on sys.path."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module(name)
-
-
-def _toward_y(problem, x: torch.Tensor) -> None:
-    """The observed coordinate's sample mean is closer to y than the prior mean is, by more than 4 standard errors."""
-    y = float(problem.y[0, 0])
-    w, means = problem.prior.weights.to(F64), problem.prior.means.to(F64).reshape(len(problem.prior.weights), -1)
-    prior_mean = float((w / w.sum()) @ means[:, 0])  # 0 up to rounding: the ring is symmetric
-    col = x[:, 0].to(F64)
-    m, se = float(col.mean()), float(col.std()) / math.sqrt(len(col))
-    assert abs(m - y) < abs(prior_mean - y) - 4 * se, (m, y, se)
 
 
 # -- azula --------------------------------------------------------------------------------------------------------
@@ -46,12 +27,12 @@ def _toward_y(problem, x: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def azula_adapter():
     pytest.importorskip("azula")
-    return _bench_module("inverse_azula")
+    return bench_module("inverse_azula")
 
 
 @pytest.fixture(scope="module")
 def ring_problems():
-    return _bench_module("inverse_problems").make_problems(["ring2d-s05", "ring2d-s0"])
+    return bench_module("inverse_problems").make_problems(["ring2d-s05", "ring2d-s0"])
 
 
 AZULA_METHODS = ["dps", "pgdm", "mmps", "tmpd", "diffpir", "jfps", "tds", "repaint"]
@@ -69,7 +50,7 @@ def test_azula_method_on_ring(azula_adapter, ring_problems, method):
     assert x.shape == (n, *problem.shape)
     assert bool(torch.isfinite(x).all())
     assert 1 <= calls <= nfe
-    _toward_y(problem, x)
+    toward_y(problem, x)
 
 
 def test_azula_applies_and_refuses(azula_adapter, ring_problems):
@@ -85,7 +66,7 @@ def test_azula_applies_and_refuses(azula_adapter, ring_problems):
 def test_azula_dps_step_is_the_one_example_step(azula_adapter, name, monkeypatch):
     """The batched per-example DPS call (residual sum_i ||r_i||) takes, for every example, the step of azula's DPS run
     on that example alone; azula's plain batched call (residual ||R||) does not. Noise is zeroed so steps compare."""
-    problem = _bench_module("inverse_problems").make_problems([name])[name]
+    problem = bench_module("inverse_problems").make_problems([name])[name]
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # the DDPM noise term, identical in both
     B, D = 6, math.prod(problem.shape)
     x = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 0.5
@@ -116,7 +97,7 @@ def _unguided(sampler, x, t, s):
 
 def test_azula_measurement_is_the_operator(azula_adapter):
     """A~ x (zero rows dropped) equals the operator's output on its nonzero rows, to float64 rounding."""
-    problems = _bench_module("inverse_problems").make_problems(["img8-box", "img8-sr2", "mix8d-r2"])
+    problems = bench_module("inverse_problems").make_problems(["img8-box", "img8-sr2", "mix8d-r2"])
     g = torch.Generator().manual_seed(0)
     for p in problems.values():
         meas = azula_adapter._Measurement(p)

@@ -15,14 +15,13 @@ x0 clip to [-1, 1] does not bind.
 
 import importlib
 import importlib.util
-import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from _bench_inverse import bench_module, toward_y
+
 F64 = torch.float64
 EPS32, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(F64).eps
 
@@ -33,26 +32,9 @@ pytestmark = [
 ]
 
 
-def _bench_module(name: str):
-    """A benchmarks/ module; they import each other by plain name, so benchmarks/ goes on sys.path."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module(name)
-
-
-def _toward_y(problem, x: torch.Tensor) -> None:
-    """The observed coordinate's sample mean is closer to y than the prior mean is, by more than 4 standard errors."""
-    y = float(problem.y[0, 0])
-    w, means = problem.prior.weights.to(F64), problem.prior.means.to(F64).reshape(len(problem.prior.weights), -1)
-    prior_mean = float((w / w.sum()) @ means[:, 0])  # 0 up to rounding: the ring is symmetric
-    col = x[:, 0].to(F64)
-    m, se = float(col.mean()), float(col.std()) / math.sqrt(len(col))
-    assert abs(m - y) < abs(prior_mean - y) - 4 * se, (m, y, se)
-
-
 @pytest.fixture(scope="module")
 def problems():
-    return _bench_module("inverse_problems").make_problems(["ring2d-s05", "ring2d-s0", "mix8d-r2", "img8-sr2"])
+    return bench_module("inverse_problems").make_problems(["ring2d-s05", "ring2d-s0", "mix8d-r2", "img8-sr2"])
 
 
 # -- deepinv ------------------------------------------------------------------------------------------------------
@@ -60,7 +42,7 @@ def problems():
 
 @pytest.fixture(scope="module")
 def dinv_adapter():
-    mod = _bench_module("inverse_deepinv")
+    mod = bench_module("inverse_deepinv")
     if not mod.available():
         pytest.skip("deepinv is not installed (or does not import): pip install deepinv --no-deps")
     return mod
@@ -71,7 +53,7 @@ def _stubs_in_sys_modules(mod) -> list[str]:
 
 
 def test_torchvision_stub_only_while_importing():
-    mod = _bench_module("inverse_deepinv")
+    mod = bench_module("inverse_deepinv")
     if "torchvision" in sys.modules:
         pytest.skip("a real torchvision is loaded: the stand-in is not used")
     with mod._torchvision_stub():
@@ -136,7 +118,7 @@ def test_deepinv_method_on_ring(dinv_adapter, problems, method):
     assert x.shape == (n, *p.shape)
     assert bool(torch.isfinite(x).all())
     assert 0 < calls <= nfe
-    _toward_y(p, x)
+    toward_y(p, x)
 
 
 def test_deepinv_seed_fixes_the_run(dinv_adapter, problems):
@@ -154,7 +136,7 @@ def test_deepinv_seed_fixes_the_run(dinv_adapter, problems):
 @pytest.fixture(scope="module")
 def rp_adapter():
     pytest.importorskip("diffusers")
-    return _bench_module("inverse_diffusers")
+    return bench_module("inverse_diffusers")
 
 
 @pytest.mark.parametrize("steps", [1, 9, 10, 11, 20, 21, 30, 45, 100])
@@ -186,7 +168,7 @@ def test_repaint_on_ring(rp_adapter, problems):
     assert x.shape == (n, *p.shape)
     assert bool(torch.isfinite(x).all())
     assert 0 < calls <= nfe
-    _toward_y(p, x)
+    toward_y(p, x)
     # the kept entry is y at the end (the last step has alpha_bar_prev = 1), in float32: mask 1 = keep
     y = float(p.y[0, 0])
     assert float((x[:, 0] - y).abs().max()) <= 4 * EPS32 * abs(y)
@@ -195,7 +177,7 @@ def test_repaint_on_ring(rp_adapter, problems):
 
 def test_repaint_clip_does_not_bind(rp_adapter):
     """clip_sample (x0 clipped to [-1, 1]) is left on: the exact x0 never reaches the clip on these problems."""
-    p = _bench_module("inverse_problems").make_problems(["img8-box"])["img8-box"]
+    p = bench_module("inverse_problems").make_problems(["img8-box"])["img8-box"]
     _, calls, max_x0 = rp_adapter.repaint(p, 10, 200, seed=0)  # t = 900, 800, ..., 0: no jump
     assert calls == 10
     assert max_x0 < 1
