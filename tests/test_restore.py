@@ -207,3 +207,35 @@ def test_bad_requests_are_refused(digits, tmp_path, args, words):
     r = run(*args, "--checkpoint", digits / "run", "--n", 2, "--steps", 4, "--out", tmp_path / "o")
     assert r.exit_code != 0 and words in r.output, r.output
     assert not (tmp_path / "o" / "samples.npy").exists()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_a_class_conditional_model_conditions_on_the_picture_through_its_null_class(tmp_path, dropout):
+    """Without a class, the posterior is given y alone: the model's null class K, which exists only when label
+    dropout trained it; otherwise a class must be named."""
+    cfg = TrainConfig(data="digits", net=UNET, steps=3, batch_size=8, warmup=1, class_conditional=True,
+                      label_dropout=dropout)  # fmt: skip
+    train(cfg, tmp_path / "run", progress=False)
+    pipe = td.load(tmp_path / "run")
+    seen = []
+    den = pipe.denoiser
+
+    def spy(x, t, **cond):
+        seen.append(cond["class_labels"])
+        return den(x, t, **cond)
+
+    from dataclasses import replace
+
+    pipe = replace(pipe, denoiser=spy)
+    hole = torch.zeros(8, 8, dtype=torch.bool)
+    hole[2:5, 2:5] = True
+    m = inpainting(torch.zeros(1, 8, 8), hole)
+    if dropout == 0:
+        with pytest.raises(ValueError, match="no unconditional part: give a class"):
+            solve(pipe, m, 2, nfe=3)
+        return
+    solve(pipe, m, 2, nfe=3)
+    assert all(bool((lab == pipe.num_classes).all()) for lab in seen) and seen
+    seen.clear()
+    solve(pipe, m, 2, nfe=3, labels=4)
+    assert all(bool((lab == 4).all()) for lab in seen) and seen

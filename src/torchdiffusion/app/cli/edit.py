@@ -16,7 +16,11 @@ def _shared(fn):
         [
             click.option("--checkpoint", "ckpt", required=True, type=click.Path(), help="Run directory."),
             click.option(
-                "--class", "klass", type=click.IntRange(min=0), default=None, help="Class-conditional models."
+                "--class",
+                "klass",
+                type=click.IntRange(min=0),
+                default=None,
+                help="Class-conditional models [default: the null class].",
             ),
             click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs."),
             click.option("--no-ema", is_flag=True, help="Use the raw weights instead of their EMA."),

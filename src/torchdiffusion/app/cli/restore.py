@@ -3,8 +3,8 @@ PNG, written as PNGs (``app.restore`` is the Python side).
 
 Each command reads the checkpoint and the picture(s), builds the measurement (a mask, the centre box, the gray
 channel mean, the average-pooled low-resolution image), draws ``--n`` posterior samples with ``--method`` (default:
-the task's best of ``make bench-inverse``, ``app.restore.DEFAULT_METHODS``) within ``--steps`` denoiser calls per
-sample, and writes into ``--out``: ``input.png`` (what was observed), ``samples.png`` (the input, then the samples,
+``app.restore.DEFAULT_METHODS``, DDRM: see there why) within ``--steps`` denoiser calls per sample, and writes into
+``--out``: ``input.png`` (what was observed), ``samples.png`` (the input, then the samples,
 in one row), ``samples.npy`` and, for inpainting, ``mask.png`` (white: generated).
 """
 
@@ -28,7 +28,8 @@ def _common(fn):
             "--method",
             type=click.Choice(sorted(INVERSE)),
             default=None,
-            help="Posterior sampler [default: the task's best in `make bench-inverse`, see the README].",
+            help="Posterior sampler [default: ddrm, which keeps noiseless observations exactly and is stable on "
+            "trained networks; the oracle benchmark's best, mmps, is not: see the README].",
         ),
         click.option(
             "--steps",
@@ -38,7 +39,13 @@ def _common(fn):
         ),
         click.option("--n", "n", type=click.IntRange(min=1), default=8, help="Posterior samples."),
         click.option("--seed", type=int, default=0, help="Seed of every random number."),
-        click.option("--class", "klass", type=click.IntRange(min=0), default=None, help="Class-conditional models."),
+        click.option(
+            "--class",
+            "klass",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Class-conditional models: condition on a class too [default: the null class, the picture alone].",
+        ),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs."),
         click.option("--no-ema", is_flag=True, help="Use the raw weights instead of their EMA."),
         click.option("--device", default="cpu", help="torch device."),
