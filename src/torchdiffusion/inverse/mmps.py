@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..core.measurements import Measurement
+from ..core.predictions import x0_shift
 from ..core.process import NoiseProcess
 from ..samplers import _common
 from ..samplers.ddim import ddim_step
@@ -64,17 +65,18 @@ def mmps_update(x0_hat: Tensor, xg: Tensor, alpha: float, sigma: float, measurem
     """``mmps_x0``'s Gaussian update of x0_hat = denoiser(xg) (with its graph to xg), detached; the graph is kept
     for the caller's own backward passes."""
     A, sy2 = measurement.operator, float(measurement.sigma_y) ** 2
-    gamma = sigma**2 / alpha
     with torch.enable_grad():
 
-        def cov(v: Tensor) -> Tensor:  # V v
-            return gamma * torch.autograd.grad(x0_hat, xg, grad_outputs=v, retain_graph=True)[0]
+        def cov(v: Tensor) -> Tensor:
+            """V v = (sigma^2 / alpha) J^T v: Tweedie's second moment has the factor of Tweedie's first, the x0 shift
+            of a score shift (``x0_shift``); here the score shift is J^T v."""
+            return x0_shift(torch.autograd.grad(x0_hat, xg, grad_outputs=v, retain_graph=True)[0], alpha, sigma)
 
         def S(v: Tensor) -> Tensor:  # (A V A^T + sigma_y^2 I) v
             return A(cov(A.adjoint(v))) + sy2 * v
 
         u = conjugate_gradient(S, y - A(x0_hat.detach()), cg_iterations)
-        shift = cov(A.adjoint(u))
+        shift = cov(A.adjoint(u))  # V A^T u: the x0 shift of MMPS's score J^T A^T u
     return (x0_hat.detach() + shift).detach()
 
 
