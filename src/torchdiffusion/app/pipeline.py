@@ -272,14 +272,22 @@ class Pipeline:
         from ..samplers import DEFAULT_SAMPLER
 
         n = _count("n", n, "the number of samples")
-        if sampler is None:
+        if steps is not None:
+            steps = _count("steps", steps, "of the time grid")
+        own = self.own_sampler(steps)
+        if own is not None:  # a distilled student samples with its own sampler on its own times
+            if sampler is not None or grid is not None:
+                raise ValueError(
+                    f"this is a {self.objective!r} model: it samples with its own sampler ({own[0].__name__}); "
+                    "give only steps"
+                )
+            sampler, grid, steps = own[0], own[1], None
+        elif sampler is None:
             sampler = DEFAULT_SAMPLER
         elif isinstance(sampler, str):
             sampler = get_sampler(sampler)
         elif not callable(sampler):
             raise ValueError(f"sampler must be a sampler function or a name in names.SAMPLERS, got {sampler!r}")
-        if steps is not None:
-            steps = _count("steps", steps, "of the time grid")
         if grid is None or isinstance(grid, str):
             steps = DEFAULT_STEPS if steps is None else steps
             if grid is None:
@@ -306,6 +314,18 @@ class Pipeline:
             batch_size=batch_size, generator=generator, device=self.device, labels=self._labels(n, labels),
             progress=progress, callback=callback, final_denoise=final_denoise, **options,
         )  # fmt: skip
+
+    @property
+    def objective(self) -> str:
+        """What the model was trained for: "denoising", or a distillation (``training.objective.OBJECTIVES``)."""
+        return self.config.get("objective", "denoising")
+
+    def own_sampler(self, steps: int | None = None):
+        """``(sampler, ts, steps)`` of a distilled student (``training.objective.kind_sampler``), None for a
+        denoiser, which every sampler takes."""
+        from ..training.objective import kind_sampler
+
+        return kind_sampler(self.config, self.process, steps)
 
 
 def load(

@@ -32,10 +32,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from ..core.denoiser import Preconditioned, as_denoiser
 from ..core.process import NoiseProcess
 from ..core.support import clip_denoiser
-from ..names import PREDICTIONS, build_net, build_process, get_prediction
+from ..names import PREDICTIONS, build_net, build_process
+from .objective import model_of
 
 __all__ = [
     "FORMAT_VERSION",
@@ -246,8 +246,9 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True, *, device: str | to
     """``(denoiser, process, config)`` from a checkpoint, ready for any sampler (eval mode, weights frozen).
 
     The denoiser is ``as_denoiser(Preconditioned(net, process, sigma_data), process, target)``:
-    the same wrapping as in training. ``ema=True`` uses the EMA weights (Ho et al. 2020, Sec. 4;
-    Song & Ermon 2020, Sec. 3.5), which sample better than the raw ones.
+    the same wrapping as in training (``objective.model_of``; a consistency run's model is its
+    ``ConsistencyModel``, which returns a sample rather than a posterior mean). ``ema=True`` uses the EMA
+    weights (Ho et al. 2020, Sec. 4; Song & Ermon 2020, Sec. 3.5), which sample better than the raw ones.
     """
     ckpt = load_checkpoint(path, device=device)
     # A loaded model is for inference: with frozen weights, sampling it records no autograd graph however it
@@ -257,10 +258,7 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True, *, device: str | to
     ckpt.ema_net.requires_grad_(False)
     if not isinstance(ckpt.config.get("sigma_data"), (int, float)):
         raise CheckpointError(f"{ckpt.path / CONFIG}: config lacks a numeric 'sigma_data'")
-    target = get_prediction(ckpt.config["target"])
-    out = target if ckpt.config.get("precondition_output") is True else None  # absent: older, raw
-    model = Preconditioned(ckpt.ema_net if ema else ckpt.net, ckpt.process, float(ckpt.config["sigma_data"]), out)
-    denoiser = as_denoiser(model, ckpt.process, predicts=target).eval()
+    denoiser = model_of(ckpt.ema_net if ema else ckpt.net, ckpt.process, ckpt.config).eval()
     box = ckpt.config.get("data_box")  # absent in checkpoints written before it was recorded
     if clip and box is not None:
         try:

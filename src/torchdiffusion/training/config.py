@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..names import PRECISIONS, PREDICTIONS, WEIGHTINGS
+from .objective import OBJECTIVES, check_distill_options
 
 SCHEDULES = ("cosine", "constant")
 
@@ -58,6 +59,10 @@ class TrainConfig:
     sigma_data: float | None = None  # data std for preconditioning; None: estimated
     precondition_output: bool | None = None  # Preconditioned(predicts=target): EDM's c_out; None: yes but for eps
     data_box: list | None = None  # [low, high] of the training data (support.data_box); None: measured
+    objective: str = "denoising"  # denoising, consistency (no teacher), consistency_distillation, progressive, reflow
+    teacher: str | None = None  # the teacher's run directory (distillations); a label when given in Python
+    init: str | None = None  # a run directory whose EMA weights start the network (a student from its teacher)
+    distill: dict = _spec()  # the objective's options: recipe, t_min, solver (consistency); steps, form (progressive)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"; under torchrun "cuda" means cuda:LOCAL_RANK
 
     def __post_init__(self):
@@ -71,6 +76,10 @@ class TrainConfig:
             "process": isinstance(self.process, dict) and "name" in self.process,
             "net": isinstance(self.net, dict) and "name" in self.net,
             "data_options": isinstance(self.data_options, dict),
+            "objective": self.objective in OBJECTIVES,
+            "distill": isinstance(self.distill, dict),
+            "teacher": self.teacher is None or isinstance(self.teacher, str),
+            "init": self.init is None or isinstance(self.init, str),
             "target": self.target in PREDICTIONS,
             "weighting": self.weighting in WEIGHTINGS,
             "lr_schedule": self.lr_schedule in SCHEDULES,
@@ -101,7 +110,11 @@ class TrainConfig:
                 "class-conditional: set class_conditional=True, or label_dropout=0"
             )
         if bad:
-            raise ValueError(f"invalid TrainConfig value(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+            hint = f" (objectives: {', '.join(OBJECTIVES)})" if "objective" in bad else ""
+            raise ValueError(
+                f"invalid TrainConfig value(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}{hint}"
+            )
+        check_distill_options(self.objective, self.distill)
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))

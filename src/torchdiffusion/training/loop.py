@@ -45,11 +45,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..names import PRECISIONS, build_net, build_process, get_prediction, get_weighting
-from .checkpoint import TMP_PREFIX, find_checkpoint, load_checkpoint, save_checkpoint
+from ..names import PRECISIONS, build_net, build_process
+from .checkpoint import TMP_PREFIX, find_checkpoint, load_checkpoint, load_denoiser, save_checkpoint
 from .config import _MAY_CHANGE_ON_RESUME, TrainConfig, config_diff
 from .distributed import DistInfo, process_group, resolve_device
 from .ema import ema_decay_at, ema_update
+from .objective import DISTILLATIONS, TrainingObjective
 from .resolve import load_training_data, resolve_config
 from .sample_grids import open_tensorboard, write_sample_grid
 from .step import GlobalBatches, ScaledStep, lr_at
@@ -118,6 +119,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    teacher=None,
 ) -> TrainResult:
     """Train a denoiser as ``config`` says, writing log.csv, checkpoints and sample grids into ``run_dir``.
 
@@ -130,6 +132,8 @@ def train(
         resume: continue from ``run_dir``'s checkpoint (if any) up to ``config.steps``. The config
             must equal the stored one except for steps, device, tensorboard, sample_every, sample_count.
         progress: show a tqdm bar (smoothed loss, steps/s, ETA) on rank 0.
+        teacher: the distillations' teacher as a denoiser (e.g. a mixture's exact one), in place of loading
+            ``config.teacher``, which then only labels it.
         callback: ``callback(step, {"loss", "lr", "grad_norm"})`` after each step and its
             log row / checkpoint, on every rank; it may raise to stop. KeyboardInterrupt (from it or from Ctrl-C)
             saves a checkpoint of the last completed step before it propagates.
@@ -140,10 +144,40 @@ def train(
             weights are not updated with it and no checkpoint is written of that step.
     """
     with process_group(config.device) as info:
-        return _train(config, Path(run_dir), info, resume, progress, callback)
+        return _train(config, Path(run_dir), info, resume, progress, callback, teacher)
 
 
-def _train(config: TrainConfig, run_dir: Path, info: DistInfo, resume: bool, progress: bool, callback) -> TrainResult:
+def _teacher(cfg: TrainConfig, teacher, device):
+    """The distillation's teacher: the given denoiser, else the EMA model of the run ``cfg.teacher``, which must
+    have the student's process (reflow: any process; its samples are the data)."""
+    if cfg.objective not in DISTILLATIONS or cfg.objective == "reflow":
+        return None
+    if teacher is not None:
+        return teacher
+    if cfg.teacher is None:
+        raise ValueError(f"objective {cfg.objective!r} needs a teacher: set teacher to a run directory")
+    model, process, tconfig = load_denoiser(cfg.teacher, device=device)
+    if tconfig.get("objective", "denoising") not in ("denoising", "progressive"):
+        raise ValueError(f"the teacher {cfg.teacher} is a {tconfig['objective']!r} model; a teacher must be a denoiser")
+    if tconfig["process"] != cfg.process:
+        raise ValueError(
+            f"the teacher {cfg.teacher} was trained on process {tconfig['process']}, the student on {cfg.process}: "
+            "a student learns its teacher's trajectories, so they must share the process"
+        )
+    return model
+
+
+def _init_weights(cfg: TrainConfig, net: nn.Module) -> None:
+    """Start ``net`` from the EMA weights of the run ``cfg.init`` (a student from its teacher)."""
+    init = load_checkpoint(find_checkpoint(Path(cfg.init)) or Path(cfg.init))
+    if init.config["net"] != cfg.net:
+        raise ValueError(f"init: the network of {cfg.init} ({init.config['net']}) differs from this run's ({cfg.net})")
+    net.load_state_dict(init.ema_net.state_dict())
+
+
+def _train(
+    config: TrainConfig, run_dir: Path, info: DistInfo, resume: bool, progress: bool, callback, teacher
+) -> TrainResult:
     log_path, device = run_dir / "log.csv", resolve_device(config.device, info)
     if config.precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision='fp16' needs CUDA (autocast + GradScaler); device is {device}: use bf16 or fp32")
@@ -173,7 +207,10 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, resume: bool, pro
             net, ema_net = ckpt.net.to(device), ckpt.ema_net.to(device)
         else:
             torch.manual_seed(seeds[1])  # the same initial weights on every rank
-            net = build_net(cfg.net).to(device)
+            net = build_net(cfg.net)
+            if cfg.init is not None:
+                _init_weights(cfg, net)
+            net = net.to(device)
             ema_net = copy.deepcopy(net)
             if info.rank > 0:  # dropout: each rank its own masks
                 torch.manual_seed(seeds[1] + info.rank)
@@ -185,26 +222,26 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, resume: bool, pro
                 n_params = sum(p.numel() for p in net.parameters())
                 tqdm.write(f"{type(net).__name__}: {n_params:,} parameters; {len(data):,} training examples")
         labels = labels.to(device) if labels is not None and cfg.class_conditional else None
-        loop = _Loop(cfg, run_dir, info, net, ema_net, data.to(device), labels, seeds, ckpt)
+        teacher = _teacher(cfg, teacher, device)
+        loop = _Loop(cfg, run_dir, info, net, ema_net, data.to(device), labels, seeds, ckpt, teacher)
         return loop.run(progress, callback)
 
 
 class _Loop:
     """The state of a run between steps, and the steps themselves."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, net, ema_net, data, labels, seeds, ckpt):
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, info: DistInfo, net, ema_net, data, labels, seeds, ckpt, teacher
+    ):
         self.cfg, self.run_dir, self.info, self.net, self.ema_net = cfg, run_dir, info, net, ema_net
         self.data, self.labels, self.seeds, self.device = data, labels, seeds, data.device
         self.ema_net.requires_grad_(False)
         self.process = build_process(cfg.process)
         self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         dtype = PRECISIONS[cfg.precision]
-        self.target, self.weighting = get_prediction(cfg.target), get_weighting(cfg.weighting)
         self.null_label = cfg.net.get("num_classes")  # the nets' unconditional label (label dropout)
-        out = self.target if cfg.precondition_output else None  # Preconditioned's output preconditioning
-        self.scaled = ScaledStep(
-            net, self.opt, self.process, cfg.sigma_data, dtype=dtype, info=info, device=self.device, predicts=out
-        )
+        self.objective = TrainingObjective(cfg, self.process, teacher, ema_net, len(data))
+        self.scaled = ScaledStep(net, self.opt, self.objective, dtype=dtype, info=info, device=self.device)
         self.gen = torch.Generator(self.device).manual_seed(seeds[3])  # diffusion times, noise and flips
         order = torch.Generator().manual_seed(seeds[2])
         self.batches = GlobalBatches(len(data), cfg.batch_size, cfg.grad_accum, info, order, self.gen)
@@ -267,13 +304,12 @@ class _Loop:
         self.net.train()
         lr, rng, order = lr_at(self.step, self.cfg), self._rng(), self.batches.state_dict()
         try:
+            shape, uniforms = tuple(self.data.shape[1:]), self.objective.uses_uniforms
             batch = self.batches.next(
-                self.process, tuple(self.data.shape[1:]), self.device, self.cfg.flip, self.cfg.label_dropout
+                self.process, shape, self.device, self.cfg.flip, self.cfg.label_dropout, uniforms=uniforms
             )
             self.opt.zero_grad(set_to_none=True)
-            loss = self.scaled.backward(
-                self.data, self.labels, batch, target=self.target, weighting=self.weighting, null_label=self.null_label
-            )
+            loss = self.scaled.backward(self.data, self.labels, batch, step=self.step, null_label=self.null_label)
             clip = self.cfg.grad_clip or math.inf  # with inf, clip_grad_norm_ only measures the norm
             info = {"loss": loss, "lr": lr, "grad_norm": nn.utils.clip_grad_norm_(self.net.parameters(), clip).item()}
         except KeyboardInterrupt:  # the step was not taken: undo its random draws so a resume redoes them
@@ -311,8 +347,7 @@ class _Loop:
         cfg = self.cfg
         classes = cfg.net.get("num_classes") if cfg.class_conditional else None
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
-        kw = dict(target=self.target, sigma_data=cfg.sigma_data, n=cfg.sample_count, seed=self.seeds[0])
-        kw["precondition_output"] = cfg.precondition_output  # as in training
+        kw = dict(config=cfg.to_dict(), n=cfg.sample_count, seed=self.seeds[0])
         shape = tuple(self.data.shape[1:])
         write_sample_grid(
             self.ema_net, self.process, shape, path, num_classes=classes, writer=writer, step=self.step, **kw

@@ -1,8 +1,8 @@
 """The quick samples that training draws into PNG grids (and TensorBoard) to show its progress.
 
 ``sample_grid`` draws the pictures: DPM-Solver++(2M) (Lu et al. 2023, Algorithm 2) on a 20-step uniform-lam
-grid, from the same seeded prior noise every time, so that a series of grids shows one set of samples
-sharpening as training goes on.
+grid (a distilled student: its own sampler), from the same seeded prior noise every time, so that a series of
+grids shows one set of samples sharpening as training goes on.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..core.denoiser import Preconditioned, as_denoiser
-from ..core.predictions import Prediction
 from ..core.process import NoiseProcess
 from ..core.timesteps import grid_lam
 from ..samplers import sample_dpm_solver_pp
 from ..utils.image_grid import make_grid, save_image_grid
+from .objective import kind_sampler, model_of
 
 __all__ = ["sample_grid", "write_sample_grid", "open_tensorboard"]
 
@@ -30,32 +29,33 @@ def sample_grid(
     process: NoiseProcess,
     shape: tuple[int, ...],
     *,
-    target: Prediction,
-    sigma_data: float,
+    config: dict,
     n: int = 64,
     steps: int = 20,
     seed: int = 0,
     num_classes: int | None = None,
     device=None,
-    precondition_output: bool = False,
 ) -> Tensor:
-    """``n`` samples (n, *shape) from a raw network with DPM-Solver++(2M) on ``grid_lam(process, steps)``.
+    """``n`` samples (n, *shape) from a raw network of a run with ``config`` (its ``TrainConfig.to_dict()``).
 
-    The network is wrapped as in training (``Preconditioned``, its output preconditioned for ``target`` if
-    ``precondition_output``, as TrainConfig says; then ``as_denoiser``) and run in eval mode (no dropout); the
-    prior noise comes from a generator seeded with ``seed``, and sample i of a class-conditional net gets label
-    i mod num_classes. Neither the global RNG nor ``net``'s mode change.
+    The network is wrapped as in training (``objective.model_of``) and run in eval mode (no dropout). A denoiser
+    samples with DPM-Solver++(2M) on ``grid_lam(process, steps)``; a distilled student with its own sampler and
+    step count (``objective.kind_sampler``: one consistency step, or the progressive student's steps). The prior
+    noise comes from a generator seeded with ``seed``, and sample i of a class-conditional net gets label i mod
+    num_classes. Neither the global RNG nor ``net``'s mode change.
     """
-    denoiser = as_denoiser(
-        Preconditioned(net, process, sigma_data, target if precondition_output else None), process, target
-    )
+    model = model_of(net, process, config)
     gen = torch.Generator(device or "cpu").manual_seed(seed)
     x = process.prior_sample((n, *shape), generator=gen, device=device)
     cond = {"class_labels": torch.arange(n, device=device) % num_classes} if num_classes else {}
     training = net.training
     net.eval()
     try:
-        return sample_dpm_solver_pp(denoiser, process, x, grid_lam(process, steps), order=2, generator=gen, **cond)
+        own = kind_sampler(config, process, None)
+        if own is not None:
+            sampler, ts, _ = own
+            return sampler(model, process, x, ts, generator=gen, **cond)
+        return sample_dpm_solver_pp(model, process, x, grid_lam(process, steps), order=2, generator=gen, **cond)
     finally:
         net.train(training)
 

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..core.denoiser import Preconditioned
 from ..objectives import denoising  # looked up at call time, so a test can stand in for the loss
 from .distributed import DistInfo
 
@@ -40,6 +39,7 @@ class Batch(NamedTuple):
     noise: list[Tensor]  # (B, ...) standard normal noise
     flip: list[Tensor | None]  # (B,) bool: mirror left-right, or None without flips
     drop: list[Tensor | None]  # (B,) bool: replace the class label by the null class, or None without label dropout
+    u: list[Tensor | None]  # (B,) float64 uniforms that pick a distillation's pair of times, or None
 
 
 class GlobalBatches:
@@ -66,7 +66,9 @@ class GlobalBatches:
             self.pos, need = self.pos + len(part), need - len(part)
         return torch.cat(parts)
 
-    def next(self, process, shape: tuple[int, ...], device, flip: bool, label_dropout: float = 0.0) -> Batch:
+    def next(
+        self, process, shape: tuple[int, ...], device, flip: bool, label_dropout: float = 0.0, uniforms: bool = False
+    ) -> Batch:
         G, B, A = self.global_size, self.batch_size, self.grad_accum
         idx = self.indices().to(device)
         t = denoising.sample_t(process, G, generator=self.gen, device=device)  # (G,)
@@ -74,11 +76,15 @@ class GlobalBatches:
         flips = torch.rand(G, generator=self.gen, device=device) < 0.5 if flip else None  # data.random_flip's rule
         # Drawn last, and only when asked for, so that runs without label dropout keep their random stream.
         drops = torch.rand(G, generator=self.gen, device=device) < label_dropout if label_dropout > 0 else None
+        u = torch.rand(G, generator=self.gen, device=device, dtype=torch.float64) if uniforms else None
         start = self.info.rank * A * B
         rows = [slice(start + k * B, start + (k + 1) * B) for k in range(A)]
         flip_rows = [None if flips is None else flips[r] for r in rows]
         drop_rows = [None if drops is None else drops[r] for r in rows]
-        return Batch([idx[r] for r in rows], [t[r] for r in rows], [noise[r] for r in rows], flip_rows, drop_rows)
+        u_rows = [None if u is None else u[r] for r in rows]
+        return Batch(
+            [idx[r] for r in rows], [t[r] for r in rows], [noise[r] for r in rows], flip_rows, drop_rows, u_rows
+        )
 
     def state_dict(self) -> dict[str, Any]:
         # perm is replaced, never modified in place, so a reference is a valid snapshot.
@@ -104,8 +110,9 @@ class Autocast(nn.Module):
 class ScaledStep:
     """The gradient of one optimizer step at scale: micro-batches, data-parallel ranks, mixed precision.
 
-    ``model`` is what the loss calls: ``Preconditioned`` around the raw net (its output preconditioned for
-    target ``predicts``, see TrainConfig.precondition_output), wrapped (inside out) in DistributedDataParallel
+    ``model`` is what the loss calls: ``objective.wrap`` around the raw net (``Preconditioned``, its output
+    preconditioned as TrainConfig.precondition_output says, or ``ConsistencyModel``), wrapped (inside out) in
+    DistributedDataParallel
     when there are several ranks and in ``Autocast`` for bf16 / fp16. fp16 adds a ``GradScaler`` (loss scaling,
     Micikevicius et al. 2018): an inf gradient then skips the step and lowers the scale instead of stopping the run.
     """
@@ -114,26 +121,24 @@ class ScaledStep:
         self,
         net: nn.Module,
         opt,
-        process,
-        sigma_data: float,
+        objective,
         *,
         dtype,
         info: DistInfo,
         device: torch.device,
-        predicts: str | None = None,
     ):
-        self.opt, self.info, self.process = opt, info, process
+        self.opt, self.info, self.objective = opt, info, objective
         self.ddp = None
         if info.enabled:  # averages the gradients of the ranks during backward
             ids = [device.index] if device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(net, device_ids=ids)
         inner = self.ddp or net
         inner = inner if dtype is None else Autocast(inner, device.type, dtype)
-        self.model = Preconditioned(inner, process, sigma_data, predicts)
+        self.model = objective.wrap(inner)
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     def backward(
-        self, data: Tensor, labels: Tensor | None, batch: Batch, *, target, weighting, null_label: int | None = None
+        self, data: Tensor, labels: Tensor | None, batch: Batch, *, step: int = 0, null_label: int | None = None
     ) -> float:
         """Accumulate this rank's gradients (unscaled, averaged over ranks); return the global batch's mean loss.
 
@@ -153,15 +158,14 @@ class ScaledStep:
                 cond = {"class_labels": lab}
             last = k == accum - 1  # DDP averages the gradients once, in the last micro-batch's backward
             with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
-                loss = denoising.denoising_loss(
+                loss = self.objective.loss(
                     self.model,
-                    self.process,
                     x0,
-                    target=target,
-                    weighting=weighting,
                     t=batch.t[k],
                     noise=batch.noise[k],
-                    sigma_data=self.model.sigma_data if self.model.predicts is not None else None,
+                    u=batch.u[k],
+                    idx=batch.idx[k],
+                    step=step,
                     **cond,
                 )
                 loss = loss.mean() / accum

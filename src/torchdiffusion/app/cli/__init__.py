@@ -1,5 +1,5 @@
-"""The command line: ``torchdiffusion train | sample | likelihood | evaluate | demo | samplers | train-classifier |
-inpaint | outpaint | colorize | upscale | edit | interpolate``.
+"""The command line: ``torchdiffusion train | distill | sample | likelihood | evaluate | demo | samplers |
+train-classifier | inpaint | outpaint | colorize | upscale | edit | interpolate``.
 
 Names given on the command line become objects through ``torchdiffusion.names`` (processes, networks,
 samplers, targets, weightings, grids), whose keys are also the ``--help`` choice lists; everything else is the
@@ -20,6 +20,7 @@ from __future__ import annotations
 from ...names import PREDICTIONS as TARGETS
 from . import (  # noqa: F401  (registers the commands on main)
     demo,
+    distill,
     edit,
     evaluate,
     likelihood,

@@ -67,6 +67,8 @@ def _draw(sampler, denoiser, process, shape, n, batch_size, ts, gen, device, lab
     from ...names import get_sampler
     from ..pipeline import draw_samples
 
-    return draw_samples(get_sampler(sampler), denoiser, process, shape, n, ts, batch_size=batch_size, generator=gen,
-                        device=device, labels=labels, progress=not no_progress, desc=f"{sampler} ({n} samples)",
+    fn = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    name = sampler if isinstance(sampler, str) else sampler.__name__.removeprefix("sample_")
+    return draw_samples(fn, denoiser, process, shape, n, ts, batch_size=batch_size, generator=gen,
+                        device=device, labels=labels, progress=not no_progress, desc=f"{name} ({n} samples)",
                         watch_first=record, **kwargs)  # fmt: skip

@@ -53,7 +53,7 @@ def _train_config(ctx, config, fields, process, schedule, T, width, depth, sets=
     from ...training.config import TrainConfig, merge_overrides
     from ...training.resolve import is_image_spec
 
-    typed = {k: v for k, v in fields.items() if _typed(ctx, k)}
+    typed = {k: v for k, v in fields.items() if _typed(ctx, k) or k == "distill"}
     base = TrainConfig.from_yaml(config, **typed, **dict(sets)) if config else None
     proc = dict(base.process) if base is not None and not _typed(ctx, "process") else {"name": process}
     for name, value in (("schedule", schedule), ("T", T)):

@@ -37,8 +37,19 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
 
 @main.command()
 @click.option("--checkpoint", "ckpt", required=True, type=click.Path(), help="Run directory or checkpoint folder.")
-@click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="ddpm", help="Sampling algorithm.")
-@click.option("--steps", type=click.IntRange(min=1), default=250, help="Steps (noise levels for ald).")
+@click.option(
+    "--sampler",
+    type=click.Choice(sorted(SAMPLERS)),
+    default=None,
+    help="Sampling algorithm (default: ddpm; a distilled student: its own, consistency or DDIM on its grid).",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Steps (noise levels for ald); default 250, or a distilled student's own (consistency: 1). A progressive "
+    "distillation's earlier rounds answer other powers of 2.",
+)
 @click.option(
     "--grid",
     type=click.Choice(GRIDS),
@@ -168,11 +179,19 @@ def sample(
             pipe = pipe.guided(guidance, interval=interval, rescale=guidance_rescale)
         elif guidance_interval is not None or guidance_rescale:
             raise ValueError("--guidance-interval and --guidance-rescale shape --guidance: give --guidance W too")
+        pipe = _progressive_round(pipe, ckpt, steps, ema=not no_ema, device=device)
         denoiser, process = pipe.denoiser, pipe.process
-        grid = INFO[sampler].grid if grid == "auto" else grid
-        if grid == "fit" and INFO[sampler].stochastic:
-            raise ValueError(f"--grid fit needs a deterministic sampler; {sampler!r} draws noise")
-        ts = None if grid == "fit" else GRID_FUNCTIONS[grid](process, steps)
+        own = pipe.own_sampler(steps)
+        if own is not None:  # a distilled student: its own sampler on its own times
+            if sampler is not None or grid != "auto":
+                raise ValueError(f"{ckpt} is a {pipe.objective!r} model with its own sampler: drop --sampler / --grid")
+            sampler, ts, steps = own
+        else:
+            sampler, steps = sampler or "ddpm", steps or 250
+            grid = INFO[sampler].grid if grid == "auto" else grid
+            if grid == "fit" and INFO[sampler].stochastic:
+                raise ValueError(f"--grid fit needs a deterministic sampler; {sampler!r} draws noise")
+            ts = None if grid == "fit" else GRID_FUNCTIONS[grid](process, steps)
     except (ValueError, OSError) as e:
         _fail(e)
     shape = pipe.shape
@@ -182,6 +201,7 @@ def sample(
     if how:
         click.echo(f"class-conditional model: {how}")
     kwargs = {"n_steps_each": n_steps_each} if sampler == "ald" else {}
+    name = sampler if isinstance(sampler, str) else sampler.__name__.removeprefix("sample_")
     gen = torch.Generator(device).manual_seed(seed)
     if ts is None:
         # the pilot starts get the samples' labels (cycled), so the grid is fitted to what will be sampled
@@ -200,7 +220,7 @@ def sample(
     xs = _draw(sampler, denoiser, process, shape, n, batch, ts, gen, device, class_labels, no_progress, kwargs,
                record if figure else None)  # fmt: skip
     if figure:
-        title = f"reverse process: {sampler}, {process!r}"
+        title = f"reverse process: {name}, {process!r}"
         if images:
             reverse_process_images(recorders[0], shape, figure, title)
         else:
@@ -216,8 +236,19 @@ def sample(
             nrow = 16 if len(xs) >= 256 else 8
         save_image_grid(xs[:256].clamp(-1, 1), png, nrow=nrow)
     else:
-        save_samples_png(xs, png, f"{sampler}, {len(ts)} levels, {process!r}")
+        save_samples_png(xs, png, f"{name}, {len(ts)} levels, {process!r}")
     click.echo(f"wrote {n} samples to {out} and a picture to {png}")
+
+
+def _progressive_round(pipe, ckpt: str, steps: int | None, **load_options):
+    """A progressive student asked for another number of steps: the round of its distillation that has them
+    (``RUN/rounds/NNNN-steps``, ``training.distill``), else the student itself (whose sampler then says why not)."""
+    from ..pipeline import load
+
+    if pipe.objective != "progressive" or steps is None or steps == pipe.config["distill"]["steps"]:
+        return pipe
+    folder = Path(ckpt) / "rounds" / f"{steps:04d}-steps"
+    return load(folder, **load_options) if folder.is_dir() else pipe
 
 
 def _interval(text: str | None) -> tuple[float, float] | None:

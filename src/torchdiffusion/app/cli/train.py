@@ -120,6 +120,19 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
 @click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda or cuda:1.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option(
+    "--objective",
+    type=click.Choice(["denoising", "consistency"]),
+    default="denoising",
+    help="denoising: a denoiser (any sampler); consistency: a one-step consistency model trained without a teacher "
+    "(Song et al. 2023); sample it with `sample --steps 1|2|4`. From a teacher: `torchdiffusion distill`.",
+)
+@click.option(
+    "--recipe",
+    type=click.Choice(["ict", "cm"]),
+    default=None,
+    help="Consistency training's recipe: ict (Song & Dhariwal 2023, the default) or cm (Song et al. 2023).",
+)
+@click.option(
     "--set",
     "sets",
     multiple=True,
@@ -132,7 +145,7 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
 @click.pass_context
 def train(ctx, config, data, download, process, schedule, T, target, weighting, width, depth, steps, batch_size,
           grad_accum, lr, ema_decay, precision, flip, sample_every, tensorboard, seed, checkpoint_every, out, resume,
-          device, no_progress, sets):  # fmt: skip
+          device, no_progress, objective, recipe, sets):  # fmt: skip
     """Train a denoiser on DATA (or a --config file) and write checkpoints and log.csv to --out.
 
     Several processes or GPUs: torchrun --standalone --nproc_per_node N --no-python torchdiffusion train --config C
@@ -144,7 +157,11 @@ def train(ctx, config, data, download, process, schedule, T, target, weighting, 
     fields = dict(data=data, target=target, weighting=weighting, steps=steps, batch_size=batch_size,
                   grad_accum=grad_accum, lr=lr, ema_decay=ema_decay, precision=precision, flip=flip,
                   sample_every=sample_every, tensorboard=tensorboard, seed=seed, checkpoint_every=checkpoint_every,
-                  device=device)  # fmt: skip
+                  device=device, objective=objective)  # fmt: skip
+    if recipe is not None:
+        if objective != "consistency":
+            raise click.BadParameter("--recipe applies to --objective consistency", param_hint="--recipe")
+        fields["distill"] = {"recipe": recipe}
     run_dir = Path(out)
     if resume and find_checkpoint(run_dir) is None and not (run_dir / "log.csv").exists():
         what = "does not exist" if not run_dir.exists() else "holds no checkpoint/ (nor a log.csv)"

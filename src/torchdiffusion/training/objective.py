@@ -1,0 +1,189 @@
+"""What one training step minimises, by the run's ``objective``: the denoising loss, or a distillation.
+
+``TrainingObjective(cfg, process, teacher, ema_net)`` gives the training loop three things: ``wrap`` (the model
+the loss calls around the raw network: ``Preconditioned``, or ``ConsistencyModel``), ``uses_uniforms`` (whether
+each example draws one more uniform number, from the run's generator, to pick its pair of times) and ``loss``.
+
+- "denoising": ``objectives.denoising_loss`` (Ho et al. 2020).
+- "progressive": ``objectives.distillation.progressive_loss`` on the student grid of ``distill.steps`` steps, the
+  teacher walking the refined grid of twice as many (Salimans & Ho 2022).
+- "consistency" (training, no teacher) and "consistency_distillation": ``objectives.consistency.consistency_loss``
+  with the recipe ``distill.recipe`` ("cm": Song et al. 2023; "ict": Song & Dhariwal 2023). The target network is
+  the EMA network (cm) or the network itself without gradient (ict); both sample with the EMA weights.
+- "reflow": the flow-matching loss on (noise, teacher sample) pairs (Liu et al. 2023, Eq. 6): the run's data are
+  the teacher's samples and ``distill.noise`` the noise each started from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..core.consistency import ConsistencyModel
+from ..core.denoiser import Preconditioned, as_denoiser
+from ..names import get_prediction, get_weighting
+from ..objectives import consistency, denoising, distillation
+from ..objectives.teacher import SOLVERS
+from ..samplers.consistency import consistency_times, sample_consistency
+from ..samplers.ddim import sample_ddim
+
+__all__ = ["OBJECTIVES", "DISTILLATIONS", "TrainingObjective", "is_consistency", "consistency_t_min", "model_of"]
+__all__ += ["kind_sampler", "check_distill_options"]
+
+OBJECTIVES = ("denoising", "consistency", "consistency_distillation", "progressive", "reflow")
+DISTILLATIONS = ("consistency_distillation", "progressive", "reflow")  # the objectives that need a teacher
+_DISTILL_KEYS = {
+    "consistency": ("recipe", "t_min"),
+    "consistency_distillation": ("recipe", "t_min", "solver"),
+    "progressive": ("steps", "form"),
+    "reflow": ("noise", "round"),
+    "denoising": (),
+}
+
+
+def is_consistency(objective: str) -> bool:
+    """Whether a model of this objective is a consistency function (sampled by ``sample_consistency``)."""
+    return objective in ("consistency", "consistency_distillation")
+
+
+def consistency_t_min(config: dict[str, Any], process) -> float:
+    """The boundary time of a consistency run: ``distill.t_min``, else the process's t_min."""
+    return float((config.get("distill") or {}).get("t_min", process.t_min))
+
+
+def check_distill_options(objective: str, options: dict[str, Any]) -> None:
+    """Raise a ValueError naming unknown or invalid ``distill`` options of ``objective``."""
+    valid = _DISTILL_KEYS[objective]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"distill options {unknown} do not apply to objective {objective!r}; valid: {list(valid)}")
+    if "recipe" in options and options["recipe"] not in consistency.RECIPES:
+        raise ValueError(f"unknown consistency recipe {options['recipe']!r}; choose one of {list(consistency.RECIPES)}")
+    if "solver" in options and options["solver"] not in SOLVERS:
+        raise ValueError(f"unknown teacher solver {options['solver']!r}; choose one of {list(SOLVERS)}")
+    if "form" in options and options["form"] not in distillation.FORMS:
+        raise ValueError(f"unknown progressive form {options['form']!r}; choose one of {list(distillation.FORMS)}")
+    if "steps" in options:
+        n = options["steps"]
+        if not isinstance(n, int) or n < 1 or n & (n - 1):
+            raise ValueError(f"distill.steps is the student's number of steps, a power of 2; got {n!r}")
+    if objective == "progressive" and "steps" not in options:
+        raise ValueError("objective 'progressive' needs distill.steps, the student's number of steps")
+    if objective == "reflow" and "noise" not in options:
+        raise ValueError("objective 'reflow' needs distill.noise, the file of the noise each teacher sample came from")
+
+
+class TrainingObjective:
+    """The loss of a run (see the module docstring); ``teacher`` a denoiser for the distillations, else None."""
+
+    def __init__(self, cfg, process, teacher=None, ema_net: nn.Module | None = None, n_data: int | None = None):
+        self.cfg, self.process, self.teacher, self.kind = cfg, process, teacher, cfg.objective
+        self.options = dict(cfg.distill or {})
+        if self.kind in DISTILLATIONS and self.kind != "reflow" and teacher is None:
+            raise ValueError(f"objective {self.kind!r} needs a teacher (a run directory, or a denoiser in Python)")
+        self.target, self.weighting = get_prediction(cfg.target), get_weighting(cfg.weighting)
+        self.out = self.target if cfg.precondition_output else None
+        self.recipe = consistency.RECIPES[self.options.get("recipe", "ict")] if is_consistency(self.kind) else None
+        self.t_min = float(self.options.get("t_min", process.t_min))
+        self.ema_target = None
+        if self.recipe is not None and self.recipe.ema_target:
+            if ema_net is None:
+                raise ValueError("the 'cm' recipe's target is the EMA network; pass ema_net")
+            self.ema_target = self._consistency(ema_net)
+        self._levels: dict[int, tuple[Tensor, Tensor]] = {}
+        self.noise = None
+        if self.kind == "reflow":
+            self.noise = torch.from_numpy(np.load(Path(self.options["noise"]), allow_pickle=False)).float()
+            if n_data is not None and len(self.noise) != n_data:
+                raise ValueError(
+                    f"reflow: {self.options['noise']} holds {len(self.noise)} noise draws for {n_data} teacher samples"
+                )
+        if self.kind == "progressive":
+            self.teacher_grid = distillation.halving_grid(process, 2 * int(self.options["steps"]))
+
+    @property
+    def uses_uniforms(self) -> bool:
+        return self.kind in ("consistency", "consistency_distillation", "progressive")
+
+    def _consistency(self, inner: nn.Module) -> ConsistencyModel:
+        return ConsistencyModel(inner, self.process, self.cfg.sigma_data, self.t_min)
+
+    def wrap(self, inner: nn.Module) -> nn.Module:
+        """The model the loss calls, around the raw network (or its DDP / autocast wrapper)."""
+        if self.recipe is not None:
+            return self._consistency(inner)
+        return Preconditioned(inner, self.process, self.cfg.sigma_data, self.out)
+
+    def _pairs(self, step: int) -> tuple[Tensor, Tensor]:
+        n = self.recipe.levels_at(step, self.cfg.steps)
+        if n not in self._levels:
+            levels = consistency.consistency_levels(self.process, n, t_min=self.t_min)
+            self._levels[n] = (levels, self.recipe.pair_probs(self.process, levels))
+        return self._levels[n]
+
+    def loss(self, model, x0: Tensor, *, t: Tensor, noise: Tensor, u: Tensor | None, idx: Tensor, step: int, **cond):
+        """Per-example loss (B,) of one micro-batch; ``u`` the batch's extra uniforms, ``idx`` its example indices."""
+        sigma_data = self.cfg.sigma_data if self.out is not None else None
+        if self.kind == "denoising":
+            return denoising.denoising_loss(
+                model, self.process, x0, target=self.target, weighting=self.weighting, t=t, noise=noise,
+                sigma_data=sigma_data, **cond,
+            )  # fmt: skip
+        if self.kind == "reflow":
+            z = self.noise.to(x0.device)[idx.cpu()].to(x0)
+            return denoising.denoising_loss(
+                model, self.process, x0, target=self.target, weighting=self.weighting, t=t, noise=z,
+                sigma_data=sigma_data, **cond,
+            )  # fmt: skip
+        if self.kind == "progressive":
+            n = int(self.options["steps"])
+            i = (u * n).long().clamp(max=n - 1).cpu()
+            g = self.teacher_grid.to(x0.device)
+            student = as_denoiser(model, self.process, self.target)
+            return distillation.progressive_loss(
+                student, self.teacher, self.process, x0, t=g[2 * i], t_mid=g[2 * i + 1], s=g[2 * i + 2], noise=noise,
+                form=self.options.get("form", "x"), **cond,
+            )  # fmt: skip
+        levels, probs = self._pairs(step)
+        n = consistency.draw_pairs(probs, u.cpu())
+        levels = levels.to(x0.device)
+        target_model = self.ema_target if self.ema_target is not None else model
+        return consistency.consistency_loss(
+            model, target_model, self.process, x0, t=levels[n + 1], s=levels[n], noise=noise, recipe=self.recipe,
+            teacher=self.teacher if self.kind == "consistency_distillation" else None,
+            solver=self.options.get("solver", "heun"), **cond,
+        )  # fmt: skip
+
+
+def model_of(net: nn.Module, process, config: dict[str, Any]) -> nn.Module:
+    """A trained raw network as what its objective made of it: a ``ConsistencyModel`` for the consistency
+    objectives, else ``as_denoiser(Preconditioned(...))`` as the denoising loss trained it."""
+    sigma_data = float(config["sigma_data"])
+    if is_consistency(config.get("objective", "denoising")):
+        return ConsistencyModel(net, process, sigma_data, consistency_t_min(config, process))
+    target = get_prediction(config["target"])
+    out = target if config.get("precondition_output") is True else None  # absent: older, raw
+    return as_denoiser(Preconditioned(net, process, sigma_data, out), process, target)
+
+
+def kind_sampler(config: dict[str, Any], process, steps: int | None):
+    """``(sampler, ts, steps)`` that a model of this run's objective samples with, or None for a denoiser that any
+    sampler takes (denoising, reflow). Consistency: ``sample_consistency`` at ``consistency_times`` (default 1
+    step); progressive: DDIM on the student's ``halving_grid`` (its own number of steps, the default)."""
+    objective = config.get("objective", "denoising")
+    if is_consistency(objective):
+        steps = 1 if steps is None else steps
+        return sample_consistency, consistency_times(process, steps, t_min=consistency_t_min(config, process)), steps
+    if objective == "progressive":
+        own = int(config["distill"]["steps"])
+        if steps is not None and steps != own:
+            raise ValueError(
+                f"this student was distilled to sample in {own} DDIM step(s) (progressive distillation), not {steps}; "
+                f"use --steps {own}, or its teacher (config 'teacher': {config.get('teacher')!r}) for more steps"
+            )
+        return sample_ddim, distillation.halving_grid(process, own), own
+    return None
