@@ -139,6 +139,101 @@ class GaussianMixture:
 
         return denoise
 
+    # -- the probability-flow map, exactly ----------------------------------------------------------
+    def flow_map(self, x: Tensor, process: NoiseProcess, t, s) -> Tensor:
+        """The exact probability-flow ODE map x_t -> x_s (Song et al. 2021, Eq. 13), shaped like x (float64).
+
+        t, s: scalars or (B,) per example, either order. Two cases have it in closed form:
+
+        - one component N(m, diag(v)), any D: the ODE's velocity is affine in x, and per coordinate
+              x_s = alpha_s m + sqrt(alpha_s^2 v + sigma_s^2) / sqrt(alpha_t^2 v + sigma_t^2) (x_t - alpha_t m),
+          the increasing affine map that carries p_t = N(alpha_t m, alpha_t^2 v + sigma_t^2) to p_s;
+        - D = 1, any K: the quantile map x_s = F_s^{-1}(F_t(x_t)), F_t the CDF of p_t. In 1-D the flow of a
+          smooth velocity field is strictly increasing (two trajectories cannot cross) and it carries p_t to p_s
+          (the probability-flow ODE keeps the marginals), so it preserves mass to the left of each point:
+          F_s(x_s) = F_t(x_t). The inverse is a safeguarded Newton iteration on log F_s (or log(1 - F_s) above
+          the median, so tails keep their relative accuracy), converged to about 1e-13 relative.
+
+        Raises ValueError for K > 1 components in D > 1 (no closed form), and where p_t (or, in 1-D, p_s) has no
+        density (a zero-variance component at sigma = 0).
+        """
+        K, D = self.means.shape
+        if K > 1 and D > 1:
+            raise ValueError(
+                f"the exact flow map is known for one Gaussian component (any D) or in 1-D (any K, the quantile "
+                f"map); this mixture has K = {K} components in D = {D}"
+            )
+        a_t, g_t, xf = self._marginal(process, t, x)  # (B, 1), (B, 1), (B, D)
+        a_s, g_s = process.at(s, xf)
+        m, v = self.means.to(xf.device), self.variances.to(xf.device)  # (K, D)
+        if K == 1:
+            sd_t, sd_s = torch.sqrt(a_t**2 * v + g_t**2), torch.sqrt(a_s**2 * v + g_s**2)  # (B, D)
+            if bool((sd_t == 0).any()):
+                raise ValueError("the flow map starts from a density: alpha_t^2 v + sigma_t^2 must be > 0")
+            return (a_s * m + sd_s / sd_t * (xf - a_t * m)).reshape(x.shape)
+        return self._quantile_map(xf, a_t, g_t, a_s, g_s).reshape(x.shape)
+
+    def _quantile_map(self, xf: Tensor, a_t: Tensor, g_t: Tensor, a_s: Tensor, g_s: Tensor) -> Tensor:
+        """F_s^{-1}(F_t(x)) for 1-D x (B, 1), per-example alpha, sigma (B, 1) at both times (see ``flow_map``)."""
+        ndtr = torch.special.log_ndtr
+        m, v = self.means[:, 0].to(xf.device), self.variances[:, 0].to(xf.device)  # (K,)
+        logw = torch.log(self.weights.to(xf.device))
+        mu_t, sd_t = a_t * m, torch.sqrt(a_t**2 * v + g_t**2)  # (B, K)
+        mu_s, sd_s = a_s * m, torch.sqrt(a_s**2 * v + g_s**2)
+        if bool((sd_t == 0).any()) or bool((sd_s == 0).any()):
+            raise ValueError("the quantile map needs densities at both times: alpha^2 v_k + sigma^2 > 0 for every k")
+        z = (xf - mu_t) / sd_t
+        log_lo, log_up = torch.logsumexp(logw + ndtr(z), 1), torch.logsumexp(logw + ndtr(-z), 1)
+        lower = log_lo <= log_up  # solve on the side whose probability is <= 1/2
+        target = torch.where(lower, log_lo, log_up)
+        sign = torch.where(lower, 1.0, -1.0).to(xf.dtype)
+        # Bracket: F_t(x) lies in [Phi(min_k z_k), Phi(max_k z_k)], so Phi^{-1}(F_t(x)) = q in [zlo, zhi]; where
+        # y <= mu_s,k + sd_s,k zlo for every k, F_s(y) <= Phi(zlo) <= F_t(x) (and symmetrically at hi).
+        lo = (mu_s + sd_s * z.amin(1, keepdim=True)).amin(1)
+        hi = (mu_s + sd_s * z.amax(1, keepdim=True)).amax(1)
+        scale = sd_s.amin(1)
+        logn = logw - torch.log(sd_s) - 0.5 * LOG_2PI
+        y = (lo + hi) / 2
+        for _ in range(200):
+            zs = (y[:, None] - mu_s) / sd_s
+            side = torch.logsumexp(logw + ndtr(sign[:, None] * zs), 1)  # log F_s(y), or log(1 - F_s(y))
+            g = sign * (side - target)  # increasing in y, zero at the answer
+            slope = torch.exp(torch.logsumexp(logn - 0.5 * zs**2, 1) - side)  # d g / dy = p_s / F_s (or / (1 - F_s))
+            hi, lo = torch.where(g >= 0, y, hi), torch.where(g <= 0, y, lo)
+            y_new = y - g / slope
+            bad = ~((y_new > lo) & (y_new < hi))  # Newton left the bracket (or is not finite): bisect
+            y_new = torch.where(bad & (hi > lo), (lo + hi) / 2, torch.where(bad, y, y_new))
+            done = (y_new - y).abs() <= 1e-13 * (y.abs() + scale)
+            y = y_new
+            if bool(done.all()):
+                break
+        return y[:, None]
+
+    def consistency_function(self, process: NoiseProcess, t_min: float | None = None):
+        """The exact consistency function of this data: f(x, t) = x_{t_min} / alpha(t_min), where x_{t_min} is the
+        end at t_min of the probability-flow trajectory through (x, t) (``flow_map``).
+
+        Song et al. 2023 (Sec. 3) define f(x_t, t) = x_{t_min} on every trajectory; it is self-consistent,
+        f(x_t, t) = f(x_u, u) for any two points of one trajectory, and f(x, t_min) = x (the boundary
+        condition). Dividing by alpha(t_min) gives the output of ``core.consistency.ConsistencyModel`` (scaled
+        coordinates; alpha = 1 for EDM and VE). Exact where ``flow_map`` is: one component in any D, or any
+        1-D mixture.
+
+        Returns:
+            f(x, t, **cond) -> like x, in x's dtype; t a scalar or (B,). Its attribute ``t_min`` is what
+            ``samplers.consistency.sample_consistency`` reads as the boundary.
+        """
+        t_min = float(process.t_min if t_min is None else t_min)
+        a_min = float(process.alpha(torch.tensor(t_min, dtype=torch.float64)))
+        if not a_min > 0:
+            raise ValueError(f"the consistency function divides by alpha(t_min) > 0; alpha({t_min}) = {a_min}")
+
+        def consistency(x: Tensor, t, **cond) -> Tensor:
+            return (self.flow_map(x, process, t, t_min) / a_min).to(x.dtype)
+
+        consistency.t_min = t_min
+        return consistency
+
     # -- measurements (delegated to the full-covariance form) --------------------------------------
     def to_full(self) -> FullCovarianceMixture:
         """The same mixture as a ``FullCovarianceMixture`` (covariances diag(v_k))."""

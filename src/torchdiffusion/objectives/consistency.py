@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..core.consistency import noise_level
 from ..core.process import NoiseProcess
-from ..core.timesteps import grid_karras
+from ..core.timesteps import LAM_MIN, grid_karras
 from .teacher import ode_step
 
 __all__ = [
@@ -94,10 +94,14 @@ class ConsistencyRecipe:
         return p / p.sum()
 
     def weight(self, process: NoiseProcess, t: Tensor, s: Tensor) -> Tensor:
-        """lambda for the pair (s, t), s < t: 1, or 1 / (s(t) - s(s)) in noise levels."""
+        """lambda for the pair (s, t), s < t: 1, or 1 / (s(t) - s(s)) in noise levels. Where alpha(t) = 0 (Flow
+        at t = 1) the level is the one the grid puts there, ``timesteps.LAM_MIN``'s 80, not infinity, whose
+        weight 0 would leave the time of one-step sampling untrained."""
         if self.weighting == "uniform":
             return torch.ones_like(t)
-        return 1.0 / (noise_level(process, t) - noise_level(process, s))
+        top = noise_level(process, t)
+        top = torch.where(torch.isinf(top), torch.full_like(top, math.exp(-LAM_MIN)), top)
+        return 1.0 / (top - noise_level(process, s))
 
     def dist(self, a: Tensor, b: Tensor) -> Tensor:
         return pseudo_huber(a, b) if self.distance == "pseudo_huber" else _l2(a, b)

@@ -31,6 +31,7 @@ from ..utils.io import atomic_write
 from .checkpoint import find_checkpoint, load_checkpoint, load_denoiser
 from .config import TrainConfig
 from .loop import TrainResult, train
+from .resolve import load_training_data, resolve_config
 
 __all__ = ["distill", "METHODS", "teacher_pairs"]
 
@@ -199,7 +200,11 @@ def _process_of(common):
 
 
 def _shape_of(common) -> tuple[int, ...]:
+    """The shape of one example: the net's, once the data have filled it in (``resolve``)."""
     net = common["net"]
+    if "dim" not in net and "image_size" not in net:
+        cfg = TrainConfig.from_dict(common)
+        net = resolve_config(cfg, *load_training_data(cfg, generator=torch.Generator().manual_seed(0))).net
     if "dim" in net:
         return (int(net["dim"]),)
     return (int(net.get("in_channels", 1)), int(net["image_size"]), int(net["image_size"]))
