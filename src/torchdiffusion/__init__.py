@@ -20,6 +20,7 @@ if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .app.pipeline import Pipeline, load
+from .core.consistency import ConsistencyModel
 from .core.denoiser import Preconditioned, as_denoiser, count_nfe
 from .core.measurements import Blur, Colorize, Dense, Downsample, LinearOperator, Mask, Measurement, Outpaint
 from .core.mixture import FullCovarianceMixture, GaussianMixture
@@ -58,7 +59,8 @@ from .likelihood import bits_per_dim, dequantize, elbo, log_likelihood, nll_8bit
 from .objectives import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR, MinSNR, Weighting, denoising_loss
 from .samplers import *  # noqa: F403  (every sampler by name, DEFAULT_SAMPLER, langevin_dynamics)
 from .samplers import __all__ as _samplers_all
-from .training import TrainConfig, load_denoiser, train
+from .samplers.consistency import consistency_times, sample_consistency
+from .training import TrainConfig, distill, load_denoiser, train
 
 __version__ = "0.1.0"
 
@@ -68,7 +70,7 @@ __all__ = [
     "beta_linear", "beta_cosine", "beta_sigmoid", "beta_quadratic",
     # predictions and the denoiser
     "Prediction", "EPS", "X0", "V", "SCORE", "FLOW", "eps_from", "tweedie_score", "Preconditioned", "as_denoiser",
-    "count_nfe", "GaussianMixture", "FullCovarianceMixture",
+    "count_nfe", "GaussianMixture", "FullCovarianceMixture", "ConsistencyModel",
     # posterior samplers for inverse problems
     "sample_projection", "sample_ddnm", "sample_dps", "sample_pigdm", "sample_repaint", "sample_ddrm", "sample_smc",
     "sample_mmps",
@@ -80,10 +82,12 @@ __all__ = [
     "grid_t", "grid_lam", "grid_karras", "grid_quadratic", "grid_discrete",
     # samplers: every one by name, and the default
     *_samplers_all,
+    # few steps: consistency models' sampler (distillation: ``distill``)
+    "sample_consistency", "consistency_times",
     # objectives
     "denoising_loss", "Weighting", "SIMPLE", "ELBO", "LIKELIHOOD", "SNR", "MinSNR", "MIN_SNR",
     # likelihood
     "log_likelihood", "elbo", "vlb", "vlb_terms", "bits_per_dim", "dequantize", "nll_8bit",
     # training and loading
-    "TrainConfig", "train", "load_denoiser", "load", "Pipeline",
+    "TrainConfig", "train", "distill", "load_denoiser", "load", "Pipeline",
 ]  # fmt: skip
