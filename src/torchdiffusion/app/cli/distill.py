@@ -71,7 +71,34 @@ def distill(method, teacher, out, steps, student_steps, start_steps, recipe, sol
         )  # fmt: skip
     except (ValueError, OSError) as e:
         _fail(e)
+    if method == "reflow":
+        _report_straightness(teacher, Path(out), rounds)
     loss = f"; final loss {res.history[-1]['loss']:.4g}" if res is not None and res.history else ""
     click.echo(
         f"distilled {teacher} by {method} into {out}{loss}; sample it with: torchdiffusion sample --checkpoint {out}"
     )
+
+
+def _report_straightness(teacher: str, out: Path, rounds: int, n: int = 1000) -> None:
+    """Print and save (out/straightness.json) the straightness of the teacher and of each reflow round's student,
+    on the same n noise draws (``evaluation.straightness``, Liu et al. 2023, Eq. 5): it falls as reflow works."""
+    import json
+
+    import torch
+
+    from ...evaluation.straightness import straightness
+    from ...utils.io import atomic_write
+    from ..pipeline import load
+
+    runs = {"teacher": Path(teacher)} | {
+        f"reflow-{r}": out if r == rounds else out / "rounds" / f"reflow-{r}" for r in range(1, rounds + 1)
+    }
+    z = None
+    found = {}
+    for name, run in runs.items():
+        pipe = load(run)
+        if z is None:
+            z = torch.randn((n, *pipe.shape), generator=torch.Generator().manual_seed(0))
+        found[name] = straightness(pipe.denoiser, pipe.process, z)
+        click.echo(f"straightness of {name}: {found[name]:.4g}")
+    atomic_write(out / "straightness.json", lambda p: p.write_text(json.dumps(found, indent=1)))
