@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core.processes import Flow
 from ..core.timesteps import grid_lam
 from ..names import build_process
-from ..samplers import DEFAULT_SAMPLER
+from ..samplers import DEFAULT_SAMPLER, progress_callback
 from ..utils.io import atomic_write
 from .checkpoint import find_checkpoint, load_checkpoint, load_denoiser
 from .config import TrainConfig
@@ -54,17 +53,25 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, teacher=
     return train(cfg, run_dir, resume=exists, progress=progress, teacher=teacher)
 
 
-def teacher_pairs(model, process, shape, n: int, *, steps: int = 50, seed: int = 0, batch_size: int = 1000):
+def teacher_pairs(
+    model, process, shape, n: int, *, steps: int = 50, seed: int = 0, batch_size: int = 1000, progress: bool = False
+):
     """``(samples, noise)``: n draws of the teacher's probability-flow ODE (UniPC-3 on ``grid_lam``, ``steps``
-    steps) and the standard normal noise z each started from (x_T = sigma(t_max) z), the couplings of reflow."""
+    steps) and the standard normal noise z each started from (x_T = sigma(t_max) z), the couplings of reflow.
+    ``progress``: one tqdm bar over every batch's steps."""
     gen = torch.Generator().manual_seed(seed)
     xs, zs = [], []
     ts = grid_lam(process, steps)
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            z = torch.randn((min(batch_size, n - start), *shape), generator=gen)
-            xs.append(DEFAULT_SAMPLER(model, process, z * process.prior_std, ts, generator=gen))
-            zs.append(z)
+    starts = range(0, n, batch_size)
+    tick, bar = progress_callback(steps * len(starts), f"reflow pairs ({n})", disable=not progress)
+    try:
+        with torch.no_grad():
+            for start in starts:
+                z = torch.randn((min(batch_size, n - start), *shape), generator=gen)
+                xs.append(DEFAULT_SAMPLER(model, process, z * process.prior_std, ts, generator=gen, callback=tick))
+                zs.append(z)
+    finally:
+        bar.close()
     return torch.cat(xs), torch.cat(zs)
 
 
@@ -165,17 +172,16 @@ def _reflow(common, teacher, teacher_model, out, rounds, pairs, pair_steps, resu
     result = None
     for r in range(1, rounds + 1):
         run_dir = out if r == rounds else out / "rounds" / f"reflow-{r}"
-        if prev_model is None:
-            prev_model, process, tconfig = load_denoiser(prev)
-        else:
-            process = Flow() if prev is not teacher else _process_of(common)
-        shape = _shape_of(common)
+        if prev_model is None:  # a run directory: the teacher's, or the last round's
+            prev_model, process, _ = load_denoiser(prev)
+        else:  # the teacher given in Python, on the process of the student's base config
+            process = build_process(common["process"])
+        shape, n_data = _data_facts(common)
         folder = run_dir / "pairs"
         data_file = folder / ("pairs-samples.npz" if len(shape) == 3 else "pairs-samples.npy")
         if not (resume and data_file.exists() and (folder / "pairs-noise.npy").exists()):
-            x, z = teacher_pairs(
-                prev_model, process, shape, pairs or int(common.get("n_data", 20000)), steps=pair_steps
-            )
+            n = pairs or n_data
+            x, z = teacher_pairs(prev_model, process, shape, n, steps=pair_steps, progress=progress)
             data, noise = _save_pairs(folder, x, z)
         else:
             data, noise = os.fspath(data_file), os.fspath(folder / "pairs-noise.npy")
@@ -195,16 +201,11 @@ def _reflow(common, teacher, teacher_model, out, rounds, pairs, pair_steps, resu
     return result
 
 
-def _process_of(common):
-    return build_process(common["process"])
-
-
-def _shape_of(common) -> tuple[int, ...]:
-    """The shape of one example: the net's, once the data have filled it in (``resolve``)."""
-    net = common["net"]
-    if "dim" not in net and "image_size" not in net:
-        cfg = TrainConfig.from_dict(common)
-        net = resolve_config(cfg, *load_training_data(cfg, generator=torch.Generator().manual_seed(0))).net
+def _data_facts(common) -> tuple[tuple[int, ...], int]:
+    """(the shape of one example, the number of training examples) of the student's data."""
+    cfg = TrainConfig.from_dict(common)
+    data, labels = load_training_data(cfg, generator=torch.Generator().manual_seed(0))
+    net = resolve_config(cfg, data, labels).net
     if "dim" in net:
-        return (int(net["dim"]),)
-    return (int(net.get("in_channels", 1)), int(net["image_size"]), int(net["image_size"]))
+        return (int(net["dim"]),), len(data)
+    return (int(net.get("in_channels", 1)), int(net["image_size"]), int(net["image_size"])), len(data)
