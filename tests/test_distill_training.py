@@ -222,3 +222,64 @@ def test_command_line_consistency_training_and_its_recipe(tmp_path):
     assert cfg["objective"] == "consistency" and cfg["distill"] == {"recipe": "cm"}
     r = cli("train", "--data", "8gaussians", "--recipe", "cm", "--steps", 6, "--out", tmp_path / "x", "--no-progress")
     assert r.exit_code != 0 and "--objective consistency" in r.output
+
+
+def test_consistency_distillation_on_flow_with_the_default_heun_teacher(tmp_path):
+    """Flow's top level is t = 1, where Heun's step in s is infinite: that pair takes the DDIM step."""
+    mix = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.0]], [[0.05, 0.05], [0.05, 0.05]])
+    cfg = tiny(process={"name": "flow"}, target="flow", objective="consistency_distillation",
+               distill={"recipe": "ict", "solver": "heun"}, teacher="exact", steps=12)  # fmt: skip
+    result = train(cfg, tmp_path / "cd", progress=False, teacher=mix.denoiser(Flow()))
+    assert all(torch.isfinite(p).all() for p in result.net.parameters())
+
+
+def test_progressive_from_a_python_teacher_and_the_students_target(tmp_path):
+    mix, teacher = mixture_teacher()
+    base = tiny(target="eps")
+    out = distill("progressive", None, tmp_path / "p", base=base, teacher_model=teacher, steps=4, start_steps=4,
+                  student_steps=1, progress=False)  # fmt: skip
+    assert out.config["target"] == "v"  # Salimans & Ho 2022, Sec. 4: not eps
+    assert load_checkpoint(tmp_path / "p" / "rounds" / "0002-steps").config["teacher"] == "python:function"
+    with pytest.raises(ValueError, match="x0, v or flow"):
+        tiny(objective="progressive", distill={"steps": 2}, target="eps")
+
+
+def test_consistency_distillation_with_cm_keeps_song_et_al_eighteen_levels():
+    from torchdiffusion.training.objective import CD_LEVELS, TrainingObjective
+
+    _, teacher = mixture_teacher()
+    cfg = tiny(objective="consistency_distillation", distill={"recipe": "cm"}, teacher="x", sigma_data=0.5)
+    net = torch.nn.Linear(2, 2)
+    obj = TrainingObjective(cfg, EDM(), teacher, net=net)
+    assert obj.target_decay(0) == 0.95  # Song et al. 2023, Appendix C
+    assert CD_LEVELS == 18 and len(obj._pairs(0)[0]) == 18 == len(obj._pairs(cfg.steps - 1)[0])
+    ct = TrainingObjective(tiny(objective="consistency", distill={"recipe": "cm"}, sigma_data=0.5), EDM(), None, net)
+    assert ct.target_decay(0) == pytest.approx(0.9)  # mu(0) = exp(s0 log mu0 / N(0)) with N(0) = s0 = 2: mu0
+    assert len(ct._pairs(0)[0]) < len(ct._pairs(cfg.steps)[0])  # training's curriculum grows N
+
+
+def test_a_consistency_model_is_not_a_denoiser(tmp_path, teacher_run):
+    train(tiny(objective="consistency", distill={"t_min": 0.01}), tmp_path / "ct", progress=False)
+    pipe = load(tmp_path / "ct")
+    with pytest.raises(ValueError, match="needs a denoiser"):
+        pipe.guided(2.0)
+    with pytest.raises(ValueError, match="takes no options"):
+        pipe.sample(4, eta=0.5)
+    sampler, _, _ = pipe.own_sampler(2)
+    assert sampler.keywords == {"t_min": 0.01}  # the boundary reaches the sampler past the data-box wrapper
+    cfg = tiny(objective="progressive", distill={"steps": 2}, teacher=str(tmp_path / "ct"))
+    with pytest.raises(ValueError, match="needs a denoiser"):
+        train(cfg, tmp_path / "p", progress=False)
+    r = cli("likelihood", "--checkpoint", tmp_path / "ct", "--data", "8gaussians", "--n", 10)
+    assert r.exit_code != 0 and "no probability-flow ODE" in r.output
+
+
+def test_distillations_refuse_what_they_cannot_do(tmp_path, teacher_run):
+    with pytest.raises(ValueError, match="discrete-time model was never trained"):
+        train(tiny(objective="consistency", process={"name": "ddpm", "T": 50}), tmp_path / "d", progress=False)
+    with pytest.raises(ValueError, match="must lie in"):
+        train(tiny(objective="consistency", distill={"t_min": 100.0}), tmp_path / "t", progress=False)
+    base = tiny(class_conditional=True)
+    _, teacher = mixture_teacher()
+    with pytest.raises(ValueError, match="class-conditional"):
+        distill("reflow", None, tmp_path / "r", base=base, teacher_model=teacher, progress=False)

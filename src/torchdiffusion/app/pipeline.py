@@ -88,10 +88,12 @@ def draw_samples(
     ``--figure`` records that batch's reverse process).
     """
     from ..samplers import progress_callback, sample_annealed_langevin
+    from ..samplers.consistency import sample_consistency
 
     batch_size = n if batch_size is None else batch_size
-    langevin = getattr(sampler, "func", sampler) is sample_annealed_langevin  # reports every level, ts included
-    per_batch = len(ts) if langevin else len(ts) - 1
+    fn = getattr(sampler, "func", sampler)
+    every_time = fn is sample_annealed_langevin or fn is sample_consistency  # report every time of ts, not steps
+    per_batch = len(ts) if every_time else len(ts) - 1
     starts = range(0, n, batch_size)
     desc = desc or f"{_sampler_name(sampler) or getattr(sampler, '__name__', 'sampler')} ({n} samples)"
     tick, bar = progress_callback(per_batch * len(starts), desc, disable=not progress)
@@ -168,6 +170,7 @@ class Pipeline:
         """This pipeline with classifier-free guidance of ``scale`` (Ho & Salimans 2022; ``guidance.classifier_free``,
         with its interval and rescale): ``load(run).guided(3.0).sample(n, labels=7)``. Needs a class-conditional
         model trained with label dropout (``label_dropout > 0``), whose null class is label ``num_classes``."""
+        self.require_denoiser("classifier-free guidance")
         if not self.num_classes:
             raise ValueError(
                 "classifier-free guidance needs a class-conditional model trained with label dropout; this one has "
@@ -186,6 +189,7 @@ class Pipeline:
         """This (unconditional) pipeline steered by a noise-conditional classifier (Dhariwal & Nichol 2021;
         ``guidance.classifier_guidance``): ``load(run).classifier_guided(load_classifier(clf), 2.0).sample(n,
         labels=3)``; the labels are the classifier's classes, its ``num_classes`` is the pipeline's."""
+        self.require_denoiser("classifier guidance")
         if self.num_classes:
             raise ValueError("classifier guidance steers an unconditional model; this one is class-conditional: "
                              "use guided() (classifier-free guidance)")  # fmt: skip
@@ -282,6 +286,8 @@ class Pipeline:
                     "give only steps"
                 )
             sampler, grid, steps = own[0], own[1], None
+            if options:
+                raise ValueError(f"the student's sampler ({own[0].__name__}) takes no options; got {sorted(options)}")
         elif sampler is None:
             sampler = DEFAULT_SAMPLER
         elif isinstance(sampler, str):
@@ -319,6 +325,17 @@ class Pipeline:
     def objective(self) -> str:
         """What the model was trained for: "denoising", or a distillation (``training.objective.OBJECTIVES``)."""
         return self.config.get("objective", "denoising")
+
+    def require_denoiser(self, what: str) -> None:
+        """Raise a ValueError if this model is not a denoiser (x0_hat = E[x0 | x_t]), which ``what`` needs: a
+        consistency model returns a sample (the end of its ODE trajectory), not a posterior mean."""
+        from ..training.objective import is_consistency
+
+        if is_consistency(self.objective):
+            raise ValueError(
+                f"{what} needs a denoiser, E[x0 | x_t]; this is a {self.objective!r} model, whose output is a sample "
+                f"(the end of the probability-flow trajectory): use its teacher ({self.config.get('teacher')!r})"
+            )
 
     def own_sampler(self, steps: int | None = None):
         """``(sampler, ts, steps)`` of a distilled student (``training.objective.kind_sampler``), None for a

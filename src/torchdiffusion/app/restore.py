@@ -142,6 +142,7 @@ def solve(
     info = get_inverse(name)
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int (the samples), got {n!r}")
+    pipe.require_denoiser("posterior sampling")
     if tuple(measurement.operator.in_shape) != tuple(pipe.shape):
         raise ValueError(f"the measurement is of {measurement.operator.in_shape} images; the model makes {pipe.shape}")
     if info.noiseless and float(measurement.sigma_y) > 0:

@@ -29,8 +29,9 @@ def ode_step(denoiser, process: NoiseProcess, x: Tensor, t: Tensor, s: Tensor, s
 
     "ddim": x_s = (sigma_s / sigma_t) x_t + (alpha_s - alpha_t sigma_s / sigma_t) x0_hat(x_t, t), 1 NFE; where
     sigma_s = 0 it is alpha_s x0_hat. "heun": Euler in (x~, s) is that same step; Heun adds the slope at its end,
-    x~_s = x~_t + (s_s - s_t) / 2 (d_t + d_s) with d = (x~ - x0_hat) / s, 2 NFE (1 where s_s = 0, which Euler
-    reaches exactly). Heun needs alpha_t > 0.
+    x~_s = x~_t + (s_s - s_t) / 2 (d_t + d_s) with the slope d = (x~ - x0_hat) / s = eps_hat, 2 NFE. Where s_s = 0
+    (Euler lands on the data exactly) or alpha_t = 0 (Flow at t = 1: s_t is infinite, and so is Heun's step in s)
+    the example takes the DDIM step.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown teacher solver {solver!r}; choose one of {list(SOLVERS)}")
@@ -41,16 +42,13 @@ def ode_step(denoiser, process: NoiseProcess, x: Tensor, t: Tensor, s: Tensor, s
     x_s = r * x + (a_s - a_t * r) * d_t
     if solver == "ddim":
         return x_s
-    if bool((a_t == 0).any()):
-        raise ValueError("the Heun teacher step needs alpha(t) > 0; use solver='ddim' from t where alpha = 0")
-    ends = (sg_s > 0).flatten()
-    if not bool(ends.any()):
+    heun = ((sg_s > 0) & (a_t > 0)).flatten()
+    if not bool(heun.any()):
         return x_s
-    ss, st = sg_s / a_s, sg_t / a_t
-    x_s_safe = torch.where(append_dims(ends, x.ndim), x_s, x)  # keep the second call finite where s_s = 0
-    s_eval = torch.where(ends, s, t)
-    d_s = denoiser(x_s_safe, s_eval.to(x.dtype), **cond)
-    slope_t = (x / a_t - d_t) / st
-    slope_s = (x_s_safe / a_s - d_s) / torch.where(ss > 0, ss, torch.ones_like(ss))
-    heun = a_s * (x / a_t + (ss - st) / 2 * (slope_t + slope_s))
-    return torch.where(append_dims(ends, x.ndim), heun, x_s)
+    mask = append_dims(heun, x.ndim)
+    x_eval = torch.where(mask, x_s, x)  # the second call only where Heun applies; elsewhere a harmless repeat
+    d_s = denoiser(x_eval, torch.where(heun, s, t).to(x.dtype), **cond)
+    slope_t = (x - a_t * d_t) / sg_t  # eps_hat at t
+    slope_s = (x_eval - a_s * d_s) / torch.where(mask, sg_s, sg_t)  # eps_hat at s
+    step = torch.where(mask, sg_s / a_s - sg_t / a_t, torch.zeros_like(a_t))  # s_s - s_t where Heun applies
+    return torch.where(mask, x_s + a_s * step / 2 * (slope_s - slope_t), x_s)

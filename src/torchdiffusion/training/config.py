@@ -115,6 +115,12 @@ class TrainConfig:
                 f"invalid TrainConfig value(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}{hint}"
             )
         check_distill_options(self.objective, self.distill)
+        if self.objective == "progressive" and self.target in ("eps", "score"):
+            raise ValueError(
+                f"progressive distillation needs a student that predicts x0, v or flow, not {self.target!r}: at few "
+                "steps x0 = (x - sigma eps) / alpha amplifies eps's error by 1 / alpha near the noise end (Salimans & "
+                "Ho 2022, Sec. 4); set target='v' (distill() does this for an eps teacher)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))

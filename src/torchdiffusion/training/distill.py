@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..core.processes import Flow
 from ..core.timesteps import grid_lam
 from ..names import build_process
 from ..samplers import DEFAULT_SAMPLER, progress_callback
@@ -54,11 +55,21 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, teacher=
 
 
 def teacher_pairs(
-    model, process, shape, n: int, *, steps: int = 50, seed: int = 0, batch_size: int = 1000, progress: bool = False
+    model,
+    process,
+    shape,
+    n: int,
+    *,
+    steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 1000,
+    progress: bool = False,
+    device="cpu",
 ):
-    """``(samples, noise)``: n draws of the teacher's probability-flow ODE (UniPC-3 on ``grid_lam``, ``steps``
-    steps) and the standard normal noise z each started from (x_T = sigma(t_max) z), the couplings of reflow.
-    ``progress``: one tqdm bar over every batch's steps."""
+    """``(samples, noise)`` on the CPU: n draws of the teacher's probability-flow ODE (UniPC-3 on ``grid_lam``,
+    ``steps`` steps, on ``device``) and the standard normal noise z each started from (x_T = sigma(t_max) z, drawn
+    on the CPU so that one seed gives the same pairs on any device), the couplings of reflow. ``progress``: one
+    tqdm bar over every batch's steps."""
     gen = torch.Generator().manual_seed(seed)
     xs, zs = [], []
     ts = grid_lam(process, steps)
@@ -68,7 +79,8 @@ def teacher_pairs(
         with torch.no_grad():
             for start in starts:
                 z = torch.randn((min(batch_size, n - start), *shape), generator=gen)
-                xs.append(DEFAULT_SAMPLER(model, process, z * process.prior_std, ts, generator=gen, callback=tick))
+                x_t = (z * process.prior_std).to(device)
+                xs.append(DEFAULT_SAMPLER(model, process, x_t, ts, generator=gen, callback=tick).cpu())
                 zs.append(z)
     finally:
         bar.close()
@@ -117,7 +129,7 @@ def distill(
             denoiser, with ``base`` the student's config).
         steps: optimizer steps per round. student_steps, start_steps: progressive's last and first student (powers
             of 2). recipe, solver: consistency distillation's ("cm" / "ict"; "ddim" / "heun").
-        rounds: reflow rounds. pairs: reflow couplings per round (default: the teacher's data size). pair_steps:
+        rounds: reflow rounds. pairs: reflow couplings per round (default: as many as training examples). pair_steps:
             UniPC steps of each coupling's ODE.
         resume: continue an interrupted distillation (finished rounds are kept).
     """
@@ -129,15 +141,35 @@ def distill(
     if base is None:
         base = TrainConfig.from_dict(load_checkpoint(teacher).config)
     label = os.fspath(teacher) if teacher is not None else "python:" + type(teacher_model).__name__
-    common = {**base.to_dict(), "steps": steps, "teacher": label, **overrides}
-    common.setdefault("init", None)
+    options = dict(overrides.pop("distill", None) or {})  # e.g. {"form": "v"} or {"t_min": 0.01}: merged below
+    common = {**base.to_dict(), "steps": steps, "teacher": label, "init": None, **overrides}
     if method == "consistency":
+        # Song et al. 2023 start the student from the teacher; its weights fit a consistency model's output only
+        # where the teacher's net is EDM's x0 parameterization, whose c_skip, c_out are the consistency ones at
+        # s_min = 0 (core.consistency), so only such a teacher is copied.
+        x0_net = base.target == "x0" and base.precondition_output and teacher is not None
+        if x0_net and "init" not in overrides:
+            common["init"] = os.fspath(teacher)
         cfg = TrainConfig.from_dict(
-            {**common, "objective": "consistency_distillation", "distill": {"recipe": recipe, "solver": solver}}
+            {
+                **common,
+                "objective": "consistency_distillation",
+                "distill": {"recipe": recipe, "solver": solver, **options},
+            }
         )
         return _run(cfg, out, resume, progress, teacher_model)
     if method == "progressive":
+        if common["target"] in ("eps", "score"):  # Salimans & Ho 2022, Sec. 4: the student predicts v
+            if progress:
+                tqdm.write(f"progressive: the student predicts v, not the teacher's {common['target']!r}")
+            common |= {"target": "v", "precondition_output": True}
+        common["distill"] = options
+    if method == "progressive":
         return _progressive(common, teacher, teacher_model, out, start_steps, student_steps, resume, progress)
+    if common.get("class_conditional"):
+        raise ValueError(
+            "reflow of a class-conditional teacher is not supported: its (noise, sample) pairs carry no labels"
+        )
     return _reflow(common, teacher, teacher_model, out, rounds, pairs, pair_steps, resume, progress)
 
 
@@ -147,18 +179,19 @@ def _progressive(common, teacher, teacher_model, out, start_steps, student_steps
             raise ValueError(f"{name} must be a power of 2, got {n}")
     if not start_steps > student_steps:
         raise ValueError(f"start_steps ({start_steps}) must exceed student_steps ({student_steps})")
-    n, prev, result = start_steps // 2, teacher, None
-    init = os.fspath(teacher) if teacher is not None else common.get("init")
+    options = common.pop("distill")
+    n, result = start_steps // 2, None
+    prev = os.fspath(teacher) if teacher is not None else None  # the last round's run, once there is one
     while n >= student_steps:
         run_dir = out if n == student_steps else out / "rounds" / f"{n:04d}-steps"
-        cfg = TrainConfig.from_dict(
-            {**common, "objective": "progressive", "distill": {"steps": n}, "teacher": os.fspath(prev), "init": init}
-        )
+        fields = {"objective": "progressive", "distill": {**options, "steps": n}}
+        fields |= {"teacher": prev or common["teacher"], "init": prev or common["init"]}
+        cfg = TrainConfig.from_dict({**common, **fields})
         if resume and n != student_steps and _done(run_dir, cfg.steps):
             result = None
         else:
-            result = _run(cfg, run_dir, resume, progress, teacher_model if prev is teacher else None)
-        prev = init = os.fspath(run_dir)
+            result = _run(cfg, run_dir, resume, progress, teacher_model if prev is None else None)
+        prev = os.fspath(run_dir)
         n //= 2
     return result
 
@@ -166,14 +199,14 @@ def _progressive(common, teacher, teacher_model, out, start_steps, student_steps
 def _reflow(common, teacher, teacher_model, out, rounds, pairs, pair_steps, resume, progress):
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-    flow = {"name": "flow"}
+    flow, device = {"name": "flow"}, common.get("device", "cpu")
     prev_model = teacher_model
     prev = teacher
     result = None
     for r in range(1, rounds + 1):
         run_dir = out if r == rounds else out / "rounds" / f"reflow-{r}"
         if prev_model is None:  # a run directory: the teacher's, or the last round's
-            prev_model, process, _ = load_denoiser(prev)
+            prev_model, process, _ = load_denoiser(prev, device=device)
         else:  # the teacher given in Python, on the process of the student's base config
             process = build_process(common["process"])
         shape, n_data = _data_facts(common)
@@ -181,12 +214,12 @@ def _reflow(common, teacher, teacher_model, out, rounds, pairs, pair_steps, resu
         data_file = folder / ("pairs-samples.npz" if len(shape) == 3 else "pairs-samples.npy")
         if not (resume and data_file.exists() and (folder / "pairs-noise.npy").exists()):
             n = pairs or n_data
-            x, z = teacher_pairs(prev_model, process, shape, n, steps=pair_steps, progress=progress)
+            x, z = teacher_pairs(prev_model, process, shape, n, steps=pair_steps, progress=progress, device=device)
             data, noise = _save_pairs(folder, x, z)
         else:
             data, noise = os.fspath(data_file), os.fspath(folder / "pairs-noise.npy")
         # A Flow teacher's network already predicts the flow: start from it (Liu et al. 2023 do); others start fresh.
-        is_flow = common["process"] == flow and common["target"] == "flow"
+        is_flow = isinstance(build_process(common["process"]), Flow) and common["target"] == "flow"
         init = os.fspath(prev) if prev is not None and (is_flow or r > 1) else None
         label = os.fspath(prev) if prev is not None else common["teacher"]
         fields = {"objective": "reflow", "process": flow, "target": "flow", "data": data, "data_options": {}}

@@ -153,16 +153,27 @@ def _teacher(cfg: TrainConfig, teacher, device):
     if cfg.objective not in DISTILLATIONS or cfg.objective == "reflow":
         return None
     if teacher is not None:
-        return teacher
+        return teacher.to(device) if isinstance(teacher, nn.Module) else teacher
     if cfg.teacher is None:
         raise ValueError(f"objective {cfg.objective!r} needs a teacher: set teacher to a run directory")
     model, process, tconfig = load_denoiser(cfg.teacher, device=device)
-    if tconfig.get("objective", "denoising") not in ("denoising", "progressive"):
-        raise ValueError(f"the teacher {cfg.teacher} is a {tconfig['objective']!r} model; a teacher must be a denoiser")
+    kind = tconfig.get("objective", "denoising")
+    # A denoiser (a reflow student is one) teaches anything; a progressive student only its own next round, being
+    # right on its grid alone; a consistency model returns samples, not posterior means.
+    if kind not in ("denoising", "reflow") and not (kind == "progressive" and cfg.objective == "progressive"):
+        raise ValueError(
+            f"the teacher {cfg.teacher} is a {kind!r} model; a {cfg.objective!r} student needs a denoiser "
+            "(a 'denoising' or 'reflow' run)"
+        )
     if tconfig["process"] != cfg.process:
         raise ValueError(
             f"the teacher {cfg.teacher} was trained on process {tconfig['process']}, the student on {cfg.process}: "
             "a student learns its teacher's trajectories, so they must share the process"
+        )
+    if cfg.label_dropout > 0 and not tconfig.get("label_dropout", 0) > 0:
+        raise ValueError(
+            f"the student drops class labels (label_dropout={cfg.label_dropout}) but the teacher {cfg.teacher} never "
+            "learned the null class: set label_dropout=0, or distil a teacher trained with label dropout"
         )
     return model
 
@@ -240,7 +251,7 @@ class _Loop:
         self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         dtype = PRECISIONS[cfg.precision]
         self.null_label = cfg.net.get("num_classes")  # the nets' unconditional label (label dropout)
-        self.objective = TrainingObjective(cfg, self.process, teacher, ema_net, len(data))
+        self.objective = TrainingObjective(cfg, self.process, teacher, net, len(data))
         self.scaled = ScaledStep(net, self.opt, self.objective, dtype=dtype, info=info, device=self.device)
         self.gen = torch.Generator(self.device).manual_seed(seeds[3])  # diffusion times, noise and flips
         order = torch.Generator().manual_seed(seeds[2])
@@ -262,6 +273,7 @@ class _Loop:
             if self.scaled.scaler is not None and "scaler" in state:
                 self.scaled.scaler.load_state_dict(state["scaler"])
             self.window = state["log_window"]
+            self.objective.load_state_dict(state.get("objective", {}))
         self.history = _read_log(run_dir / "log.csv", self.step) if info.is_main else []
         self.images = data.ndim == 4
 
@@ -291,6 +303,7 @@ class _Loop:
                 "rng": ranks[0],
                 "data_order": self.batches.state_dict(),
                 "log_window": self.window,
+                "objective": self.objective.state_dict(),
                 **({"rng_ranks": ranks} if self.info.enabled else {}),
                 **({"scaler": self.scaled.scaler.state_dict()} if self.scaled.scaler is not None else {}),
             }
@@ -328,6 +341,7 @@ class _Loop:
             group["lr"] = lr
         self.scaled.step()
         ema_update(self.ema_net, self.net, ema_decay_at(self.step, self.cfg.ema_decay))
+        self.objective.after_step(self.net, self.step)
         self.step += 1
         self.updating = False
         return info

@@ -40,6 +40,7 @@ def _setup(ckpt, no_ema, device, images, klass, n):
     pipe = load(ckpt, ema=not no_ema, device=_device(device))
     if len(pipe.shape) != 3:
         raise ValueError(f"{ckpt} is a model of points {pipe.shape}; this command needs an image model")
+    pipe.require_denoiser("editing")
     pics = []
     for path in images:
         pic = read_image(path, pipe.shape[0])

@@ -58,6 +58,7 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
     from ...evaluation.image_metrics import evaluate_images
     from ...names import GRID_FUNCTIONS, INFO
     from ...training.checkpoint import load_denoiser
+    from ...training.objective import kind_sampler
     from ...utils.io import atomic_write
 
     _writable(out, "--out")  # before the sampling, not after it
@@ -99,7 +100,12 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
     except (ValueError, OSError) as e:
         _fail(e)
     gen = torch.Generator(device).manual_seed(seed)
-    ts = GRID_FUNCTIONS[INFO[sampler].grid](process, steps)
+    own = kind_sampler(cfg, process, None)  # a distilled student: its own sampler and step count
+    if own is not None:
+        click.echo(f"a {cfg['objective']!r} model: sampled with {own[0].__name__} in {own[2]} step(s)")
+        sampler, ts, steps = own[0], own[1], own[2]
+    else:
+        ts = GRID_FUNCTIONS[INFO[sampler].grid](process, steps)
     fake = _draw(sampler, denoiser, process, shape, n, batch_size, ts, gen, device, class_labels, no_progress, {},
                  None)  # fmt: skip
     try:
@@ -118,6 +124,7 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
         f"FID {result['fid']:.3f}   KID {result['kid_mean']:.4f} +- {result['kid_std']:.4f}   "
         f"precision {result['precision']:.3f}   recall {result['recall']:.3f}"
     )
-    click.echo(f"({result['n_fake']} generated with {sampler}, {steps} steps; {result['n_real']} real)")
+    name = sampler if isinstance(sampler, str) else sampler.__name__
+    click.echo(f"({result['n_fake']} generated with {name}, {steps} steps; {result['n_real']} real)")
     if out:
         atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2, default=float) + "\n"))

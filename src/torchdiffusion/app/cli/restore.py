@@ -72,6 +72,7 @@ def _load(ckpt: str, no_ema: bool, device: str):
     pipe = load(ckpt, ema=not no_ema, device=_device(device))
     if len(pipe.shape) != 3:
         raise ValueError(f"{ckpt} is a model of points {pipe.shape}; these commands need an image model")
+    pipe.require_denoiser("posterior sampling")
     return pipe
 
 

@@ -168,6 +168,7 @@ def sample(
     device = _device(device)
     try:
         pipe = load(ckpt, ema=not no_ema, device=device)
+        pipe = _progressive_round(pipe, ckpt, steps, ema=not no_ema, device=device)  # before any guidance wraps it
         if classifier is not None:
             from ...training.classifier import load_classifier
 
@@ -179,7 +180,6 @@ def sample(
             pipe = pipe.guided(guidance, interval=interval, rescale=guidance_rescale)
         elif guidance_interval is not None or guidance_rescale:
             raise ValueError("--guidance-interval and --guidance-rescale shape --guidance: give --guidance W too")
-        pipe = _progressive_round(pipe, ckpt, steps, ema=not no_ema, device=device)
         denoiser, process = pipe.denoiser, pipe.process
         own = pipe.own_sampler(steps)
         if own is not None:  # a distilled student: its own sampler on its own times
