@@ -20,6 +20,8 @@ from .toy import TOY_DATASETS, make_2d
 __all__ = ["SUPPORTED_SUFFIXES", "load_array", "load_dataset"]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".npy", ".csv")
+# numpy's own message on a pickle suggests loading it with allow_pickle=True, which would run any code in it.
+_PICKLED = "it holds pickled Python objects, which are never loaded (unpickling can run code); save numbers only"
 
 
 def _suffix_error(path: Path) -> ValueError:
@@ -71,6 +73,8 @@ def _read_npy(path: Path) -> np.ndarray:
         # allow_pickle=False: a .npy file from elsewhere must not be able to run code on load.
         array = np.load(path, allow_pickle=False)
     except ValueError as err:
+        if "pickle" in str(err):  # numpy's words for an object array and for a whole-file pickle alike
+            raise ValueError(f"{path}: not a plain numeric .npy array: {_PICKLED}") from None
         raise ValueError(f"{path}: not a plain numeric .npy array ({err})") from None
     if array.dtype.kind not in "iuf":  # bool, complex, strings, datetimes are not data points
         raise ValueError(f"{path}: expected a real numeric array (int or float), got dtype {array.dtype}")

@@ -7,11 +7,14 @@ names the path and what was expected. No loader touches the network or runs code
 
 from __future__ import annotations
 
+import errno
 import gzip
 import operator
 import os
 import pickle
+import stat
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -185,9 +188,50 @@ def load_cifar10(folder: str | os.PathLike, split: str = "train") -> tuple[Tenso
 
 
 # --- image folders -----------------------------------------------------------------------------------
-def _image_files(folder: Path, extensions: Sequence[str], recursive: bool) -> list[Path]:
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in files if p.suffix.lower() in extensions and p.is_file())
+def _stat(path: Path) -> os.stat_result | None:
+    """``os.stat`` through symbolic links; None for a dangling link; a ValueError naming a link loop."""
+    try:
+        return path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ValueError(f"{path}: symbolic link loop (the link leads back to itself); remove or fix it") from None
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None  # a dangling link (or a file removed meanwhile): not an image
+        raise
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    """What makes two paths the same folder, whatever links lead there."""
+    return st.st_dev, st.st_ino
+
+
+def _image_files(
+    folder: Path, extensions: Sequence[str], recursive: bool, ancestors: dict[tuple[int, int], Path] | None = None
+) -> list[Path]:
+    """The image files in ``folder`` (and, if ``recursive``, below it), sorted; symbolic links are followed.
+
+    A link to a folder that contains it (``cat/up -> ..``) would make a recursive walk endless, or list the same
+    images again under another name: it is refused, naming the link and the folder it leads back to.
+    ``ancestors`` maps the (device, inode) of every folder on the way down to its path.
+    """
+    key = _identity(folder.stat())
+    if ancestors and key in ancestors:
+        raise ValueError(
+            f"{folder}: symbolic link loop: it leads back to {ancestors[key]}, which contains it; "
+            "remove the link or point it outside the image folder"
+        )
+    ancestors = {**(ancestors or {}), key: folder}
+    files = []
+    for path in folder.iterdir():
+        st = _stat(path)
+        if st is None:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if recursive:
+                files += _image_files(path, extensions, True, ancestors)
+        elif stat.S_ISREG(st.st_mode) and path.suffix.lower() in extensions:
+            files.append(path)
+    return sorted(files)
 
 
 def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
@@ -257,12 +301,14 @@ def load_image_folder(
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
-    if not folder.is_dir():
+    st = _stat(folder)  # a ValueError if `folder` is itself a link loop
+    if st is None or not stat.S_ISDIR(st.st_mode):
         raise FileNotFoundError(f"image folder not found: {folder}")
     extensions = tuple(e.lower() for e in extensions)
     files, classes, labels = _image_files(folder, extensions, recursive=False), [], None
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = {d.name: _image_files(d, extensions, recursive=True) for d in subdirs}
+    top = {_identity(folder.stat()): folder}  # a class folder may not lead back here either
+    per_class = {d.name: _image_files(d, extensions, recursive=True, ancestors=top) for d in subdirs}
     per_class = {name: paths for name, paths in per_class.items() if paths}
     if files and per_class:
         raise ValueError(f"{folder}: holds both images and class subfolders ({', '.join(per_class)}); use one layout")
@@ -333,12 +379,27 @@ def load_npz(
         raise FileNotFoundError(f"npz file not found: {path}")
     if not zipfile.is_zipfile(path):  # np.load would try an .npy array or a pickle instead
         raise ValueError(f"{path}: not an .npz archive (as written by np.savez)")
+    arrays, name = {}, None
     try:
         # allow_pickle=False: an .npz file from elsewhere must not be able to run code on load.
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{path}: not a plain numeric .npz file ({err})") from None
+            for name in npz.files:
+                arrays[name] = npz[name]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        what = f"array {name!r} is not" if name is not None else "not"
+        if "pickle" in str(err):  # numpy's message suggests allow_pickle=True, which would run any code in it
+            raise ValueError(
+                f"{path}: {what} plain numeric data: it holds pickled Python objects, which are never loaded "
+                "(unpickling can run code)"
+            ) from None
+        raise ValueError(f"{path}: {what} plain numeric data ({type(err).__name__}: {err})") from None
+    for name, array in arrays.items():  # np.load hands over the raw bytes of a member that is no .npy array
+        if not isinstance(array, np.ndarray):
+            kind = "a pickle" if array[:1] == b"\x80" else f"bytes starting {array[:8]!r}"
+            raise ValueError(
+                f"{path}: member {name!r} is not a .npy array but {kind}; an .npz file holds only the arrays "
+                "np.savez writes, and this one is not read"
+            )
     if key is None:
         key = next(iter(arrays)) if len(arrays) == 1 else "images" if "images" in arrays else None
     if key not in arrays:

@@ -15,13 +15,17 @@ Writes are atomic. The files go into a fresh ``<run_dir>/.checkpoint-tmp-<pid>``
 then ``checkpoint`` is renamed to ``checkpoint.old``, the temp dir to ``checkpoint``, and
 ``checkpoint.old`` is deleted. A crash at any point leaves a complete checkpoint: the previous one
 (as ``checkpoint``, or as ``checkpoint.old`` if the crash fell between the two renames, which
-``find_checkpoint`` falls back to) or the new one.
+``find_checkpoint`` falls back to) or the new one. A write that fails (disk full, file too large, read-only
+folder) removes the temp dir and raises ``CheckpointWriteError`` naming the file, the problem and the
+checkpoint that is still loadable; a process killed mid-write leaves its temp dir, which the next
+``train`` in that run dir deletes (``loop._remove_stale_temp_dirs``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,7 @@ __all__ = [
     "FILES",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWriteError",
     "find_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
@@ -102,6 +107,48 @@ def _weights(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file too large, no permission, ...).
+
+    An ``OSError`` (``errno`` is the failed call's), whose message names the file, the problem, and where
+    the previous checkpoint still lies, loadable: a failed write never touches it.
+    """
+
+
+class _StateFile:
+    """The file ``torch.save`` writes ``state.pt`` through, keeping the ``OSError`` of a failed write.
+
+    torch.save turns a failed write (disk full, RLIMIT_FSIZE) into an opaque RuntimeError ("unexpected pos
+    704 vs 598"); ``save_checkpoint`` reports the OSError kept here instead.
+    """
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            self.fh.write(data)  # a BufferedWriter writes every byte or raises
+        except OSError as e:
+            self.error = e
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _previous(run_dir: Path) -> str:
+    """What a failed write left for the user: the checkpoint ``find_checkpoint`` would load, and its step."""
+    found = find_checkpoint(run_dir)
+    if found is None:
+        return f"{run_dir} holds no earlier checkpoint"
+    try:
+        step = json.loads((_locate(found) / CONFIG).read_text(encoding="utf-8"))["step"]
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
+        return f"the last checkpoint, {found}, is itself unreadable ({e})"
+    return f"the last complete checkpoint, {found} (step {step}), is intact and loadable: resume from it"
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike, *, net: nn.Module, ema_net: nn.Module, config: dict, state: dict
 ) -> Path:
@@ -112,34 +159,63 @@ def save_checkpoint(
         net, ema_net: raw networks (not wrapped in ``Preconditioned``).
         config: JSON-able dict that rebuilds them: "process" and "net" specs, "target", ...
         state: must contain "step" (int); tensors, numbers, strings, lists and dicts only.
+
+    Raises:
+        CheckpointWriteError: a file could not be written or renamed (disk full, file too large, read-only
+            folder, ...). The temporary folder is removed and the previous checkpoint is left as it was; the
+            message names the file, the problem and the checkpoint that remains loadable.
     """
     if "step" not in state:
         raise ValueError("state must contain 'step' (the number of completed optimizer steps)")
     run_dir = Path(run_dir)
     meta = {**config, "step": int(state["step"]), "format_version": FORMAT_VERSION}
     text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)  # fail before touching disk
-    run_dir.mkdir(parents=True, exist_ok=True)
     tmp, final, old = run_dir / f"{TMP_PREFIX}{os.getpid()}", run_dir / CHECKPOINT_DIR, run_dir / OLD_DIR
-    shutil.rmtree(tmp, ignore_errors=True)  # left over by an earlier crash of a process with our pid
+    doing = f"creating {run_dir}"
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by an earlier crash of a process with our pid
+        doing = f"creating {tmp}"
         tmp.mkdir()
         # bytes written with open(): safetensors' save_file creates its files 0600 whatever the umask.
+        doing = f"writing {tmp / MODEL}"
         (tmp / MODEL).write_bytes(save_safetensors(_weights(net), metadata={"format": "pt"}))
+        doing = f"writing {tmp / EMA}"
         (tmp / EMA).write_bytes(save_safetensors(_weights(ema_net), metadata={"format": "pt"}))
+        doing = f"writing {tmp / CONFIG}"
         (tmp / CONFIG).write_text(text + "\n", encoding="utf-8")
+        doing = f"writing {tmp / STATE}"
         with open(tmp / STATE, "wb") as fh:
-            torch.save(state, fh)
+            out = _StateFile(fh)
+            try:
+                torch.save(state, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise
+                raise out.error from None
+        doing = f"flushing {tmp} to disk"
         for name in FILES:
             _fsync(tmp / name)
         _fsync(tmp)
         if final.is_dir():
             shutil.rmtree(old, ignore_errors=True)  # stale: a complete `checkpoint` exists
+            doing = f"renaming {final} to {old}"
             os.replace(final, old)
+        doing = f"renaming {tmp} to {final}"
         os.replace(tmp, final)
+        doing = f"flushing {run_dir} to disk"
         _fsync(run_dir)
-    except BaseException:  # also KeyboardInterrupt: never leave a half-written temp dir behind
+    except BaseException as e:  # also KeyboardInterrupt: never leave a half-written temp dir behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not isinstance(e, OSError):
+            raise
+        left = f"; the temporary folder {tmp} could not be removed, delete it" if tmp.exists() else ""
+        error = CheckpointWriteError(
+            f"cannot write the checkpoint of step {meta['step']}: {doing} failed: {e.strerror or e}; "
+            f"{_previous(run_dir)}{left}"
+        )
+        error.errno = e.errno  # the message stays as written above (OSError's str uses strerror when both are set)
+        raise error from e
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -214,6 +290,14 @@ def _read_state(file: Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, unpickling refused, ...
+        # weights_only refuses a pickle that names any global outside plain data, before calling anything. Say
+        # so in our words: torch's message suggests retrying with weights_only=False, which would run it.
+        found = re.search(r"GLOBAL (\S+?)\.?(\s|$)", str(e))
+        if found:
+            raise CheckpointError(
+                f"{file}: refused: the training state names the Python object {found.group(1)}; state.pt holds "
+                "only tensors, numbers, strings, lists and dicts, and loading it never runs code"
+            ) from None
         raise CheckpointError(f"{file}: unreadable training state, it may be truncated or corrupt ({e})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a dict, got {type(state).__name__}")

@@ -145,9 +145,19 @@ class TrainConfig:
 
         with open(path, encoding="utf-8") as fh:
             try:
+                # safe_load builds only plain data: a tag such as !!python/object/apply would call Python code.
                 d = yaml.safe_load(fh) or {}
+            except yaml.constructor.ConstructorError as e:  # an unknown or Python tag, refused before any call
+                mark = e.problem_mark
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+                raise ValueError(
+                    f"{path}{where}: refusing a YAML tag: {e.problem}; a config holds plain YAML data only "
+                    "(mappings, lists, strings, numbers, booleans), and tags that build Python objects are never run"
+                ) from None
             except yaml.YAMLError as e:  # its message names the line and column
                 raise ValueError(f"{path}: not valid YAML: {e}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not a YAML config: not UTF-8 text ({e})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
         d = merge_overrides(d, overrides)
