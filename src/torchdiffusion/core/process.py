@@ -218,13 +218,15 @@ class NoiseProcess:
 
         For a step t -> s < t: (snr(s) - snr(t)) / 2, the KL between the posteriors q(x_s | x_t, x0) and
         q(x_s | x_t, x0_hat) of equal variance (Ho et al. 2020, Eqs. 5 and 8). In continuous time (s None) its
-        density in t, -snr'(t) / 2 = alpha^2 g2 / (2 sigma^4) (Kingma et al. 2021, Eq. 17, with snr' from f, g2).
+        density in t, -snr'(t) / 2 = alpha (alpha sigma' - alpha' sigma) / sigma^3 (Kingma et al. 2021, Eq. 17;
+        snr = alpha^2 / sigma^2 differentiated), written so that it stays finite where alpha = 0 (Flow at t = 1,
+        where alpha^2 g2 / (2 sigma^4), the same weight, is 0 times infinity).
         """
         t = as_time(t)
         if s is not None:
             return 0.5 * (self.snr(s) - self.snr(t))
         a, sig = self.alpha_sigma(t)
-        return 0.5 * a**2 * self.g2(t) / sig**4
+        return a * (a * self.d_sigma(t) - self.d_alpha(t) * sig) / sig**3
 
     # -- the reverse processes (seed 003, "Score-based SDE") -----------------------
     def reverse_drift_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -60,9 +60,19 @@ def lam_start(process: NoiseProcess, a: float) -> float:
 
 
 def grid_lam(process: NoiseProcess, n: int, *, t_start=None, t_end=None) -> Tensor:
-    """n steps uniform in half log-SNR lam (DPM-Solver's "logSNR" grid; geometric sigmas on VE)."""
+    """n steps uniform in half log-SNR lam (DPM-Solver's "logSNR" grid; geometric sigmas on VE).
+
+    A grid that ends where sigma = 0 (t_end = 0 on VP, Cosine, EDM, Flow, Discrete: lam = +inf) runs its first n - 1
+    steps uniformly in lam to ``process.t_min`` and takes the last step from there onto t_end, where samplers
+    return x0_hat (the data-end policy of ``samplers._common``), as the start handles alpha = 0 (``LAM_MIN``)."""
     _check_n(n)
     a, b = grid_ends(process, t_start, t_end)
+    if float(process.sigma(as_time(b))) == 0.0:
+        if n == 1 or not a > process.t_min > b:
+            return torch.tensor([a, b], dtype=torch.float64) if n == 1 else grid_t(process, n, t_start=a, t_end=b)
+        return torch.cat(
+            [grid_lam(process, n - 1, t_start=a, t_end=process.t_min), torch.tensor([b], dtype=torch.float64)]
+        )
     lams = torch.linspace(lam_start(process, a), float(process.lam(as_time(b))), n + 1, dtype=torch.float64)
     ts = process.t_from_lam(lams)
     ts[0], ts[-1] = a, b  # exact ends despite the inverse's rounding

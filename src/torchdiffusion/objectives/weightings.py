@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.predictions import EPS, Prediction
+from ..core.predictions import EPS, SCORE, Prediction
 from ..core.process import NoiseProcess, as_time
 
 __all__ = ["Weighting", "SIMPLE", "ELBO", "LIKELIHOOD", "SNR", "MinSNR", "MIN_SNR"]
@@ -72,6 +72,9 @@ class _Simple(Weighting):
 class _ELBO(Weighting):
     name = "elbo"
 
+    def __call__(self, process, t, target=EPS, *, sigma_data=None):
+        return _bound_weight(self, process, t, target, sigma_data)
+
     def x0_weight(self, process, t):
         if not process.discrete:
             return LIKELIHOOD.x0_weight(process, t)
@@ -87,12 +90,36 @@ class _Likelihood(Weighting):
     def x0_weight(self, process, t):
         return process.elbo_weight(t) / process.train_t_density(t)  # -snr'(t) / 2 over the density of t
 
+    def __call__(self, process, t, target=EPS, *, sigma_data=None):
+        return _bound_weight(self, process, t, target, sigma_data)
+
+
+def _bound_weight(weighting: Weighting, process, t, target, sigma_data):
+    """The continuous bound's weight in eps or score units from its closed form, -snr'/2 (sigma/alpha)^2 = (alpha
+    sigma' - alpha' sigma) / (alpha sigma) (score: times sigma^2), which is +inf where alpha = 0 (Flow at t = 1), its
+    limit, instead of 0 times infinity; other targets (and the discrete ELBO) as every weighting."""
+    if process.discrete or target not in (EPS, SCORE):
+        return Weighting.__call__(weighting, process, t, target, sigma_data=sigma_data)
+    t = as_time(t)
+    a, sig = process.alpha_sigma(t)
+    w = (a * process.d_sigma(t) - process.d_alpha(t) * sig) / (a * sig) / process.train_t_density(t)
+    return w if target is EPS else sig**2 * w
+
 
 class _SNR(Weighting):
     name = "snr"
 
     def x0_weight(self, process, t):
         return process.snr(t)
+
+    def __call__(self, process, t, target=EPS, *, sigma_data=None):
+        # In eps and score units the weight has a closed form that stays finite where alpha = 0 (0 times infinity
+        # in snr x0_error_scale): snr (sigma / alpha)^2 = 1, snr (sigma^2 / alpha)^2 = sigma^2.
+        if target is EPS:
+            return torch.ones_like(as_time(t))
+        if target is SCORE:
+            return process.sigma(as_time(t)) ** 2
+        return super().__call__(process, t, target, sigma_data=sigma_data)
 
 
 class MinSNR(Weighting):
@@ -107,6 +134,14 @@ class MinSNR(Weighting):
 
     def x0_weight(self, process, t):
         return process.snr(t).clamp(max=self.gamma)
+
+    def __call__(self, process, t, target=EPS, *, sigma_data=None):
+        # As SNR's: min(snr, gamma) (sigma / alpha)^2 = min(1, gamma / snr), 1 where alpha = 0; score: sigma^2 times it.
+        if target in (EPS, SCORE):
+            t = as_time(t)
+            w = (self.gamma / process.snr(t)).clamp(max=1.0)
+            return w if target is EPS else process.sigma(t) ** 2 * w
+        return super().__call__(process, t, target, sigma_data=sigma_data)
 
     def __repr__(self) -> str:
         return f"MinSNR(gamma={self.gamma:g})"

@@ -164,10 +164,14 @@ def sample_pc(
             nfe += 1
             score = tweedie_score(x, x0_hat, g.alpha[s], g.sigma[s])
             z = _common.noise_like(x, generator)
-            nz, ng = _norm(z), _norm(score)  # (B, 1, ...)
+            # Norms in float32 at least (bfloat16 rounds a small score to 0); a score of norm 0 (x at a mode, or
+            # rounded away) takes no corrector step rather than an infinite one.
+            wide = torch.promote_types(x.dtype, torch.float32)
+            nz, ng = _norm(z.to(wide)), _norm(score.to(wide))  # (B, 1, ...)
             if batch_norms:  # Song et al.'s large-batch rule: the average norm over the batch
                 nz, ng = nz.mean(), ng.mean()
-            eps = 2 * a * (snr * nz / ng) ** 2
+            ratio = torch.where(ng > 0, snr * nz / torch.where(ng > 0, ng, torch.ones_like(ng)), torch.zeros_like(ng))
+            eps = (2 * a * ratio**2).to(x.dtype)
             x = x + eps * score + torch.sqrt(2 * eps) * z
         _common.report(callback, i, g, x, x0_hat, nfe)
     return _common.finish(denoiser, g, x, final_denoise, cond)
