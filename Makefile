@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?= -n 2
 
 .PHONY: venv demo demo-digits test test-portable test-slow test-all bench bench-samplers bench-likelihood bench-inverse \
-	lint format \
+	bench-few-step lint format \
 	clean lock
 
 venv: $(STAMP)
@@ -89,6 +89,14 @@ bench-inverse: $(COMPARE)
 # Likelihood accuracy and time against closed-form densities, next to k-diffusion.
 bench-likelihood: $(COMPARE)
 	$(BIN)/python benchmarks/bench_likelihood.py --out bench-output
+
+# Few-step students (issue #13): progressive, consistency distillation and training, and reflow at 1, 2 and 4 NFE
+# next to the teacher's best sampler at 5, 10 and 50 and the exact floor, on three mixtures and the digits (about
+# 45 minutes on one core of a shared 2-core machine; the digits teacher is bench-samplers' bench-output/models/digits,
+# trained once when missing). FEW_STEP_ARGS="--cases ring8 --methods cd-ict" reruns a part (finished students are
+# reused); FEW_STEP_ARGS=--quick: a smoke run of every path in a few minutes, into bench-output/few_step/quick.
+bench-few-step: $(STAMP)
+	$(BIN)/python benchmarks/bench_few_step.py --out bench-output/few_step $(FEW_STEP_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -283,3 +283,14 @@ def test_distillations_refuse_what_they_cannot_do(tmp_path, teacher_run):
     _, teacher = mixture_teacher()
     with pytest.raises(ValueError, match="class-conditional"):
         distill("reflow", None, tmp_path / "r", base=base, teacher_model=teacher, progress=False)
+
+
+def test_a_reflow_model_takes_k_euler_steps_by_default_and_any_sampler_when_asked(tmp_path):
+    _, teacher = mixture_teacher()
+    distill("reflow", None, tmp_path / "r", base=tiny(), teacher_model=teacher, steps=6, pairs=64, progress=False)
+    pipe = load(tmp_path / "r")
+    for k in (1, 2, 4):
+        nfes = []
+        pipe.sample(8, steps=k, generator=gen(0), callback=lambda info, nfes=nfes: nfes.append(info["nfe"]))
+        assert nfes[-1] == k  # Euler's last step lands on t = 0: no extra denoising call
+    assert pipe.sample(8, sampler="heun", steps=3, generator=gen(0)).shape == (8, 2)

@@ -278,8 +278,10 @@ class Pipeline:
         n = _count("n", n, "the number of samples")
         if steps is not None:
             steps = _count("steps", steps, "of the time grid")
-        own = self.own_sampler(steps)
-        if own is not None:  # a distilled student samples with its own sampler on its own times
+        # A distilled student samples with its own sampler on its own times; a reflow model, a denoiser, also with
+        # any sampler it is given.
+        own = self.own_sampler(steps) if (sampler is None and grid is None) or self.objective != "reflow" else None
+        if own is not None:
             if sampler is not None or grid is not None:
                 raise ValueError(
                     f"this is a {self.objective!r} model: it samples with its own sampler ({own[0].__name__}); "

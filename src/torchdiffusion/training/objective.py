@@ -29,11 +29,13 @@ from torch import Tensor, nn
 
 from ..core.consistency import ConsistencyModel
 from ..core.denoiser import Preconditioned, as_denoiser
+from ..core.timesteps import grid_t
 from ..names import get_prediction, get_weighting
 from ..objectives import consistency, denoising, distillation
 from ..objectives.teacher import SOLVERS
 from ..samplers.consistency import consistency_times, sample_consistency
 from ..samplers.ddim import sample_ddim
+from ..samplers.ode import sample_euler
 from .ema import ema_update
 
 __all__ = ["OBJECTIVES", "DISTILLATIONS", "TrainingObjective", "is_consistency", "consistency_t_min", "model_of"]
@@ -219,9 +221,10 @@ def model_of(net: nn.Module, process, config: dict[str, Any]) -> nn.Module:
 
 
 def kind_sampler(config: dict[str, Any], process, steps: int | None):
-    """``(sampler, ts, steps)`` that a model of this run's objective samples with, or None for a denoiser that any
-    sampler takes (denoising, reflow). Consistency: ``sample_consistency`` at ``consistency_times`` (default 1
-    step); progressive: DDIM on the student's ``halving_grid`` (its own number of steps, the default)."""
+    """``(sampler, ts, steps)`` that a model of this run's objective samples with by default, or None for a plain
+    denoiser. Consistency: ``sample_consistency`` at ``consistency_times`` (default 1 step); progressive: DDIM on the
+    student's ``halving_grid`` (its own number of steps, the default); reflow: Euler on ``grid_t`` to t = 0 (default
+    1 step; k steps cost k calls). A reflow model is also a denoiser that any other sampler takes."""
     objective = config.get("objective", "denoising")
     if is_consistency(objective):
         steps = 1 if steps is None else steps
@@ -238,4 +241,7 @@ def kind_sampler(config: dict[str, Any], process, steps: int | None):
                 f"{2 * own} steps) for more"
             )
         return sample_ddim, distillation.halving_grid(process, own), own
+    if objective == "reflow":  # straight paths: Euler on uniform t, its last step landing on the data (k calls)
+        steps = 1 if steps is None else steps
+        return sample_euler, grid_t(process, steps, t_end=0.0), steps
     return None

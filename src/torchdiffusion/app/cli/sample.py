@@ -181,7 +181,8 @@ def sample(
         elif guidance_interval is not None or guidance_rescale:
             raise ValueError("--guidance-interval and --guidance-rescale shape --guidance: give --guidance W too")
         denoiser, process = pipe.denoiser, pipe.process
-        own = pipe.own_sampler(steps)
+        chosen = sampler is not None or grid != "auto"
+        own = None if chosen and pipe.objective == "reflow" else pipe.own_sampler(steps)  # reflow: any sampler too
         if own is not None:  # a distilled student: its own sampler on its own times
             if sampler is not None or grid != "auto":
                 raise ValueError(f"{ckpt} is a {pipe.objective!r} model with its own sampler: drop --sampler / --grid")
