@@ -294,3 +294,18 @@ def test_a_reflow_model_takes_k_euler_steps_by_default_and_any_sampler_when_aske
         pipe.sample(8, steps=k, generator=gen(0), callback=lambda info, nfes=nfes: nfes.append(info["nfe"]))
         assert nfes[-1] == k  # Euler's last step lands on t = 0: no extra denoising call
     assert pipe.sample(8, sampler="heun", steps=3, generator=gen(0)).shape == (8, 2)
+
+
+def test_the_command_lines_choices_are_the_librarys_tables():
+    from torchdiffusion.app.cli.distill import distill as distill_cmd
+    from torchdiffusion.app.cli.train import train as train_cmd
+    from torchdiffusion.objectives.consistency import RECIPES
+    from torchdiffusion.objectives.teacher import SOLVERS
+    from torchdiffusion.training.distill import METHODS
+
+    opts = {p.name: p for p in distill_cmd.params}
+    assert set(opts["method"].type.choices) == set(METHODS)
+    assert set(opts["recipe"].type.choices) == set(RECIPES)
+    assert set(opts["solver"].type.choices) == set(SOLVERS)
+    train_opts = {p.name: p for p in train_cmd.params}
+    assert set(train_opts["recipe"].type.choices) == set(RECIPES)
