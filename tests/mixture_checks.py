@@ -47,3 +47,19 @@ def observed_order(ns, errs) -> float:
     logn = torch.log(torch.tensor(ns, dtype=torch.float64))
     loge = torch.log(torch.tensor(errs, dtype=torch.float64))
     return float(-((logn - logn.mean()) * (loge - loge.mean())).sum() / ((logn - logn.mean()) ** 2).sum())
+
+
+def teacher_errors(denoiser, process, x, t0, t1, exact, solver, step_counts):
+    """Max |error| against ``exact`` after walking x from t0 to t1 with ``objectives.teacher.ode_step`` on
+    ``grid_karras`` of each of ``step_counts``: the errors whose ratios give a teacher solver's observed order."""
+    from torchdiffusion.core.timesteps import grid_karras
+    from torchdiffusion.objectives.teacher import ode_step
+
+    n, errs = x.shape[0], []
+    for steps in step_counts:
+        ts = grid_karras(process, steps, t_start=t0, t_end=t1)
+        y = x
+        for k in range(steps):
+            y = ode_step(denoiser, process, y, ts[k].expand(n), ts[k + 1].expand(n), solver)
+        errs.append(float((y - exact).abs().max()))
+    return errs

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import CONTINUOUS, CONTINUOUS_IDS, Z, gen
+from mixture_checks import teacher_errors
 from torchdiffusion import EDM, VP, Flow
 from torchdiffusion.core.consistency import ConsistencyModel, consistency_scalings, noise_level
 from torchdiffusion.core.mixture import GaussianMixture
@@ -29,7 +30,6 @@ from torchdiffusion.objectives.consistency import (
     draw_pairs,
     pseudo_huber,
 )
-from torchdiffusion.objectives.teacher import ode_step
 from torchdiffusion.samplers.consistency import consistency_times, sample_consistency
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -213,13 +213,7 @@ def test_quantile_map_is_the_flow(continuous_process, solver, band):
     n = 64
     x = _marginal(SMOOTH, p, t0, n, seed=8)
     exact = SMOOTH.flow_map(x, p, t0, t1)
-    errs = []
-    for steps in (32, 64, 128):
-        ts = grid_karras(p, steps, t_start=t0, t_end=t1)
-        y = x
-        for k in range(steps):
-            y = ode_step(D, p, y, ts[k].expand(n), ts[k + 1].expand(n), solver)
-        errs.append(float((y - exact).abs().max()))
+    errs = teacher_errors(D, p, x, t0, t1, exact, solver, (32, 64, 128))
     ratios = [errs[k] / errs[k + 1] for k in range(2)]
     assert all(band[0] <= r <= band[1] for r in ratios), (errs, ratios)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import CONTINUOUS, CONTINUOUS_IDS, gen
+from mixture_checks import teacher_errors
 from torchdiffusion.core.mixture import GaussianMixture
 from torchdiffusion.core.process import as_time
 from torchdiffusion.core.timesteps import grid_karras
@@ -138,13 +139,7 @@ def test_teacher_converges_to_the_flow(continuous_process, solver, order, band):
     n = 64
     x = _x_t(p, t0, n, seed=5)
     exact = GAUSS.flow_map(x, p, t0, t1)
-    errs = []
-    for steps in (16, 32, 64):
-        ts = grid_karras(p, steps, t_start=t0, t_end=t1)
-        y = x
-        for k in range(steps):
-            y = ode_step(D, p, y, ts[k].expand(n), ts[k + 1].expand(n), solver)
-        errs.append(float((y - exact).abs().max()))
+    errs = teacher_errors(D, p, x, t0, t1, exact, solver, (16, 32, 64))
     ratios = [errs[k] / errs[k + 1] for k in range(len(errs) - 1)]
     assert all(band[0] <= r <= band[1] for r in ratios), (solver, errs, ratios, 2**order)
 
