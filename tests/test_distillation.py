@@ -169,8 +169,8 @@ def _triples(process, n, seed):
 def test_progressive_target_is_the_teachers_two_steps(continuous_process):
     """One DDIM step t -> s from x_t with x0_hat := progressive_target lands on the teacher's two DDIM steps
     t -> t_mid -> s (Salimans & Ho 2022, Algorithm 2), for every example's own triple, including the last step
-    onto the data. The reference is ``sample_ddim`` over [t, t_mid, s] per triple. Rounding: the target is
-    (x_s - r x_t) / c and the step r x_t + c x~, a few eps of r |x_t| + |x_s|."""
+    onto the data. The reference is ``sample_ddim`` over [t, t_mid, s] per triple. Rounding: a few eps of the
+    largest term on either path (see below)."""
     p, D = continuous_process, GAUSS.denoiser(continuous_process)
     n = 128
     t, t_mid, s, _ = _triples(p, n, seed=6)
@@ -182,7 +182,10 @@ def test_progressive_target_is_the_teachers_two_steps(continuous_process):
         grid = torch.stack([tt, t_mid[k][0], s[k][0]])
         two = sample_ddim(D, p, x[k], grid, final_denoise=False)
         r = float(p.sigma(grid[2]) / p.sigma(grid[0]))
-        tol = 64 * EPS * (r * x[k].abs() + two.abs())
+        # Both sides pass through x_mid and x0_hat by different sums (ode_step vs ddim_step's gathered form), so a
+        # coordinate's rounding is a few eps of the largest term that enters, not of its own end values (which can
+        # sit near 0): the batch's largest r |x_t| and |x_s|, and the data's O(1) scale (baseline kernels: 8.9e-16).
+        tol = 64 * EPS * (r * float(x[k].abs().max()) + float(two.abs().max()) + 1.0)
         assert bool(((one[k] - two).abs() <= tol).all()), (float(tt), float((one[k] - two).abs().max()))
 
 
