@@ -38,6 +38,11 @@ def _parse_overrides(ctx, param, values) -> tuple[tuple[str, object], ...]:
     return tuple(parsed)
 
 
+def set_option(help: str):
+    """The ``--set KEY=VALUE`` option (repeatable; VALUE is YAML) of the commands that build a TrainConfig."""
+    return click.option("--set", "sets", multiple=True, callback=_parse_overrides, metavar="KEY=VALUE", help=help)
+
+
 def _typed(ctx, name: str) -> bool:
     from click.core import ParameterSource
 

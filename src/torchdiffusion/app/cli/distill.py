@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ._shared import _fail, threads_option
-from ._train_config import _parse_overrides
+from ._train_config import set_option
 from .group import main
 
 
@@ -45,14 +45,7 @@ from .group import main
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted distillation (finished rounds are kept).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
-@click.option(
-    "--set",
-    "sets",
-    multiple=True,
-    callback=_parse_overrides,
-    metavar="KEY=VALUE",
-    help="Override a training field of the student (default: the teacher's), e.g. --set lr=1e-3; repeatable.",
-)
+@set_option("Override a training field of the student (default: the teacher's), e.g. --set lr=1e-3; repeatable.")
 @threads_option
 def distill(method, teacher, out, steps, student_steps, start_steps, recipe, solver, rounds, pairs, resume,
             no_progress, sets):  # fmt: skip

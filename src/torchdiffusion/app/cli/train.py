@@ -10,7 +10,7 @@ import click
 from ...names import PRECISIONS, PROCESSES, SCHEDULES, WEIGHTINGS
 from ...names import PREDICTIONS as TARGETS
 from ._shared import _device, _fail, threads_option
-from ._train_config import _parse_overrides, _train_config
+from ._train_config import _train_config, set_option
 from .group import main
 
 
@@ -132,14 +132,9 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
     default=None,
     help="Consistency training's recipe: ict (Song & Dhariwal 2023, the default) or cm (Song et al. 2023).",
 )
-@click.option(
-    "--set",
-    "sets",
-    multiple=True,
-    callback=_parse_overrides,
-    metavar="KEY=VALUE",
-    help="Override a training field (after --config and the options); repeatable. VALUE is YAML; dotted keys reach "
-    "into net / process / data_options: --set steps=2000 --set net.channels=64.",
+@set_option(
+    "Override a training field (after --config and the options); repeatable. VALUE is YAML; dotted keys reach "
+    "into net / process / data_options: --set steps=2000 --set net.channels=64."
 )
 @threads_option
 @click.pass_context
