@@ -23,6 +23,8 @@ SMALLER = [
     (2, "sample(5000,", "sample(50,"),
     (3, "steps=4000)", "steps=30, n_data=500, net={'name': 'mlp', 'width': 32, 'depth': 2}, checkpoint_every=30)"),
     (3, "sample(1000,", "sample(50,"),
+    (5, "steps=2000)", "steps=2, batch_size=8, checkpoint_every=2)"),
+    (5, "sample(16,", "sample(2,"),
 ]
 
 
@@ -53,3 +55,4 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     assert namespace["guided"].num_classes == 8
     assert namespace["x0"].shape == (50, 2) and bool(namespace["x0"].isfinite().all())
     assert namespace["x0"].grad_fn is None  # a loaded model records no graph
+    assert (tmp_path / "ddpm-diffusers" / "unet" / "config.json").is_file() and namespace["x"].shape == (2, 1, 8, 8)

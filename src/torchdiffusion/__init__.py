@@ -19,6 +19,7 @@ import sys as _sys
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .app.export import export_diffusers
 from .app.pipeline import Pipeline, load
 from .core.consistency import ConsistencyModel
 from .core.denoiser import Preconditioned, as_denoiser, count_nfe
@@ -41,6 +42,7 @@ from .core.processes import (
     make_betas,
 )
 from .core.timesteps import grid_discrete, grid_karras, grid_lam, grid_quadratic, grid_t
+from .interop.k_diffusion import from_k_diffusion, to_k_diffusion
 from .inverse import (
     ddim_interpolate,
     ddim_invert,
@@ -89,5 +91,6 @@ __all__ = [
     # likelihood
     "log_likelihood", "elbo", "vlb", "vlb_terms", "bits_per_dim", "dequantize", "nll_8bit",
     # training and loading
-    "TrainConfig", "train", "distill", "load_denoiser", "load", "Pipeline",
+    "TrainConfig", "train", "distill", "load_denoiser", "load", "Pipeline", "export_diffusers",
+    "from_k_diffusion", "to_k_diffusion",
 ]  # fmt: skip

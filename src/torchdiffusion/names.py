@@ -42,7 +42,7 @@ from .inverse import (
 )
 from .inverse.repaint import repaint_budget
 from .inverse.smc import smc_budget
-from .nets import MLP, FourierEmbedding, SinusoidalEmbedding, UNet, UNetClassifier
+from .nets import MLP, FourierEmbedding, SinusoidalEmbedding, TableEmbedding, UNet, UNetClassifier
 from .objectives.weightings import ELBO, LIKELIHOOD, MIN_SNR, SIMPLE, SNR
 from .samplers import (
     DEFAULT_SAMPLER,
@@ -69,7 +69,9 @@ __all__ = [
 ]  # fmt: skip
 
 NETS = {"mlp": MLP, "unet": UNet, "unet_classifier": UNetClassifier}  # unet_classifier: train-classifier on images
-EMBEDDINGS = {e.name: e for e in (SinusoidalEmbedding, FourierEmbedding)}  # a net spec's "time_embedding"
+EMBEDDINGS = {
+    e.name: e for e in (SinusoidalEmbedding, FourierEmbedding, TableEmbedding)
+}  # a net spec's "time_embedding"
 PREDICTIONS = {p.name: p for p in ALL_PREDICTIONS}  # eps, x0, v, score, flow
 # "sigma2": NCSN's lambda(sigma) = sigma^2 on the score error is the snr weight in x0 units
 WEIGHTINGS = {"simple": SIMPLE, "elbo": ELBO, "likelihood": LIKELIHOOD, "snr": SNR, "sigma2": SNR, "min_snr": MIN_SNR}
@@ -180,8 +182,16 @@ PROCESSES = {
     "cosine": Cosine,
     "edm": EDM,
     "flow": Flow,
-    "ddpm": lambda schedule="linear", T=1000: Discrete.from_schedule(_pick("beta schedule", SCHEDULES, schedule), T),
+    "ddpm": lambda schedule="linear", T=1000, betas=None: _ddpm(schedule, T, betas),
 }
+
+
+def _ddpm(schedule: str, T: int, betas) -> Discrete:
+    """DDPM with a named beta schedule of T steps, or with its ``betas`` listed (a diffusers scheduler's
+    ``trained_betas`` or non-default beta range, ``interop.diffusers``)."""
+    if betas is not None:
+        return Discrete(torch.as_tensor(betas, dtype=torch.float64))
+    return Discrete.from_schedule(_pick("beta schedule", SCHEDULES, schedule), T)
 
 
 def _pick(kind: str, table: dict, name: str):

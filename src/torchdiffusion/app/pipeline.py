@@ -16,6 +16,7 @@ import operator
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,11 @@ from torch import Tensor
 from ..core.process import NoiseProcess
 from ..guidance import classifier_free, classifier_guidance
 
-__all__ = ["DEFAULT_STEPS", "IMAGE_BATCH", "Pipeline", "load", "draw_samples", "example_shape", "default_grid"]
+__all__ = [
+    "DEFAULT_STEPS", "IMAGE_BATCH", "Pipeline", "load", "load_model", "cascade", "LatentCodec", "latent_codec",
+    "draw_samples", "example_shape",
+    "default_grid",
+]  # fmt: skip
 
 DEFAULT_STEPS = 20  # few-step default, for the default sampler (UniPC-3) and other ODE solvers; DDPM wants 250+
 IMAGE_BATCH = 1000  # default batch for images (points are drawn at once), as on the command line
@@ -69,6 +74,7 @@ def draw_samples(
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     labels: Tensor | None = None,
+    conditions: dict[str, Tensor] | None = None,
     progress: bool = False,
     desc: str | None = None,
     callback: Callable | None = None,
@@ -82,7 +88,8 @@ def draw_samples(
     both from ``generator``: one seed and one batch size always give the same samples. Another batch size
     consumes the stream in another order and gives other, equally valid, samples; the first batch is
     always the single draw of its size. ``labels`` (n,) are sliced with the batches and passed as
-    ``class_labels``. Each batch moves to the CPU when done, so ``device`` holds one batch at a time.
+    ``class_labels``; so is each tensor of ``conditions`` (n, ...) under its own name (a super-resolution model's
+    ``low_res`` and ``aug_level``). Each batch moves to the CPU when done, so ``device`` holds one batch at a time.
     ``progress`` shows one tqdm bar over every batch's steps; ``callback`` gets every step's info dict;
     ``watch_first(x_T)``, if given, returns an extra callback for the first batch (the command line's
     ``--figure`` records that batch's reverse process).
@@ -103,6 +110,7 @@ def draw_samples(
             b = min(batch_size, n - start)
             x = process.prior_sample((b, *shape), generator=generator, device=device)
             cond = {"class_labels": labels[start : start + b].to(device)} if labels is not None else {}
+            cond.update({k: v[start : start + b].to(device) for k, v in (conditions or {}).items()})
             calls = [tick, callback, watch_first(x) if watch_first is not None and start == 0 else None]
             calls = [c for c in calls if c is not None]
             cb = calls[0] if len(calls) == 1 else (lambda info, calls=calls: [c(info) for c in calls])
@@ -145,6 +153,8 @@ class Pipeline:
             checkpoints written before training recorded it.
         num_classes: K for a class-conditional model (labels 0..K-1), else None.
         device: where the denoiser's weights are.
+        autoencoder: a latent model's ``LatentCodec`` (Rombach et al. 2022): ``shape`` is then the latents', the
+            denoiser works on them, and ``sample`` decodes (``image_shape``); None for a pixel model.
     """
 
     denoiser: Any
@@ -155,6 +165,7 @@ class Pipeline:
     data_box: tuple | None
     num_classes: int | None
     device: torch.device
+    autoencoder: Any = None  # a latent model's LatentCodec (decode / encode), else None
 
     @property
     def target(self) -> str:
@@ -247,6 +258,9 @@ class Pipeline:
         labels=None,
         final_denoise: bool = True,
         callback: Callable | None = None,
+        low_res: Tensor | None = None,
+        aug_level: float = 0.0,
+        decode: bool = True,
         **options,
     ) -> Tensor:
         """``n`` samples, a CPU tensor of shape ``(n, *self.shape)`` with no autograd graph.
@@ -269,6 +283,11 @@ class Pipeline:
             labels: class-conditional models only: one int or n ints (default: i mod K, every class).
             final_denoise: end with x0_hat at the last time (the samplers' policy at the data end).
             callback: called with every step's info dict (``i``, ``t``, ``x``, ``x0_hat``, ``nfe``).
+            low_res: super-resolution models only: the n (or 1) low-resolution images to upsample, (n, C, h, w)
+                with h = H / ``super_resolution`` (a base model's samples: ``cascade``).
+            decode: latent models only: return images (the decoded latents, the default) or the latents.
+            aug_level: super-resolution models only: the augmentation noise level the model is told its low-res
+                input carries (Ho et al. 2022, Sec. 4.2); 0 (the default) adds none, > 0 adds that much noise.
             **options: the sampler's own options (``eta`` for ``sample_ddim``, ``n_steps_each`` for "ald").
         """
         from ..core.timesteps import check_grid
@@ -312,16 +331,56 @@ class Pipeline:
         batch_size = batch_size or (IMAGE_BATCH if len(self.shape) == 3 else n)
         if "class_labels" in options:
             raise ValueError("pass class labels as labels=..., not class_labels=...")
+        conditions = self._low_res(n, low_res, aug_level, generator)
         if generator is not None and generator.device.type != self.device.type:
             raise ValueError(
                 f"the generator is on {generator.device} but the model on {self.device}: "
                 f"use torch.Generator({self.device.type!r})"
             )
-        return draw_samples(
+        x = draw_samples(
             sampler, self.denoiser, self.process, self.shape, n, ts,
             batch_size=batch_size, generator=generator, device=self.device, labels=self._labels(n, labels),
-            progress=progress, callback=callback, final_denoise=final_denoise, **options,
+            conditions=conditions, progress=progress, callback=callback, final_denoise=final_denoise, **options,
         )  # fmt: skip
+        return self.autoencoder.decode(x) if self.autoencoder is not None and decode else x
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one sample as ``sample`` returns it: a latent model's decoded images, else ``shape``."""
+        return self.autoencoder.image_shape if self.autoencoder is not None else self.shape
+
+    @property
+    def super_resolution(self) -> int:
+        """The pooling factor f of a super-resolution model (its input is an H/f x W/f image), else 0."""
+        return int(self.config.get("super_resolution", 0) or 0)
+
+    def _low_res(self, n: int, low_res, aug_level: float, generator) -> dict[str, Tensor] | None:
+        """A super-resolution model's ``low_res`` (n, C, h, w) and ``aug_level`` (n,), checked; None otherwise."""
+        f = self.super_resolution
+        if not f:
+            if low_res is not None:
+                raise ValueError("low_res given, but this is not a super-resolution model (trained without "
+                                 "super_resolution)")  # fmt: skip
+            return None
+        C, H, W = self.shape
+        if low_res is None:
+            raise ValueError(f"this super-resolution model needs low_res: n (or 1) images of shape ({C}, {H // f}, "
+                             f"{W // f}) to upsample x{f} (e.g. a base model's samples: td.cascade)")  # fmt: skip
+        low_res = torch.as_tensor(low_res, dtype=torch.float32)
+        if low_res.ndim == 3:
+            low_res = low_res[None]
+        if low_res.shape[1:] != (C, H // f, W // f) or len(low_res) not in (1, n):
+            raise ValueError(
+                f"low_res must hold n = {n} (or 1) images of shape ({C}, {H // f}, {W // f}), "
+                f"got {tuple(low_res.shape)}"
+            )
+        if not aug_level >= 0:
+            raise ValueError(f"aug_level must be >= 0, got {aug_level}")
+        low_res = low_res.expand(n, -1, -1, -1)
+        if aug_level > 0:  # the input carries the noise the model is told of (as in training)
+            noise = torch.randn(low_res.shape, generator=generator, device=self.device).cpu()
+            low_res = low_res + aug_level * noise
+        return {"low_res": low_res, "aug_level": torch.full((n,), float(aug_level))}
 
     @property
     def objective(self) -> str:
@@ -347,20 +406,90 @@ class Pipeline:
         return kind_sampler(self.config, self.process, steps)
 
 
+class LatentCodec:
+    """A latent model's autoencoder with its latent scale factor s (Rombach et al. 2022, Sec. 4.3.2): ``encode(x)``
+    = s E[z | x], the latents the diffusion model was trained on; ``decode(z)`` = D(z / s). CPU tensors in and out."""
+
+    def __init__(self, autoencoder, scale_factor: float, image_shape: tuple[int, ...], path: str):
+        self.autoencoder, self.scale_factor, self.image_shape, self.path = autoencoder, scale_factor, image_shape, path
+
+    def encode(self, images: Tensor) -> Tensor:
+        from ..training.autoencoder import encode_dataset
+
+        return encode_dataset(self.autoencoder, images, self.scale_factor).cpu()
+
+    def decode(self, z: Tensor) -> Tensor:
+        from ..training.autoencoder import decode_latents
+
+        return decode_latents(self.autoencoder, z, self.scale_factor).cpu()
+
+    def __repr__(self) -> str:
+        return f"LatentCodec({self.path!r}, scale_factor={self.scale_factor:.4g}, image_shape={self.image_shape})"
+
+
+def latent_codec(run_dir: str | os.PathLike, config: dict[str, Any], device="cpu") -> LatentCodec | None:
+    """The ``LatentCodec`` of a latent model (its config names an ``autoencoder``), else None. The run keeps a copy
+    of the autoencoder's checkpoint (``run_dir/autoencoder``), read first; the path the config names otherwise."""
+    path = config.get("autoencoder")
+    if not path:
+        return None
+    from ..training.autoencoder import load_autoencoder
+
+    run = Path(run_dir)
+    run = run.parent if run.name in ("checkpoint", "checkpoint.old") else run
+    where = run / "autoencoder" if (run / "autoencoder").is_dir() else Path(path)
+    ae, meta = load_autoencoder(where, device=device)
+    return LatentCodec(ae, float(meta["scale_factor"]), tuple(meta["image_shape"]), str(where))
+
+
+def cascade(pipes: Sequence[Pipeline], n: int, *, steps: int | None = None, aug_level: float = 0.0, **options):
+    """Samples of a cascade (Ho et al. 2022, "Cascaded Diffusion Models"): ``pipes[0]`` (a base model) draws n
+    images, and each following super-resolution model upsamples the previous stage's output (``low_res``).
+    Returns the last stage's samples; ``options`` (generator, sampler, progress, ...) go to every stage."""
+    if not pipes:
+        raise ValueError("a cascade needs at least a base model")
+    if pipes[0].super_resolution:
+        raise ValueError("the first stage of a cascade is a base model; this one is a super-resolution model")
+    x = pipes[0].sample(n, steps=steps, **options)
+    for i, pipe in enumerate(pipes[1:], 1):
+        if not pipe.super_resolution:
+            raise ValueError(f"stage {i} of the cascade is not a super-resolution model")
+        f = pipe.super_resolution
+        want = (pipe.shape[0], pipe.shape[1] // f, pipe.shape[2] // f)
+        if tuple(x.shape[1:]) != want:
+            raise ValueError(f"stage {i} upsamples {want} images, but stage {i - 1} gives {tuple(x.shape[1:])}")
+        x = pipe.sample(n, steps=steps, low_res=x, aug_level=aug_level, **options)
+    return x
+
+
+def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu", clip: bool = True):
+    """``(denoiser, process, config)`` of a run directory (``training.checkpoint.load_denoiser``) or of a diffusers
+    folder (``interop.diffusers.load_diffusers``: a ``DDPMPipeline`` / ``DDIMPipeline`` folder, or a bare
+    ``UNet2DModel`` folder with its scheduler config), whichever ``path`` is."""
+    from ..interop.diffusers import is_diffusers_folder, load_diffusers
+    from ..training.checkpoint import load_denoiser
+
+    if is_diffusers_folder(path):
+        return load_diffusers(path, device=device, clip=clip)  # a diffusers model has one set of weights
+    return load_denoiser(path, ema, device=device, clip=clip)
+
+
 def load(
     run_dir: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu", clip: bool = True
 ) -> Pipeline:
-    """The trained model of ``run_dir`` (a run directory or its ``checkpoint/``), ready to ``.sample(n)``.
+    """The trained model of ``run_dir`` (a run directory or its ``checkpoint/``, or a diffusers pipeline or
+    ``UNet2DModel`` folder: ``load_model``), ready to ``.sample(n)``.
 
     ``ema=True`` takes the EMA weights (Ho et al. 2020, Sec. 4), which sample better than the raw ones;
     ``clip=True`` clamps x0_hat to the training data's box (``core.support``: exact, never moves a
-    prediction away from the ideal denoiser). Raises ``CheckpointError`` (a ValueError) naming the file
-    and the problem when the checkpoint is missing, incomplete or corrupt.
+    prediction away from the ideal denoiser; for a diffusers model, its scheduler's ``clip_sample`` or
+    ``thresholding``). Raises ``CheckpointError`` (a ValueError) naming the file and the problem when the
+    checkpoint is missing, incomplete or corrupt, and ``DiffusersFormatError`` (a ValueError) naming a
+    diffusers setting that cannot be represented.
     """
-    from ..training.checkpoint import load_denoiser
-
     device = torch.device(device)
-    denoiser, process, config = load_denoiser(run_dir, ema, device=device, clip=clip)
+    denoiser, process, config = load_model(run_dir, ema=ema, device=device, clip=clip)
+    codec = latent_codec(run_dir, config, device)
     box = config.get("data_box")
     return Pipeline(
         denoiser=denoiser,
@@ -371,4 +500,5 @@ def load(
         data_box=tuple(box) if box is not None else None,
         num_classes=config["net"].get("num_classes") or None,
         device=device,
+        autoencoder=codec,
     )

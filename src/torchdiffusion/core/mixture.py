@@ -239,6 +239,15 @@ class GaussianMixture:
         """The same mixture as a ``FullCovarianceMixture`` (covariances diag(v_k))."""
         return FullCovarianceMixture(self.weights, self.means, torch.diag_embed(self.variances), self.shape)
 
+    def affine(self, A, b=None, *, shape=None, support=None) -> GaussianMixture | FullCovarianceMixture:
+        """The exact push-forward under z = A x + b (see ``FullCovarianceMixture.affine``). A diagonal map, A given
+        as its (D,) diagonal a, keeps the covariances diagonal: a ``GaussianMixture`` with means a m_k + b and
+        variances a^2 v_k; a matrix A goes through ``to_full``."""
+        if torch.as_tensor(A).ndim == 1 and support is None:
+            a, b = _affine_args(A, b, self.dim)
+            return GaussianMixture(self.weights, self.means * a + b, self.variances * a**2, shape or self.shape)
+        return self.to_full().affine(A, b, shape=shape, support=support)
+
     def posterior(self, measurement: Measurement) -> FullCovarianceMixture:
         """The exact p(x0 | y), see ``FullCovarianceMixture.posterior``."""
         return self.to_full().posterior(measurement)
@@ -285,6 +294,18 @@ def _reduce(measurement: Measurement, shape: tuple[int, ...]):
     else:
         log_perp = torch.zeros(measurement.batch, dtype=F64)
     return At, yt, sy, log_perp
+
+
+def _affine_args(A, b, D: int) -> tuple[Tensor, Tensor]:
+    """A as a float64 (M, D) matrix or (D,) diagonal, and b as (M,) (zeros when None), checked against D."""
+    A = torch.as_tensor(A, dtype=F64)
+    if not (A.ndim == 2 and A.shape[1] == D) and not (A.ndim == 1 and A.shape[0] == D):
+        raise ValueError(f"A must be an (M, D) matrix or a (D,) diagonal with D = {D}, got shape {tuple(A.shape)}")
+    M = A.shape[0]
+    b = torch.zeros(M, dtype=F64) if b is None else torch.as_tensor(b, dtype=F64).flatten()
+    if b.shape != (M,):
+        raise ValueError(f"b must hold M = {M} numbers (A's rows), got {b.numel()}")
+    return A, b
 
 
 def _singular(evals: Tensor) -> Tensor:
@@ -382,6 +403,29 @@ class FullCovarianceMixture:
         return FullCovarianceMixture(
             self.weights, alpha * self.means, alpha**2 * self.covariances + sigma**2 * eye, self.shape
         )
+
+    def affine(self, A, b=None, *, shape=None, support=None) -> FullCovarianceMixture:
+        """The exact push-forward of this mixture under z = A x + b: sum_k w_k N(A m_k + b, A C_k A^T).
+
+        An affine image of a Gaussian is Gaussian with mean A m + b and covariance A C A^T (Bishop 2006, PRML
+        eq. 2.115 with zero noise, L^{-1} = 0), and mapping each draw commutes with choosing its component, so the
+        weights are unchanged. With a linear encoder z = P^T (x - mu) this is the exact latent distribution of
+        latent diffusion (Rombach et al. 2022, Sec. 3), hence its exact latent denoiser (``denoiser``).
+
+        Args:
+            A: (M, D) matrix, or (D,) the diagonal of a diagonal one.
+            b: M numbers (any shape), default 0.
+            shape: the event shape of z, default this mixture's shape when M = D, else (M,).
+            support: passed to the result (see the class); give the image's affine subspace when A has rank
+                below M (e.g. a projection), whose covariances are then singular. This mixture's own
+                ``support`` is not carried over.
+        """
+        A, b = _affine_args(A, b, self.dim)
+        A = torch.diag(A) if A.ndim == 1 else A
+        M = A.shape[0]
+        shape = shape if shape is not None else (self.shape if M == self.dim else (M,))
+        covs = A @ self.covariances @ A.T
+        return FullCovarianceMixture(self.weights, self.means @ A.T + b, covs, shape, support=support)
 
     # -- sampling --------------------------------------------------------------------------------
     def sample(

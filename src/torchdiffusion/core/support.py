@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["data_box", "ClippedDenoiser", "clip_denoiser"]
+__all__ = ["data_box", "ClippedDenoiser", "clip_denoiser", "ThresholdedDenoiser"]
 
 
 def data_box(data: Tensor) -> tuple[list[float], list[float]]:
@@ -74,3 +74,28 @@ class ClippedDenoiser(nn.Module):
 def clip_denoiser(denoiser, low, high) -> ClippedDenoiser:
     """``denoiser`` whose x0_hat is projected onto the box [low, high] (see the module docstring)."""
     return ClippedDenoiser(denoiser, low, high)
+
+
+class ThresholdedDenoiser(nn.Module):
+    """``denoiser`` with dynamic thresholding of x0_hat (Saharia et al. 2022, Sec. 2.3, "dynamic thresholding").
+
+    Per example, s = the ``ratio`` quantile of |x0_hat| over its elements, clamped to [1, ``max_value``]; then
+    x0_hat <- clamp(x0_hat, -s, s) / s. Where s = 1 this is static clipping to [-1, 1]; above, saturated
+    pixels are pushed inwards. It is not a projection (the division by s moves every prediction), so unlike
+    ``ClippedDenoiser`` it can move x0_hat away from the ideal denoiser: it is here because diffusers
+    schedulers configured with ``thresholding=True`` apply it, and a model loaded from one must sample as
+    there (``interop.diffusers``).
+    """
+
+    def __init__(self, denoiser, ratio: float = 0.995, max_value: float = 1.0):
+        super().__init__()
+        if not 0 < ratio <= 1 or not max_value >= 1:
+            raise ValueError(f"dynamic thresholding needs 0 < ratio <= 1 and max_value >= 1, got {ratio}, {max_value}")
+        self.denoiser, self.ratio, self.max_value = denoiser, float(ratio), float(max_value)
+
+    def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
+        x0_hat = self.denoiser(x, t, **cond)
+        flat = x0_hat.reshape(len(x0_hat), -1)
+        s = torch.quantile(flat.abs().float(), self.ratio, dim=1).clamp(1.0, self.max_value).to(x0_hat.dtype)
+        s = s.view(-1, *([1] * (x0_hat.ndim - 1)))
+        return torch.maximum(torch.minimum(x0_hat, s), -s) / s

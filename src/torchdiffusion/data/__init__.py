@@ -16,7 +16,7 @@ from .image_files import (
     read_image,
     read_mask,
 )
-from .images import DOWNLOADABLE, IMAGE_DATASETS, load_digits, load_images, random_flip
+from .images import DOWNLOADABLE, IMAGE_DATASETS, is_image_spec, load_digits, load_images, random_flip
 from .images import download as download_images
 from .shapes import COLOURS, SHAPES, draw_shapes, load_shapes, make_shapes, shape_params
 from .toy import (
@@ -47,6 +47,7 @@ __all__ = [
     "pinwheel",
     "swiss_roll",
     "IMAGE_DATASETS",
+    "is_image_spec",
     "IMAGE_EXTENSIONS",
     "DOWNLOADABLE",
     "download_images",

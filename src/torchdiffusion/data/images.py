@@ -264,3 +264,9 @@ def download(name: str, root: str | os.PathLike, *, checksums: Mapping[str, str]
             with stream:
                 _write_atomic(out / member, stream)
     return out
+
+
+def is_image_spec(spec: str) -> bool:
+    """Whether ``load_images`` reads ``spec``: a built-in image set, a folder, an .npz or an IDX file."""
+    name = spec.lower()
+    return spec in IMAGE_DATASETS or Path(spec).is_dir() or name.endswith((".npz", "-ubyte", "-ubyte.gz"))

@@ -157,10 +157,14 @@ class UNet(nn.Module):
         num_heads: attention heads; or ``head_channels``, channels per head (ADM), which overrides it.
         dropout: in every ResBlock.               groups: GroupNorm groups (reduced to divide the channels).
         num_classes: enables a class embedding (label ``num_classes`` is "unconditional").
-        time_embedding: "sinusoidal" or "fourier" (of c_noise, dim = channels), then an MLP to ``emb_dim``
-            (default 4 * channels).
+        time_embedding: "sinusoidal", "fourier" or "table" (of c_noise, dim = channels), then an MLP to ``emb_dim``
+            (default 4 * channels); ``time_embedding_options``: its keyword arguments (a diffusers model's
+            embedding settings, ``interop.diffusers``).
         resblock_updown: resample inside ResBlocks instead of with (strided / upsampling) convolutions (ADM).
         scale_shift: FiLM the second GroupNorm of each ResBlock (ADM) instead of adding the embedding (DDPM).
+        cond_channels: > 0 makes a super-resolution U-Net: ``forward`` then takes ``low_res`` (B, cond_channels,
+            h, w), upsampled bilinearly and concatenated to x, and ``aug_level`` (B,), the noise level of its
+            augmentation (default 0), embedded and added to the time embedding (Ho et al. 2022, Sec. 4.2).
     The last convolution starts at zero, so an untrained network outputs 0. Under ``torch.autocast`` the
     output has the autocast dtype (the last layer is a convolution).
     """
@@ -179,10 +183,12 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_classes: int | None = None,
         time_embedding: type[nn.Module] = SinusoidalEmbedding,
+        time_embedding_options: dict | None = None,
         emb_dim: int | None = None,
         resblock_updown: bool = False,
         scale_shift: bool = True,
         groups: int = 32,
+        cond_channels: int = 0,
     ):
         super().__init__()
         check_embedding(time_embedding)
@@ -204,10 +210,12 @@ class UNet(nn.Module):
             dropout=dropout,
             num_classes=num_classes,
             time_embedding=getattr(time_embedding, "name", time_embedding.__name__),  # JSON: the name
+            time_embedding_options=dict(time_embedding_options or {}),
             emb_dim=emb_dim,
             resblock_updown=resblock_updown,
             scale_shift=scale_shift,
             groups=groups,
+            cond_channels=cond_channels,
         )
 
         def res(cin, cout, resample=None):
@@ -222,10 +230,20 @@ class UNet(nn.Module):
             return res(c, c, "up" if up else "down") if resblock_updown else _Resample(c, up)
 
         self.time = nn.Sequential(
-            time_embedding(channels), nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            time_embedding(channels, **(time_embedding_options or {})),
+            nn.Linear(channels, emb_dim),
+            nn.SiLU(),
+            nn.Linear(emb_dim, emb_dim),
         )
         self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
-        self.inp = nn.Conv2d(in_channels, channels, 3, padding=1)
+        if cond_channels < 0:
+            raise ValueError(f"cond_channels must be >= 0, got {cond_channels}")
+        self.cond_channels = cond_channels
+        # A super-resolution model (Saharia et al. 2022, SR3; Ho et al. 2022, CDM): the low-resolution image,
+        # upsampled, enters as extra input channels, and its augmentation noise level as an embedding added to the
+        # time's (Ho et al. 2022, Sec. 4.2: "we condition the model on the amount of augmentation").
+        self.aug = nn.Sequential(SinusoidalEmbedding(channels), nn.Linear(channels, emb_dim)) if cond_channels else None
+        self.inp = nn.Conv2d(in_channels + cond_channels, channels, 3, padding=1)
         # Down: each entry of down[level] is one block whose output is a skip.
         skips, c, self.down = [channels], channels, nn.ModuleList()
         for level, mult in enumerate(channel_mult):
@@ -254,7 +272,14 @@ class UNet(nn.Module):
         if c // self.out[0].num_groups >= 2:  # see the module docstring
             self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        class_labels: Tensor | None = None,
+        low_res: Tensor | None = None,
+        aug_level: Tensor | None = None,
+    ) -> Tensor:
         if x.ndim != 4 or x.shape[-2] % self.multiple or x.shape[-1] % self.multiple:
             raise ValueError(
                 f"UNet takes (B, C, H, W) with H and W multiples of {self.multiple} "
@@ -265,6 +290,12 @@ class UNet(nn.Module):
             if class_labels is None:
                 class_labels = torch.full((x.shape[0],), self.label.num_embeddings - 1, device=x.device)
             emb = emb + self.label(class_labels)
+        if self.aug is not None:
+            x = self._with_low_res(x, low_res)
+            level = torch.zeros(len(x), device=x.device) if aug_level is None else aug_level.reshape(-1)
+            emb = emb + self.aug(level.expand(len(x)))
+        elif low_res is not None:
+            raise ValueError("low_res given, but this U-Net is not a super-resolution model (cond_channels = 0)")
         emb = F.silu(emb)  # the SiLU that starts every block's embedding projection (Ho et al.; ADM)
         h = self.inp(x.contiguous(memory_format=self.memory_format))
         hs = [h]
@@ -277,6 +308,18 @@ class UNet(nn.Module):
             for block in blocks:
                 h = block(torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h).contiguous()
+
+    def _with_low_res(self, x: Tensor, low_res: Tensor | None) -> Tensor:
+        """[x, low_res upsampled to x's size (bilinear)] along the channels (SR3's concatenation)."""
+        if low_res is None:
+            raise ValueError(f"this super-resolution U-Net needs low_res=(B, {self.cond_channels}, h, w) images")
+        if low_res.ndim != 4 or low_res.shape[1] != self.cond_channels or len(low_res) not in (1, len(x)):
+            raise ValueError(
+                f"low_res must have shape (B, {self.cond_channels}, h, w) with B = {len(x)}, got {tuple(low_res.shape)}"
+            )
+        if low_res.shape[-2:] != x.shape[-2:]:
+            low_res = F.interpolate(low_res.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([x, low_res.to(x.dtype).expand(len(x), -1, -1, -1)], dim=1)
 
     @property
     def memory_format(self) -> torch.memory_format:

@@ -18,7 +18,7 @@ then ``checkpoint`` is renamed to ``checkpoint.old``, the temp dir to ``checkpoi
 ``find_checkpoint`` falls back to) or the new one. A write that fails (disk full, file too large, read-only
 folder) removes the temp dir and raises ``CheckpointWriteError`` naming the file, the problem and the
 checkpoint that is still loadable; a process killed mid-write leaves its temp dir, which the next
-``train`` in that run dir deletes (``loop._remove_stale_temp_dirs``).
+``train`` in that run dir deletes (``remove_stale_temp_dirs``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_denoiser",
+    "remove_stale_temp_dirs",
 ]
 
 FORMAT_VERSION = 1
@@ -86,6 +87,27 @@ def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         if (Path(run_dir) / name).is_dir():
             return Path(run_dir) / name
     return None
+
+
+def remove_stale_temp_dirs(run_dir: Path) -> None:
+    """Delete the ``.checkpoint-tmp-<pid>`` folders of processes that no longer run.
+
+    ``save_checkpoint`` removes its temp folder on any exception, but a process killed while saving (kill -9,
+    or SIGTERM, whose default action runs no handler) leaves it, and a resumed run has another pid. Only
+    folders of dead processes go: a run directory has one writer, but a live pid may be one that still is.
+    """
+    if os.name != "posix":
+        return  # os.kill(pid, 0) would terminate the process on Windows
+    for tmp in run_dir.glob(f"{TMP_PREFIX}*"):
+        pid = tmp.name[len(TMP_PREFIX) :]
+        if not (tmp.is_dir() and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (OverflowError, OSError):
+            pass  # alive under another user (PermissionError), or not a pid at all: leave it
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -255,6 +277,11 @@ def _read_config(file: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{file}: checkpoint format_version {version!r} is not supported "
             f"(this torchdiffusion reads version {FORMAT_VERSION})"
+        )
+    if config.get("kind") == "autoencoder":
+        raise CheckpointError(
+            f"{file}: this is an autoencoder (train-autoencoder), not a diffusion model; train a latent model on it: "
+            "train --autoencoder RUN"
         )
     missing = [k for k in _REQUIRED_KEYS if k not in config]
     if missing:

@@ -64,6 +64,9 @@ class TrainConfig:
     init: str | None = None  # a run directory whose EMA weights start the network (a student from its teacher)
     distill: dict = _spec()  # the objective's options: recipe, t_min, solver (consistency); steps, form (progressive)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"; under torchrun "cuda" means cuda:LOCAL_RANK
+    autoencoder: str | None = None  # a train-autoencoder run: diffusion on its scaled latents (Rombach et al. 2022)
+    super_resolution: int = 0  # > 1: a super-resolution model of the images given their f x f average-pooled version
+    low_res_noise: float = 0.2  # the largest std of the low-res input's Gaussian augmentation (Ho et al. 2022, 4.2)
 
     def __post_init__(self):
         if isinstance(self.process, str):  # convenience: "vp" means {"name": "vp"}
@@ -72,6 +75,8 @@ class TrainConfig:
             object.__setattr__(self, "precondition_output", self.target != "eps")
         if isinstance(self.data, os.PathLike):  # keep the config JSON-able
             object.__setattr__(self, "data", os.fspath(self.data))
+        if isinstance(self.autoencoder, os.PathLike):
+            object.__setattr__(self, "autoencoder", os.fspath(self.autoencoder))
         checks = {
             "process": isinstance(self.process, dict) and "name" in self.process,
             "net": isinstance(self.net, dict) and "name" in self.net,
@@ -99,6 +104,9 @@ class TrainConfig:
             "sample_count": self.sample_count >= 1,
             "sigma_data": self.sigma_data is None or self.sigma_data > 0,
             "precondition_output": isinstance(self.precondition_output, bool),
+            "autoencoder": self.autoencoder is None or isinstance(self.autoencoder, str),
+            "super_resolution": isinstance(self.super_resolution, int) and self.super_resolution in (0, 2, 4, 8, 16),
+            "low_res_noise": isinstance(self.low_res_noise, int | float) and self.low_res_noise >= 0,
             "label_dropout": isinstance(self.label_dropout, int | float) and 0 <= self.label_dropout < 1,
             "data_box": self.data_box is None or (isinstance(self.data_box, list | tuple) and len(self.data_box) == 2),
             **{k: isinstance(getattr(self, k), bool) for k in ("flip", "class_conditional", "tensorboard")},
@@ -115,6 +123,10 @@ class TrainConfig:
                 f"invalid TrainConfig value(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}{hint}"
             )
         check_distill_options(self.objective, self.distill)
+        if self.super_resolution and self.autoencoder is not None:
+            raise ValueError("super_resolution works on pixels; a latent model (autoencoder) cannot also be one")
+        if self.super_resolution and self.objective != "denoising":
+            raise ValueError(f"a super-resolution model trains with objective 'denoising', not {self.objective!r}")
         if self.objective == "progressive" and self.target in ("eps", "score"):
             raise ValueError(
                 f"progressive distillation needs a student that predicts x0, v or flow, not {self.target!r}: at few "

@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..names import PRECISIONS, build_net, build_process
-from .checkpoint import TMP_PREFIX, find_checkpoint, load_checkpoint, load_denoiser, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, load_denoiser, remove_stale_temp_dirs, save_checkpoint
 from .config import _MAY_CHANGE_ON_RESUME, TrainConfig, config_diff
 from .distributed import DistInfo, process_group, resolve_device
 from .ema import ema_decay_at, ema_update
@@ -89,27 +89,6 @@ def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
         writer.writerows(rows)
     os.replace(tmp, path)
     return rows
-
-
-def _remove_stale_temp_dirs(run_dir: Path) -> None:
-    """Delete the ``.checkpoint-tmp-<pid>`` folders of processes that no longer run.
-
-    ``save_checkpoint`` removes its temp folder on any exception, but a process killed while saving (kill -9,
-    or SIGTERM, whose default action runs no handler) leaves it, and a resumed run has another pid. Only
-    folders of dead processes go: a run directory has one writer, but a live pid may be one that still is.
-    """
-    if os.name != "posix":
-        return  # os.kill(pid, 0) would terminate the process on Windows
-    for tmp in run_dir.glob(f"{TMP_PREFIX}*"):
-        pid = tmp.name[len(TMP_PREFIX) :]
-        if not (tmp.is_dir() and pid.isdigit()) or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (OverflowError, OSError):
-            pass  # alive under another user (PermissionError), or not a pid at all: leave it
 
 
 def train(
@@ -228,7 +207,9 @@ def _train(
         info.barrier()  # every rank has read the checkpoint before rank 0 writes to run_dir
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temp_dirs(run_dir)
+            remove_stale_temp_dirs(run_dir)
+            if cfg.autoencoder is not None:
+                _keep_autoencoder(cfg.autoencoder, run_dir)
             if progress:  # the size of what is being trained, as users expect to see it
                 n_params = sum(p.numel() for p in net.parameters())
                 tqdm.write(f"{type(net).__name__}: {n_params:,} parameters; {len(data):,} training examples")
@@ -236,6 +217,21 @@ def _train(
         teacher = _teacher(cfg, teacher, device)
         loop = _Loop(cfg, run_dir, info, net, ema_net, data.to(device), labels, seeds, ckpt, teacher)
         return loop.run(progress, callback)
+
+
+def _keep_autoencoder(source: str, run_dir: Path) -> None:
+    """A copy of a latent model's autoencoder checkpoint in ``run_dir/autoencoder``, so the run samples (decodes) on
+    its own, wherever it is moved; written once (atomically), before the first step."""
+    dest = run_dir / "autoencoder" / "checkpoint"
+    if dest.is_dir():
+        return
+    found = find_checkpoint(source)
+    if found is None:
+        raise FileNotFoundError(f"autoencoder {source!r} holds no checkpoint")
+    tmp = run_dir / "autoencoder" / f".copy-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(found, tmp)
+    os.replace(tmp, dest)
 
 
 class _Loop:
@@ -252,7 +248,10 @@ class _Loop:
         dtype = PRECISIONS[cfg.precision]
         self.null_label = cfg.net.get("num_classes")  # the nets' unconditional label (label dropout)
         self.objective = TrainingObjective(cfg, self.process, teacher, net, len(data))
-        self.scaled = ScaledStep(net, self.opt, self.objective, dtype=dtype, info=info, device=self.device)
+        sr = (cfg.super_resolution, cfg.low_res_noise) if cfg.super_resolution else None
+        self.scaled = ScaledStep(
+            net, self.opt, self.objective, dtype=dtype, info=info, device=self.device, super_resolution=sr
+        )
         self.gen = torch.Generator(self.device).manual_seed(seeds[3])  # diffusion times, noise and flips
         order = torch.Generator().manual_seed(seeds[2])
         self.batches = GlobalBatches(len(data), cfg.batch_size, cfg.grad_accum, info, order, self.gen)
@@ -317,9 +316,10 @@ class _Loop:
         self.net.train()
         lr, rng, order = lr_at(self.step, self.cfg), self._rng(), self.batches.state_dict()
         try:
-            shape, uniforms = tuple(self.data.shape[1:]), self.objective.uses_uniforms
+            shape, uniforms, f = tuple(self.data.shape[1:]), self.objective.uses_uniforms, self.cfg.super_resolution
+            low_res = (shape[0], shape[1] // f, shape[2] // f) if f else None
             batch = self.batches.next(
-                self.process, shape, self.device, self.cfg.flip, self.cfg.label_dropout, uniforms=uniforms
+                self.process, shape, self.device, self.cfg.flip, self.cfg.label_dropout, uniforms, low_res
             )
             self.opt.zero_grad(set_to_none=True)
             loss = self.scaled.backward(self.data, self.labels, batch, step=self.step, null_label=self.null_label)
@@ -362,7 +362,15 @@ class _Loop:
         classes = cfg.net.get("num_classes") if cfg.class_conditional else None
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
         kw = dict(config=cfg.to_dict(), n=cfg.sample_count, seed=self.seeds[0])
+        if cfg.super_resolution:  # upsample the first training images' pooled versions
+            idx = torch.arange(cfg.sample_count, device=self.device) % len(self.data)
+            kw["cond"] = {"low_res": torch.nn.functional.avg_pool2d(self.data[idx], cfg.super_resolution)}
         shape = tuple(self.data.shape[1:])
+        if cfg.autoencoder is not None:  # a latent model: show the decoded samples
+            from .autoencoder import decode_latents, load_autoencoder
+
+            ae, meta = load_autoencoder(self.run_dir / "autoencoder", device=self.device)
+            kw["decode"] = lambda z: decode_latents(ae, z, float(meta["scale_factor"]))
         write_sample_grid(
             self.ema_net, self.process, shape, path, num_classes=classes, writer=writer, step=self.step, **kw
         )

@@ -3,19 +3,12 @@ shape, sigma_data and the data box."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
 from ..core import support
-from ..data import IMAGE_DATASETS, LABELED_TOY_DATASETS, load_dataset, load_images, make_2d
+from ..data import IMAGE_DATASETS, LABELED_TOY_DATASETS, is_image_spec, load_dataset, load_images, make_2d
 from .config import TrainConfig
-
-
-def is_image_spec(spec: str) -> bool:
-    name = spec.lower()
-    return spec in IMAGE_DATASETS or Path(spec).is_dir() or name.endswith((".npz", "-ubyte", "-ubyte.gz"))
 
 
 def load_training_data(config: TrainConfig, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
@@ -24,6 +17,12 @@ def load_training_data(config: TrainConfig, generator: torch.Generator | None = 
     A class-conditional run on a labeled built-in 2-D set (``data.LABELED_TOY_DATASETS``) gets each point's
     component as its label; the points are those an unconditional run draws (the same random numbers).
     """
+    if config.autoencoder is not None:
+        if not is_image_spec(config.data):
+            raise ValueError(
+                f"a latent model (autoencoder={config.autoencoder!r}) trains on images, not {config.data!r}"
+            )
+        return encode_images(config.autoencoder, *load_images(config.data, **config.data_options))
     if is_image_spec(config.data):
         return load_images(config.data, **config.data_options)
     if config.data_options:
@@ -31,6 +30,22 @@ def load_training_data(config: TrainConfig, generator: torch.Generator | None = 
     if config.class_conditional and config.data in LABELED_TOY_DATASETS:
         return make_2d(config.data, config.n_data, generator=generator, return_labels=True)
     return load_dataset(config.data, config.n_data, generator=generator), None
+
+
+def encode_images(autoencoder: str, images: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The training data of a latent model: the scaled latents scale_factor * E[z | x] of ``images`` under the
+    ``train-autoencoder`` run ``autoencoder`` (Rombach et al. 2022, Sec. 3: the diffusion model learns p(z)), and
+    the labels unchanged. The means of q(z | x) (not draws) keep the data set fixed: with the paper's small KL
+    weight q is nearly a point mass, its standard deviation far below the latents' spread."""
+    from .autoencoder import encode_dataset, load_autoencoder
+
+    ae, meta = load_autoencoder(autoencoder)
+    if tuple(images.shape[1:]) != tuple(meta["image_shape"]):
+        raise ValueError(
+            f"the autoencoder {autoencoder} encodes images of shape {tuple(meta['image_shape'])}, but the data are "
+            f"{tuple(images.shape[1:])}: train on the data it was trained on ({meta.get('data')!r})"
+        )
+    return encode_dataset(ae, images, float(meta["scale_factor"])), labels
 
 
 def resolve_config(config: TrainConfig, data: Tensor, labels: Tensor | None) -> TrainConfig:
@@ -54,6 +69,14 @@ def resolve_config(config: TrainConfig, data: Tensor, labels: Tensor | None) -> 
         # A labeled 2-D set's classes are its components, all of them even if a small draw misses one.
         toy_classes = LABELED_TOY_DATASETS.get(config.data) if data.ndim == 2 else None
         filled["num_classes"] = toy_classes or int(labels.max()) + 1
+    if config.super_resolution:
+        f = config.super_resolution
+        if data.ndim != 4 or data.shape[2] % f:
+            raise ValueError(
+                f"super_resolution={f} pools images by {f} x {f}; the data {config.data!r} of shape "
+                f"{tuple(data.shape[1:])} are not images whose size is a multiple of {f}"
+            )
+        filled["cond_channels"] = data.shape[1]  # the low-resolution image's channels, concatenated to x_t
     for key, value in filled.items():
         if net.get(key, value) != value:
             raise ValueError(f"net spec has {key}={net[key]} but the data {config.data!r} give {key}={value}")

@@ -35,6 +35,7 @@ def sample_grid(
     seed: int = 0,
     num_classes: int | None = None,
     device=None,
+    cond: dict | None = None,
 ) -> Tensor:
     """``n`` samples (n, *shape) from a raw network of a run with ``config`` (its ``TrainConfig.to_dict()``).
 
@@ -42,12 +43,13 @@ def sample_grid(
     samples with DPM-Solver++(2M) on ``grid_lam(process, steps)``; a distilled student with its own sampler and
     step count (``objective.kind_sampler``: one consistency step, or the progressive student's steps). The prior
     noise comes from a generator seeded with ``seed``, and sample i of a class-conditional net gets label i mod
-    num_classes. Neither the global RNG nor ``net``'s mode change.
+    num_classes. ``cond``: further conditioning passed to the net (a super-resolution model's ``low_res``). Neither
+    the global RNG nor ``net``'s mode change.
     """
     model = model_of(net, process, config)
     gen = torch.Generator(device or "cpu").manual_seed(seed)
     x = process.prior_sample((n, *shape), generator=gen, device=device)
-    cond = {"class_labels": torch.arange(n, device=device) % num_classes} if num_classes else {}
+    cond = {**({"class_labels": torch.arange(n, device=device) % num_classes} if num_classes else {}), **(cond or {})}
     training = net.training
     net.eval()
     try:
@@ -61,18 +63,20 @@ def sample_grid(
 
 
 def write_sample_grid(
-    ema_net: nn.Module, process: NoiseProcess, shape, path, *, writer=None, step: int = 0, **kw
+    ema_net: nn.Module, process: NoiseProcess, shape, path, *, writer=None, step: int = 0, decode=None, **kw
 ) -> Path:
     """Training's progress picture: ``sample_grid(ema_net, process, shape, **kw)`` as a square-ish PNG grid.
 
     Images smaller than 32 pixels are enlarged by pixel repetition (8 x 8 digits 4 times, 16 x 16 twice).
     The global RNGs are left as they were (so a run with grids stays bit-equal to one without); with a
-    TensorBoard ``writer`` the grid is also logged as image "samples" at ``step``.
+    TensorBoard ``writer`` the grid is also logged as image "samples" at ``step``. ``decode``: a latent model's
+    decoder, applied to the samples first.
     """
     device = next(ema_net.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         x = sample_grid(ema_net, process, shape, device=device, **kw)
-    nrow, scale = math.isqrt(len(x) - 1) + 1, max(1, 32 // max(shape[-2:]))  # ceil(sqrt(n)) per row; >= 32 px
+    x = decode(x) if decode is not None else x
+    nrow, scale = math.isqrt(len(x) - 1) + 1, max(1, 32 // max(x.shape[-2:]))  # ceil(sqrt(n)) per row; >= 32 px
     save_image_grid(x, path, nrow, scale=scale)
     if writer is not None:
         grid = make_grid(x, nrow, scale=scale)

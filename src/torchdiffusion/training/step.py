@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..objectives import denoising  # looked up at call time, so a test can stand in for the loss
@@ -40,6 +41,7 @@ class Batch(NamedTuple):
     flip: list[Tensor | None]  # (B,) bool: mirror left-right, or None without flips
     drop: list[Tensor | None]  # (B,) bool: replace the class label by the null class, or None without label dropout
     u: list[Tensor | None]  # (B,) float64 uniforms that pick a distillation's pair of times, or None
+    low_res: list[tuple[Tensor, Tensor] | None] | None = None  # (B,) uniforms, (B, C, h, w) noise: SR augmentation
 
 
 class GlobalBatches:
@@ -67,7 +69,14 @@ class GlobalBatches:
         return torch.cat(parts)
 
     def next(
-        self, process, shape: tuple[int, ...], device, flip: bool, label_dropout: float = 0.0, uniforms: bool = False
+        self,
+        process,
+        shape: tuple[int, ...],
+        device,
+        flip: bool,
+        label_dropout: float = 0.0,
+        uniforms: bool = False,
+        low_res: tuple[int, ...] | None = None,
     ) -> Batch:
         G, B, A = self.global_size, self.batch_size, self.grad_accum
         idx = self.indices().to(device)
@@ -77,14 +86,22 @@ class GlobalBatches:
         # Drawn last, and only when asked for, so that runs without label dropout keep their random stream.
         drops = torch.rand(G, generator=self.gen, device=device) < label_dropout if label_dropout > 0 else None
         u = torch.rand(G, generator=self.gen, device=device, dtype=torch.float64) if uniforms else None
+        aug = None  # a super-resolution model's augmentation of its low-resolution input: level, then noise
+        if low_res is not None:
+            aug = (
+                torch.rand(G, generator=self.gen, device=device),
+                torch.randn((G, *low_res), generator=self.gen, device=device),
+            )
         start = self.info.rank * A * B
         rows = [slice(start + k * B, start + (k + 1) * B) for k in range(A)]
         flip_rows = [None if flips is None else flips[r] for r in rows]
         drop_rows = [None if drops is None else drops[r] for r in rows]
         u_rows = [None if u is None else u[r] for r in rows]
+        low_rows = None if aug is None else [(aug[0][r], aug[1][r]) for r in rows]
         return Batch(
-            [idx[r] for r in rows], [t[r] for r in rows], [noise[r] for r in rows], flip_rows, drop_rows, u_rows
-        )
+            [idx[r] for r in rows], [t[r] for r in rows], [noise[r] for r in rows], flip_rows, drop_rows, u_rows,
+            low_rows,
+        )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         # perm is replaced, never modified in place, so a reference is a valid snapshot.
@@ -93,6 +110,16 @@ class GlobalBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.perm, self.pos = state["perm"], int(state["pos"])
         self.order.set_state(state["generator"])
+
+
+def low_res_condition(x0: Tensor, factor: int, max_noise: float, u: Tensor, noise: Tensor) -> dict[str, Tensor]:
+    """A super-resolution model's conditioning: ``low_res`` = avgpool_f(x0) + s n with the augmentation level s = u
+    max_noise, and ``aug_level`` = s (Ho et al. 2022, "Cascaded Diffusion Models", Sec. 4.2: Gaussian conditioning
+    augmentation of the low-resolution input, its level given to the model, so that at sampling it can be told how
+    far the base model's images are from the data)."""
+    s = u.to(x0.dtype) * max_noise
+    low = F.avg_pool2d(x0, factor) + s.view(-1, 1, 1, 1) * noise.to(x0.dtype)
+    return {"low_res": low, "aug_level": s}
 
 
 class Autocast(nn.Module):
@@ -126,8 +153,10 @@ class ScaledStep:
         dtype,
         info: DistInfo,
         device: torch.device,
+        super_resolution: tuple[int, float] | None = None,
     ):
         self.opt, self.info, self.objective = opt, info, objective
+        self.super_resolution = super_resolution  # (pooling factor, largest augmentation std)
         self.ddp = None
         if info.enabled:  # averages the gradients of the ranks during backward
             ids = [device.index] if device.type == "cuda" else None
@@ -156,6 +185,8 @@ class ScaledStep:
                 if batch.drop[k] is not None:
                     lab = torch.where(batch.drop[k], torch.full_like(lab, null_label), lab)
                 cond = {"class_labels": lab}
+            if self.super_resolution is not None:
+                cond.update(low_res_condition(x0, *self.super_resolution, *batch.low_res[k]))
             last = k == accum - 1  # DDP averages the gradients once, in the last micro-batch's backward
             with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
                 loss = self.objective.loss(

@@ -55,8 +55,8 @@ def _train_config(ctx, config, fields, process, schedule, T, width, depth, sets=
     Options that could not take effect are refused rather than ignored: --schedule / --T (ddpm only),
     --width / --depth (the MLP of point data).
     """
+    from ...data import is_image_spec
     from ...training.config import TrainConfig, merge_overrides
-    from ...training.resolve import is_image_spec
 
     typed = {k: v for k, v in fields.items() if _typed(ctx, k) or k == "distill"}
     base = TrainConfig.from_yaml(config, **typed, **dict(sets)) if config else None

@@ -57,17 +57,19 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
     from ...evaluation.features import feature_net_for, load_inception
     from ...evaluation.image_metrics import evaluate_images
     from ...names import GRID_FUNCTIONS, INFO
-    from ...training.checkpoint import load_denoiser
     from ...training.objective import kind_sampler
     from ...utils.io import atomic_write
+    from ..pipeline import latent_codec, load_model
 
     _writable(out, "--out")  # before the sampling, not after it
     device = _device(device)
     try:
-        denoiser, process, cfg = load_denoiser(ckpt, device=device)
+        denoiser, process, cfg = load_model(ckpt, device=device)
+        codec = latent_codec(ckpt, cfg, device)  # a latent model's decoder, else None
     except (ValueError, OSError) as e:
         _fail(e)
-    shape = _example_shape(cfg)
+    latent_shape = _example_shape(cfg)
+    shape = codec.image_shape if codec is not None else latent_shape
     if len(shape) != 3:
         raise click.BadParameter(
             f"{ckpt} holds a model of {shape[0]}-D points (data {cfg.get('data')!r}); evaluate measures image "
@@ -106,8 +108,10 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
         sampler, ts, steps = own[0], own[1], own[2]
     else:
         ts = GRID_FUNCTIONS[INFO[sampler].grid](process, steps)
-    fake = _draw(sampler, denoiser, process, shape, n, batch_size, ts, gen, device, class_labels, no_progress, {},
-                 None)  # fmt: skip
+    fake = _draw(sampler, denoiser, process, latent_shape, n, batch_size, ts, gen, device, class_labels, no_progress,
+                 {}, None)  # fmt: skip
+    if codec is not None:  # a latent model: FID of the decoded images
+        fake = codec.decode(fake)
     try:
         result = evaluate_images(
             fake,

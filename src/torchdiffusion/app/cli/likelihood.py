@@ -41,16 +41,22 @@ def likelihood(ckpt, data, method, n, batch_size, n_t, rtol, atol, hutchinson, s
     from ...likelihood.bounds import elbo, vlb
     from ...likelihood.dequantize import bits_per_dim
     from ...likelihood.ode import log_likelihood
-    from ...training.checkpoint import load_denoiser
     from ...training.objective import is_consistency
+    from ..pipeline import load_model
 
     device = _device(device)
     try:
-        denoiser, process, cfg = load_denoiser(ckpt, ema=not no_ema, device=device)
+        denoiser, process, cfg = load_model(ckpt, ema=not no_ema, device=device)
         if is_consistency(cfg.get("objective", "denoising")):
             raise ValueError(
                 f"{ckpt} is a {cfg['objective']!r} model: its output is a sample, not E[x0 | x_t], so it has no "
                 "probability-flow ODE to integrate; measure its teacher's likelihood, or its samples"
+            )
+        if cfg.get("autoencoder"):
+            raise ValueError(
+                f"{ckpt} is a latent model: its likelihood is that of the latents s E[z | x], not of images (the "
+                "decoder adds no density; Rombach et al. 2022). In Python: pipe = td.load(run); "
+                "td.log_likelihood(pipe.denoiser, pipe.process, pipe.autoencoder.encode(images))"
             )
         denoiser = denoiser.double()  # likelihoods integrate in float64; so does the network here
         x = load_dataset(data, n, generator=torch.Generator().manual_seed(seed + 1)).to(device, torch.float64)

@@ -36,7 +36,23 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
 
 
 @main.command()
-@click.option("--checkpoint", "ckpt", required=True, type=click.Path(), help="Run directory or checkpoint folder.")
+@click.option(
+    "--checkpoint", "ckpt", default=None, type=click.Path(), help="Run directory, checkpoint or diffusers folder."
+)
+@click.option(
+    "--cascade",
+    default=None,
+    metavar="BASE,UP1,...",
+    help="A cascade (Ho et al. 2022): a base model's run, then super-resolution runs, each upsampling the previous "
+    "stage's samples (instead of --checkpoint).",
+)
+@click.option(
+    "--aug-level",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="With --cascade: the noise level added to each stage's low-resolution input, as in training's "
+    "augmentation (Ho et al. 2022, Sec. 4.2).",
+)
 @click.option(
     "--sampler",
     type=click.Choice(sorted(SAMPLERS)),
@@ -131,6 +147,8 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
 @threads_option
 def sample(
     ckpt,
+    cascade,
+    aug_level,
     sampler,
     steps,
     grid,
@@ -166,8 +184,24 @@ def sample(
     for path, option in ((out, "--out"), (png, "--png"), (figure, "--figure")):
         _writable(path, option)  # before the sampling, not after it
     device = _device(device)
+    if (ckpt is None) == (cascade is None):
+        raise click.UsageError("give --checkpoint RUN, or --cascade BASE,UP1,... (one of them)")
+    if cascade is not None:
+        extras = dict(grid=grid != "auto", klass=klass, labels=labels, guidance=guidance, classifier=classifier,
+                      figure=figure)  # fmt: skip
+        if any(v not in (None, False) for v in extras.values()):
+            raise click.UsageError(f"--cascade takes --sampler, --steps, --n, --seed, --batch-size; not {extras}")
+        return _sample_cascade(cascade, aug_level, sampler, steps, n, batch_size, seed, no_ema, device, no_progress,
+                               out, png)  # fmt: skip
     try:
         pipe = load(ckpt, ema=not no_ema, device=device)
+        if pipe.autoencoder is not None and figure:
+            raise ValueError("--figure draws x_t of pixel models; this is a latent model (its x_t are latents)")
+        if pipe.super_resolution:
+            raise ValueError(
+                f"{ckpt} is a x{pipe.super_resolution} super-resolution model: it samples given low-resolution "
+                f"images, after a base model: --cascade BASE,{ckpt}"
+            )
         pipe = _progressive_round(pipe, ckpt, steps, ema=not no_ema, device=device)  # before any guidance wraps it
         if classifier is not None:
             from ...training.classifier import load_classifier
@@ -220,6 +254,9 @@ def sample(
     batch = batch_size or (1000 if images else n)
     xs = _draw(sampler, denoiser, process, shape, n, batch, ts, gen, device, class_labels, no_progress, kwargs,
                record if figure else None)  # fmt: skip
+    if pipe.autoencoder is not None:  # a latent model: its samples are latents; the images are their decoding
+        xs = pipe.autoencoder.decode(xs)
+        shape = pipe.image_shape
     if figure:
         title = f"reverse process: {name}, {process!r}"
         if images:
@@ -239,6 +276,27 @@ def sample(
     else:
         save_samples_png(xs, png, f"{name}, {len(ts)} levels, {process!r}")
     click.echo(f"wrote {n} samples to {out} and a picture to {png}")
+
+
+def _sample_cascade(cascade, aug_level, sampler, steps, n, batch_size, seed, no_ema, device, no_progress, out, png):
+    """``--cascade BASE,UP1,...``: ``pipeline.cascade`` of the runs, written as ``sample`` writes samples."""
+    from ...utils.image_grid import save_image_grid
+    from ...utils.io import atomic_write
+    from ..pipeline import cascade as run_cascade
+    from ..pipeline import load
+
+    runs = [r.strip() for r in cascade.split(",") if r.strip()]
+    try:
+        pipes = [load(r, ema=not no_ema, device=device) for r in runs]
+        gen = torch.Generator(device).manual_seed(seed)
+        xs = run_cascade(pipes, n, steps=steps, aug_level=aug_level, sampler=sampler, generator=gen,
+                         batch_size=batch_size, progress=not no_progress)  # fmt: skip
+    except (ValueError, OSError) as e:
+        _fail(e)
+    atomic_write(out, lambda p: np.save(p, xs.numpy()))
+    save_image_grid(xs[:256].clamp(-1, 1), png, nrow=16 if len(xs) >= 256 else 8)
+    sizes = " -> ".join("x".join(map(str, p.shape[1:])) for p in pipes)
+    click.echo(f"wrote {n} samples of the cascade {sizes} to {out} and a picture to {png}")
 
 
 def _progressive_round(pipe, ckpt: str, steps: int | None, **load_options):

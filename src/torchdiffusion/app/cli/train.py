@@ -132,6 +132,21 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
     default=None,
     help="Consistency training's recipe: ict (Song & Dhariwal 2023, the default) or cm (Song et al. 2023).",
 )
+@click.option(
+    "--autoencoder",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="A latent model (Rombach et al. 2022): train on the latents of this `train-autoencoder` run; `sample` "
+    "decodes.",
+)
+@click.option(
+    "--super-resolution",
+    type=click.Choice(["2", "4", "8"]),
+    default=None,
+    help="A super-resolution model (Ho et al. 2022): of the images given their F x F average-pooled version, "
+    "with Gaussian augmentation of that input (--set low_res_noise=0.2); sample it after a base model: "
+    "`sample --cascade BASE,RUN`.",
+)
 @set_option(
     "Override a training field (after --config and the options); repeatable. VALUE is YAML; dotted keys reach "
     "into net / process / data_options: --set steps=2000 --set net.channels=64."
@@ -140,7 +155,7 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
 @click.pass_context
 def train(ctx, config, data, download, process, schedule, T, target, weighting, width, depth, steps, batch_size,
           grad_accum, lr, ema_decay, precision, flip, sample_every, tensorboard, seed, checkpoint_every, out, resume,
-          device, no_progress, objective, recipe, sets):  # fmt: skip
+          device, no_progress, objective, recipe, autoencoder, super_resolution, sets):  # fmt: skip
     """Train a denoiser on DATA (or a --config file) and write checkpoints and log.csv to --out.
 
     Several processes or GPUs: torchrun --standalone --nproc_per_node N --no-python torchdiffusion train --config C
@@ -152,7 +167,8 @@ def train(ctx, config, data, download, process, schedule, T, target, weighting, 
     fields = dict(data=data, target=target, weighting=weighting, steps=steps, batch_size=batch_size,
                   grad_accum=grad_accum, lr=lr, ema_decay=ema_decay, precision=precision, flip=flip,
                   sample_every=sample_every, tensorboard=tensorboard, seed=seed, checkpoint_every=checkpoint_every,
-                  device=device, objective=objective)  # fmt: skip
+                  device=device, objective=objective, autoencoder=autoencoder,
+                  super_resolution=int(super_resolution or 0))  # fmt: skip
     if recipe is not None:
         if objective != "consistency":
             raise click.BadParameter("--recipe applies to --objective consistency", param_hint="--recipe")

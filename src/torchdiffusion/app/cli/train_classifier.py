@@ -56,11 +56,10 @@ def train_classifier(data, n, image_size, process, width, depth, steps, batch_si
     """
     import torch
 
-    from ...data import LABELED_TOY_DATASETS, load_images, make_2d
+    from ...data import LABELED_TOY_DATASETS, is_image_spec, load_images, make_2d
     from ...names import build_net, build_process
     from ...training.classifier import image_classifier_spec, save_classifier
     from ...training.classifier import train_classifier as fit
-    from ...training.resolve import is_image_spec
 
     gen = torch.Generator().manual_seed(seed)
     images = is_image_spec(data)
