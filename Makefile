@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?= -n 2
 
 .PHONY: venv demo demo-digits test test-portable test-slow test-all bench bench-samplers bench-likelihood bench-inverse \
-	bench-few-step lint format \
+	bench-few-step bench-latent lint format \
 	clean lock
 
 venv: $(STAMP)
@@ -97,6 +97,15 @@ bench-likelihood: $(COMPARE)
 # reused); FEW_STEP_ARGS=--quick: a smoke run of every path in a few minutes, into bench-output/few_step/quick.
 bench-few-step: $(STAMP)
 	$(BIN)/python benchmarks/bench_few_step.py --out bench-output/few_step $(FEW_STEP_ARGS)
+
+# Bigger images for the same cost (issue #14): a pixel U-Net, a latent model (autoencoder + U-Net on 4x4x4 latents)
+# and a cascade (8x8 base + 8 -> 16 upsampler) on the 16x16 digits, each trained for the same wall time on 2 threads
+# (LATENT_ARGS="--budget S", default 540 s each): FID against training time, samples/s and sampling memory; then the
+# learned upsampler against zero-shot super-resolution with the posterior samplers (about 40 minutes on 2 quiet
+# cores; runs are cached in bench-output/latent/runs and resumed). LATENT_ARGS=--quick: a smoke run in a few minutes,
+# into bench-output/latent/quick.
+bench-latent: $(STAMP)
+	$(BIN)/python benchmarks/bench_latent.py --out bench-output/latent $(LATENT_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -131,3 +131,10 @@ def test_bad_super_resolution_settings_are_named():
 
     with pytest.raises(ValueError, match="not images whose size is a multiple of 4"):
         resolve_config(TrainConfig(data="moons", super_resolution=4), torch.zeros(10, 2), None)
+
+
+def test_super_resolution_models_predict_v_unless_told_otherwise():
+    # eps amplifies its error by 1 / alpha near the noise end, where an SR model's x0 is nearly known (config.py)
+    assert TrainConfig(data="digits16", super_resolution=2).target == "v"
+    assert TrainConfig(data="digits16").target == "eps"
+    assert TrainConfig(data="digits16", super_resolution=2, target="eps").target == "eps"

@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 from ..data import IMAGE_DATASETS, is_image_spec, load_images
 from ..nets.autoencoder import KLAutoencoder
 from ..objectives.autoencoder import RECONSTRUCTIONS, autoencoder_loss, latent_scale_factor
-from ..utils.io import atomic_write
 from .checkpoint import (
     CONFIG,
     EMA,
@@ -58,6 +57,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .ema import ema_decay_at, ema_update
+from .logfile import read_log
 from .step import lr_at
 
 __all__ = [
@@ -477,7 +477,7 @@ class _Run:
                 self.window = list(state["log_window"])
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{path / STATE}: not an autoencoder run's training state ({e})") from None
-        self.history = _read_log(run_dir / "log.csv", self.step)
+        self.history = read_log(run_dir / "log.csv", self.step, LOG_COLUMNS)
 
     def _rng(self) -> dict[str, Any]:
         rng = {"noise": self.gen.get_state(), "torch": torch.get_rng_state()}
@@ -609,30 +609,6 @@ class _Run:
         self.ema.eval()
         config = {**self.cfg.to_dict(), **self.last, "step": self.step}
         return AutoencoderResult(self.net, self.ema, config, self.history, self.run_dir)
-
-
-def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
-    """The rows of log.csv with step <= upto; the file is rewritten (atomically) to hold just those."""
-    rows = []
-    if path.exists():
-        with open(path, newline="") as fh:
-            for row in csv.DictReader(fh):
-                try:  # a row cut short by a crash has missing cells: drop it
-                    parsed = {k: float(row[k]) for k in LOG_COLUMNS}
-                except (TypeError, ValueError, KeyError):
-                    continue
-                if parsed["step"] <= upto:
-                    rows.append({**parsed, "step": int(parsed["step"])})
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, LOG_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, write)
-    return rows
 
 
 # -- loading ----------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from .checkpoint import find_checkpoint, load_checkpoint, load_denoiser, remove_
 from .config import _MAY_CHANGE_ON_RESUME, TrainConfig, config_diff
 from .distributed import DistInfo, process_group, resolve_device
 from .ema import ema_decay_at, ema_update
+from .logfile import read_log
 from .objective import DISTILLATIONS, TrainingObjective
 from .resolve import load_training_data, resolve_config
 from .sample_grids import open_tensorboard, write_sample_grid
@@ -68,27 +69,6 @@ class TrainResult:
     config: dict[str, Any]  # the resolved config (net "dim" or image shape, and sigma_data filled in)
     history: list[dict[str, float]]  # the rows of log.csv (on rank 0; empty on the others)
     run_dir: Path
-
-
-def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
-    """Rows of ``path`` with step <= upto; the file is rewritten (atomically) to hold just those."""
-    rows = []
-    if path.exists():
-        with open(path, newline="") as fh:
-            for row in csv.DictReader(fh):
-                try:  # a row cut short by a crash has missing cells: drop it
-                    parsed = {k: float(row[k]) for k in LOG_COLUMNS}
-                except (TypeError, ValueError, KeyError):
-                    continue
-                if parsed["step"] <= upto:
-                    rows.append({**parsed, "step": int(parsed["step"])})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return rows
 
 
 def train(
@@ -273,7 +253,7 @@ class _Loop:
                 self.scaled.scaler.load_state_dict(state["scaler"])
             self.window = state["log_window"]
             self.objective.load_state_dict(state.get("objective", {}))
-        self.history = _read_log(run_dir / "log.csv", self.step) if info.is_main else []
+        self.history = read_log(run_dir / "log.csv", self.step, LOG_COLUMNS) if info.is_main else []
         self.images = data.ndim == 4
 
     def _rng(self) -> dict[str, Any]:

@@ -83,7 +83,12 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
     "--schedule", type=click.Choice(list(SCHEDULES)), default="linear", help="Beta schedule (--process ddpm only)."
 )
 @click.option("--T", "T", type=click.IntRange(min=2), default=1000, help="Discrete steps (--process ddpm only).")
-@click.option("--target", type=click.Choice(list(TARGETS)), default="eps", help="What the network predicts.")
+@click.option(
+    "--target",
+    type=click.Choice(list(TARGETS)),
+    default=None,
+    help="What the network predicts [default: eps; v for --super-resolution].",
+)
 @click.option("--weighting", type=click.Choice(list(WEIGHTINGS)), default="simple", help="Loss weighting over time.")
 @click.option("--width", type=click.IntRange(min=1), default=256, help="MLP hidden width (point data).")
 @click.option("--depth", type=click.IntRange(min=1), default=4, help="MLP residual blocks (point data).")
