@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt $(LOCK)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/torchdiffusion demo --out demo-output
+	$(BIN)/torchdiffusion demo --out demo-output --resume  # a second `make demo` reuses the trained run
 
 # The image main job: a small U-Net on the bundled digits (about 7-12 minutes on 2 cores).
 demo-digits: $(STAMP)

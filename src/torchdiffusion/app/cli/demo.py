@@ -13,7 +13,11 @@ from .group import main
 @click.option("--data", default="8gaussians", help="Built-in 2-D set.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps (default: the demo's).")
 @click.option("--seed", type=int, default=0, help="Seed.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted demo run in --out.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted demo run in --out, or reuse a finished one (make demo does).",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @threads_option
 def demo(out, data, steps, seed, resume, no_progress):
