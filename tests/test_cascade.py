@@ -41,7 +41,10 @@ def test_low_res_condition_is_pooled_image_plus_scaled_noise():
     cond = low_res_condition(x0, 2, 0.3, u, noise)
     pooled = (x0[..., 0::2, 0::2] + x0[..., 1::2, 0::2] + x0[..., 0::2, 1::2] + x0[..., 1::2, 1::2]) / 4
     assert torch.allclose(cond["aug_level"], 0.3 * u)
-    assert torch.allclose(cond["low_res"], pooled + (0.3 * u).view(-1, 1, 1, 1) * noise, atol=4 * torch.finfo().eps)
+    expected = pooled + (0.3 * u).view(-1, 1, 1, 1) * noise
+    # a handful of float32 roundings (4-term mean in either order, one product, one sum), each <= eps |largest term|
+    scale = x0.abs().max() + (0.3 * noise).abs().max()
+    assert torch.allclose(cond["low_res"], expected, rtol=0, atol=8 * torch.finfo().eps * float(scale))
     assert torch.equal(low_res_condition(x0, 2, 0.0, u, noise)["low_res"], F.avg_pool2d(x0, 2))
 
 
@@ -59,7 +62,8 @@ def test_sr_unet_reads_the_upsampled_low_res_image():
     net.inp.register_forward_hook(lambda m, i, o: seen.update(out=o))
     net(x, c, low_res=low)
     up = F.interpolate(low, size=(8, 8), mode="bilinear", align_corners=False)
-    assert torch.allclose(seen["out"][:, 0], up[:, 0], atol=8 * torch.finfo().eps)
+    # a 3 x 3 convolution (oneDNN may use transforms that mix the 9 taps' values) errs by <= 9 eps x its inputs' size
+    assert torch.allclose(seen["out"][:, 0], up[:, 0], rtol=0, atol=9 * torch.finfo().eps * float(up.abs().max()))
     with pytest.raises(ValueError, match="needs low_res"):
         net(x, c)
     with pytest.raises(ValueError, match="low_res must have shape"):

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..core.denoiser import as_denoiser, network_inputs
 from ..core.predictions import EPS, X0, Prediction, V
-from ..core.processes import Discrete
+from ..core.processes import Discrete, beta_cosine
 from ..core.support import ThresholdedDenoiser, clip_denoiser
 from ..nets.embeddings import SinusoidalEmbedding, TableEmbedding
 from ..nets.unet import UNet
@@ -356,13 +356,8 @@ def _betas(config: dict[str, Any]) -> Tensor:
         return torch.linspace(lo**0.5, hi**0.5, T, dtype=torch.float32) ** 2
     if schedule == "sigmoid":
         return torch.sigmoid(torch.linspace(-6, 6, T)) * (hi - lo) + lo
-    if schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, Eq. 17, betas capped at 0.999, as diffusers
-        import math
-
-        def ab(s):
-            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        return torch.tensor([min(1 - ab((i + 1) / T) / ab(i / T), 0.999) for i in range(T)], dtype=torch.float32)
+    if schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, Eq. 17, capped at 0.999: our beta_cosine
+        return beta_cosine(T).float()
     raise DiffusersFormatError(
         f"scheduler beta_schedule={schedule!r} cannot be read; supported: linear, scaled_linear, sigmoid, "
         "squaredcos_cap_v2, or trained_betas"
