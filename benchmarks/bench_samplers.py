@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 import torchdiffusion.samplers as S
-from torchdiffusion import EDM, VP, GaussianMixture, grid_karras, grid_lam, grid_t
+from torchdiffusion import EDM, VP, GaussianMixture, grid_karras, grid_lam, grid_optimized, grid_t
+from torchdiffusion.core.optimized_grid import FINAL_DENOISE
 from torchdiffusion.evaluation.metrics import mixture_weight_error
 from torchdiffusion.samplers.grid_fit import SPREAD, fit_grid
 
@@ -63,11 +64,13 @@ SETUPS = {
     "EDM/karras": (EDM(), grid_karras),
     "VP/t": (VP(), grid_t),
     "EDM/fit": (EDM(), None),  # fitted per mixture, sampler and n (OursRunner._grid)
+    "VP/optimized": (VP(), grid_optimized),  # stored, optimized offline on other mixtures (core.optimized_grid)
 }
 # Deterministic samplers also run on a grid fitted to each mixture's exact denoiser (``grid_fit.fit_grid`` with
 # its SPREAD recipe: free end, no final denoise, log-density term; on FIT_PILOT starts of another seed than the
 # samples): the cost of the fit is reported, not in the NFE.
 FIT_LABELS, FIT_PILOT = ("dpm_solver_pp-2", "unipc-2", "unipc-3"), 1024
+FIXED = "VP/optimized"  # the default's grid without a fit (Pipeline.sample's default): target i-fixed
 KD_QUICK = ("sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde")
 DF_QUICK = ("DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler")
 ADAPTIVE_TOLS = (3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
@@ -113,6 +116,8 @@ class OursRunner:
         self.adaptive, self.ladder = fn is getattr(S, "sample_ode_adaptive", None), None
         self.fits = fits  # a list that collects the fitted grids (for EDM/fit); None for the fixed grids
         self.run_kw = {} if grid is not None else {"final_denoise": SPREAD["final_denoise"]}
+        if grid is grid_optimized:  # fitted without the final x0_hat
+            self.run_kw = {"final_denoise": FINAL_DENOISE}
 
     def _grid(self, n_steps: int):
         """The fixed grid, or one fitted to this mixture for this sampler and n_steps (on the pilot starts)."""
@@ -182,7 +187,7 @@ def jobs(gm, args, notes, fits):
     Fitted grids are appended to ``fits[label]``."""
     out = []
     for label, fn, knobs in _ours_specs(args.quick, notes):
-        extra = ("VP/t",) if label == "ddpm" else ("EDM/fit",) if label in FIT_LABELS else ()
+        extra = ("VP/t",) if label == "ddpm" else ("EDM/fit", "VP/optimized") if label in FIT_LABELS else ()
         for setup in ("VP/lam", "EDM/karras") + extra:
             process, grid = SETUPS[setup]
             log = fits.setdefault(label, []) if grid is None else None
@@ -332,6 +337,8 @@ TARGET_TEXT = {
     "ii": "default sampler's logp gap inside the noise band (value: gap)",
     "ii*": "the same on the default's fixed grid (VP/lam), for information (value: gap)",
     "iii": "our per-step overhead <= anchors' (value: ratio to the fastest anchor)",
+    "i-fixed": "our default on its stored grid (no fit), SW2 <= 0.7 x the best anchor's, or inside the noise band "
+    "(value: ours / anchor's)",
 }
 OVERHEAD_PAIRS = {
     "torchdiffusion/sample_euler": ("k-diffusion/sample_euler", "diffusers/EulerDiscreteScheduler"),
@@ -382,6 +389,18 @@ def targets(results, floors, over, budgets) -> list[dict]:
                     out.append(_target(tag, f"{mix} {label} [{s}]", r["budget"], r["logp_gap"], ok))
             if setup == "VP/lam":
                 break
+        for b in (b for b in budgets if b in (5, 10)):  # issue #15 item 2: the default as users run it, no fit
+            mine = [r for r in rows if (r["library"], r["sampler"], r["setup"]) == ("torchdiffusion", label, FIXED)]
+            mine = [r for r in mine if r["budget"] == b and math.isfinite(r["sw2"])]
+            theirs = [r for r in rows if r["library"] != "torchdiffusion" and r["budget"] == b]
+            theirs = [r for r in theirs if math.isfinite(r["sw2"])]
+            if mine and theirs:
+                e_o, r_a = mine[0]["sw2"], min(theirs, key=lambda r: r["sw2"])
+                at_floor = e_o <= f["sw2"]["mean"] + 2 * f["sw2"]["sd"]
+                where = f"{mix} SW2: {label} [{FIXED}] vs {r_a['sampler']}" + (" (inside the noise band)" * at_floor)
+                out.append(
+                    _target("i-fixed", where, b, e_o / max(r_a["sw2"], 1e-12), e_o <= 0.7 * r_a["sw2"] or at_floor)
+                )
     for ours, theirs in OVERHEAD_PAIRS.items():
         theirs = [over[k] for k in theirs if k in over]
         if ours in over and theirs:
@@ -512,6 +531,10 @@ def main(argv=None):
             f"{min(costs)}-{max(costs)} evaluations on the pilot batch (teacher, search and log-density line "
             "integrals), once per model, not counted in the NFE"
         )
+    notes.append(
+        "VP/optimized: the stored grids of core.optimized_grid (optimized once, offline, on random mixtures other than "
+        "these; no fit here), run without the final denoise: the default of Pipeline.sample and of `sample --steps N`"
+    )
     over = overhead()
     tgt, wall, notes = targets(results, floors, over, budgets), time.perf_counter() - start, sorted(set(notes))
     meta = (

@@ -44,10 +44,10 @@ from bench_samplers import ADAPTIVE_TOLS
 from scipy.spatial import cKDTree
 
 from torchdiffusion.app.demo import DEMO_CONFIG
-from torchdiffusion.core import timesteps
+from torchdiffusion.core.optimized_grid import FINAL_DENOISE, grid_optimized
 from torchdiffusion.data import load_images, make_2d
 from torchdiffusion.evaluation.metrics import sliced_wasserstein
-from torchdiffusion.names import INFO
+from torchdiffusion.names import GRID_FUNCTIONS, INFO
 from torchdiffusion.samplers import count_nfe
 from torchdiffusion.training.checkpoint import find_checkpoint, load_denoiser
 from torchdiffusion.training.config import TrainConfig
@@ -66,6 +66,7 @@ MODELS_2D = {
     "moons": TrainConfig(data="moons", process={"name": "vp"}, target="eps", steps=4000),
 }
 IMAGE_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "unipc_3")
+DEFAULT = ("unipc_3", "optimized")  # Pipeline.sample's default (sampler, grid); issue #15 item 2
 KNOBS = {"ald": {"n_steps_each": 1}}
 LIBS = ("torchdiffusion", "k-diffusion", "diffusers")
 
@@ -114,12 +115,15 @@ def denoisers(run: Path) -> tuple[dict, object, dict]:
 
 
 class Ours:
-    """One torchdiffusion sampler on its default grid, run within NFE budgets (``runs``)."""
+    """One torchdiffusion sampler on its default grid (or ``grid``, a name of ``GRID_FUNCTIONS``), run within NFE
+    budgets (``runs``). On the optimized grid it runs without the final denoise, as ``Pipeline.sample`` does."""
 
-    def __init__(self, name: str, process, seed: int):
+    def __init__(self, name: str, process, seed: int, grid: str | None = None):
         self.name, self.process, self.seed = name, process, seed
-        self.fn, self.knobs = INFO[name].fn, KNOBS.get(name, {})
-        self.grid = getattr(timesteps, f"grid_{INFO[name].grid}")
+        self.fn, self.knobs = INFO[name].fn, dict(KNOBS.get(name, {}))
+        self.grid = GRID_FUNCTIONS[grid or INFO[name].grid]
+        if self.grid is grid_optimized:
+            self.knobs["final_denoise"] = FINAL_DENOISE
         self.adaptive, self.nfe_of_steps = name == "ode_adaptive", {}
 
     def _nfe(self, n_steps: int, shape) -> float:
@@ -305,6 +309,7 @@ def bench_2d(name, config, args, budgets, notes) -> tuple[list, dict, dict]:
     x_T = process.prior_sample((args.n, 2), generator=torch.Generator().manual_seed(args.seed))
     z = x_T / float(process.sigma(torch.tensor(process.t_max, dtype=F64)))  # the standard normal draw behind x_T
     jobs = [("torchdiffusion", s, INFO[s].grid, Ours(s, process, args.seed).runs) for s in INFO]
+    jobs.append(("torchdiffusion", *DEFAULT, Ours(*DEFAULT, process, args.seed).runs))  # Pipeline.sample's default
     if A.load_k_diffusion_sampling() is None:
         notes.append("k-diffusion not installed: its samplers skipped (make bench-samplers installs it)")
     else:
@@ -369,11 +374,11 @@ def bench_digits(args, budgets, notes) -> dict:
     n = args.digits_n or half
     x_T = process.prior_sample((n, *real.shape[1:]), generator=torch.Generator().manual_seed(args.seed))
     rows = []
-    for sampler in IMAGE_SAMPLERS:
+    for sampler, grid in [(s, INFO[s].grid) for s in IMAGE_SAMPLERS] + [DEFAULT]:
         for clip, d in dens.items():
             t0 = time.perf_counter()
             with torch.no_grad():
-                res = Ours(sampler, process, args.seed).runs(d, x_T, budgets)
+                res = Ours(sampler, process, args.seed, grid).runs(d, x_T, budgets)
             sec = (time.perf_counter() - t0) / max(len(res), 1)
             for b, (x, nfe, steps) in res.items():
                 flat = x.reshape(len(x), -1).to(F64)
@@ -381,14 +386,14 @@ def bench_digits(args, budgets, notes) -> dict:
                 fid = math.nan
                 if bool(torch.isfinite(flat).all()):
                     fid = frechet_distance(*feature_statistics(extract_features(net, x.clamp(-1, 1))), *ref_stats)
-                row = {"library": "torchdiffusion", "sampler": sampler, "grid": INFO[sampler].grid, "clip": clip}
+                row = {"library": "torchdiffusion", "sampler": sampler, "grid": grid, "clip": clip}
                 row |= {"budget": b, "nfe": nfe, "steps": steps, "fid": fid, "max_abs": float(flat.abs().max())}
                 row |= {
                     "out_of_range": float(bad.any(1).float().mean()),
                     "out_of_range_pixels": float(bad.float().mean()),
                 }
                 rows.append(row | {"seconds": sec})
-            print(f"  digits: {sampler} {clip} done ({sec:.0f} s per run)", flush=True)
+            print(f"  digits: {sampler} [{grid}] {clip} done ({sec:.0f} s per run)", flush=True)
     info = {"run": str(run), "train_seconds": train_s, "data_box": cfg["data_box"], "n": n, "n_real_half": half}
     info |= {"features": getattr(net, "label", "own"), "floor_reps": args.floor_reps}
     return {"rows": rows, "floor": floor, "info": info}
@@ -458,6 +463,24 @@ def summary_2d(rows, budgets) -> list[tuple]:
     return out
 
 
+def default_vs_anchors(rows, floor, budgets) -> list[dict]:
+    """Issue #15 item 2 on trained models: per budget and clip, our default (``DEFAULT``, no fit) against the best
+    anchor (k-diffusion or diffusers, any sampler, each on its own default grid) with the same network. Holds when
+    ours is at most the anchor's SW2 plus two floor sd (a statistical tie counts as no worse)."""
+    out = []
+    for b in budgets:
+        for clip in ("clipped", "unclipped"):
+            here = [r for r in rows if (r["budget"], r["clip"]) == (b, clip) and _ran(r) and math.isfinite(r["sw2"])]
+            mine = [r for r in here if (r["library"], r["sampler"], r["grid"]) == ("torchdiffusion", *DEFAULT)]
+            theirs = [r for r in here if r["library"] != "torchdiffusion"]
+            if mine and theirs:
+                best = min(theirs, key=lambda r: r["sw2"])
+                ok = mine[0]["sw2"] <= best["sw2"] + 2 * floor["sw2"]["sd"]
+                out.append({"budget": b, "clip": clip, "ours": mine[0]["sw2"], "anchor": f"{best['library']} "
+                            f"{best['sampler']}", "anchor_sw2": best["sw2"], "holds": bool(ok)})  # fmt: skip
+    return out
+
+
 def write_markdown(path, results, digits, budgets, img_budgets, meta):
     lines = [
         "# Samplers on trained models, against held-out data\n",
@@ -491,6 +514,19 @@ def write_markdown(path, results, digits, budgets, img_budgets, meta):
                 f"| {b} | {lib} | {c} | {med:.3f} [{lo:.3f}, {hi:.3f}] | {100 * omed:.2f}% [{100 * omax:.2f}%] "
                 f"| {mx:.3g} |"
             )
+        lines += [
+            "",
+            f"Our default ({DEFAULT[0]} on the {DEFAULT[1]} grid, no fit) against the best anchor with the same "
+            "network (holds: ours <= the anchor's SW2 + 2 floor sd):\n",
+            "| NFE | x0 clip | ours | best anchor | its SW2 | holds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in default_vs_anchors(res["rows"], f, budgets):
+            clip = "box" if c["clip"] == "clipped" else "none"
+            lines.append(
+                f"| {c['budget']} | {clip} | {c['ours']:.3f} | {c['anchor']} | {c['anchor_sw2']:.3f} | "
+                f"{'yes' if c['holds'] else 'NO'} |"
+            )
         lines += ["", "Every sampler (SW2 / outliers / max ||x||):\n", *_table(res["rows"], budgets, _cell2d), ""]
     if digits is not None:
         f, info = digits["floor"], digits["info"]
@@ -521,6 +557,11 @@ def print_summary(results, digits, budgets, wall):
             print(
                 f"  NFE {b:>3} {lib:>14} {clip:>9}: SW2 {med:.3f} [{lo:.3f}, {hi:.3f}], "
                 f"outliers <= {100 * omax:.2f}%, max||x|| <= {mx:.3g}"
+            )
+        for c in default_vs_anchors(res["rows"], f, budgets):
+            print(
+                f"  default NFE {c['budget']:>3} {c['clip']:>9}: {c['ours']:.3f} vs {c['anchor']} {c['anchor_sw2']:.3f}"
+                f" -> {'holds' if c['holds'] else 'FAILS'}"
             )
     if digits is not None:
         print(f"\ndigits: floor FID {_band(digits['floor']['fid'], '.2f')}")

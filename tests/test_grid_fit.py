@@ -188,3 +188,32 @@ def test_default_sampler_is_a_deterministic_registered_sampler():
 
     assert callable(DEFAULT_SAMPLER) and INFO[DEFAULT_SAMPLER_NAME].fn is DEFAULT_SAMPLER
     assert DEFAULT_SAMPLER_NAME in INFO and not INFO[DEFAULT_SAMPLER_NAME].stochastic
+
+
+def test_params_of_a_grid_give_that_grid_up_to_the_step_floor():
+    """``_params_of`` inverts ``lam_grid_from_params`` (the fit's start at a stored grid). The only change is the
+    floor of 1e-3 of the mean step: w -> (w + 1e-3 / n) / (1 + 1e-3) moves each softmax weight by at most
+    1e-3 (w + 1 / n), so a partial sum of weights by at most 2e-3, and each lam by at most 2e-3 of the span."""
+    from torchdiffusion.core.optimized_grid import OPTIMIZED_LAM
+    from torchdiffusion.samplers.grid_fit import _params_of
+
+    for n, stored in OPTIMIZED_LAM.items():
+        lams = np.asarray(stored)
+        lam_b = lams[-1] + 1.0  # the end unknown u = 1
+        v = _params_of(lams, lams[0], n, lam_b)
+        assert v.shape == (n + 1,) and math.isclose(v[-1], 1.0)
+        back = lam_grid_from_params(v[:n], n, lams[0], lam_b - v[-1] ** 2)
+        assert np.abs(back - lams).max() <= 2e-3 * (lams[-1] - lams[0])
+
+
+@pytest.mark.parametrize("init", ["both", "optimized", "lam"])
+def test_every_start_ends_no_worse_than_the_uniform_lam_grid(init):
+    """Whatever the start (the stored grid, the uniform lam grid or the better of the two), the fit returns a grid
+    whose objective on the pilot is at most the uniform lam grid's (here logp_weight = 0: the distance)."""
+    p = VP()
+    pilot = p.prior_sample((64, 2), generator=gen(4))
+    fit = fit_grid(sample_ddim, GAUSS.denoiser(p), p, 5, pilot, teacher_steps=60, max_evals=40, init=init,
+                   final_denoise=False, fit_end=True)  # fmt: skip
+    assert fit.error <= fit.error_uniform_lam
+    with pytest.raises(ValueError, match="init must be one of"):
+        fit_grid(sample_ddim, GAUSS.denoiser(p), p, 5, pilot, teacher_steps=60, init="uniform")

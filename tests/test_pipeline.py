@@ -88,11 +88,12 @@ def test_samples_have_the_shape_and_no_graph(moons):
 
 @pytest.mark.parametrize("name", ["unipc_3", "ddpm", "heun"])
 def test_sample_is_the_sampler_called_by_hand(moons, name):
-    """Default sampler (UniPC-3 on grid_lam), a stochastic one (DDPM on grid_t), one on grid_karras."""
+    """The default sampler by name (UniPC-3 on grid_lam), a stochastic one (DDPM on grid_t), one on grid_karras.
+    (With no sampler and no grid: UniPC-3 on grid_optimized, tests/test_optimized_grid.py.)"""
     pipe, info = td.load(moons), INFO[name]
     ts = GRID_FUNCTIONS[info.grid](pipe.process, 4)
     expected = by_hand(moons, info.fn, 12, ts, seed=5)
-    got = pipe.sample(12, sampler=None if name == "unipc_3" else name, steps=4, generator=seeded(5))
+    got = pipe.sample(12, sampler=name, steps=4, generator=seeded(5))
     assert torch.equal(got, expected)
 
 

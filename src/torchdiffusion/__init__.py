@@ -25,6 +25,7 @@ from .core.consistency import ConsistencyModel
 from .core.denoiser import Preconditioned, as_denoiser, count_nfe
 from .core.measurements import Blur, Colorize, Dense, Downsample, LinearOperator, Mask, Measurement, Outpaint
 from .core.mixture import FullCovarianceMixture, GaussianMixture
+from .core.optimized_grid import grid_optimized
 from .core.predictions import EPS, FLOW, SCORE, X0, Prediction, V, eps_from, tweedie_score
 from .core.process import NoiseProcess, append_dims
 from .core.processes import (
@@ -81,7 +82,7 @@ __all__ = [
     # measurements (inverse problems)
     "LinearOperator", "Mask", "Outpaint", "Colorize", "Downsample", "Blur", "Dense", "Measurement",
     # time grids
-    "grid_t", "grid_lam", "grid_karras", "grid_quadratic", "grid_discrete",
+    "grid_t", "grid_lam", "grid_karras", "grid_quadratic", "grid_discrete", "grid_optimized",
     # samplers: every one by name, and the default
     *_samplers_all,
     # few steps: consistency models' sampler (distillation: ``distill``)

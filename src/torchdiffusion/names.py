@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .core.optimized_grid import grid_optimized
 from .core.predictions import ALL_PREDICTIONS
 from .core.processes import (
     EDM,
@@ -83,6 +84,7 @@ GRID_FUNCTIONS = {
     "karras": grid_karras,
     "quadratic": grid_quadratic,
     "discrete": grid_discrete,
+    "optimized": grid_optimized,  # stored, optimized offline; run with final_denoise=False (core.optimized_grid)
 }
 GRIDS = ("auto", *GRID_FUNCTIONS, "fit")  # "auto": the sampler's own (INFO.grid); "fit": grid_fit.fit_grid
 SCHEDULES = {"linear": beta_linear, "cosine": beta_cosine, "sigmoid": beta_sigmoid, "quadratic": beta_quadratic}

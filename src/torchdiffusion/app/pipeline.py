@@ -256,7 +256,7 @@ class Pipeline:
         batch_size: int | None = None,
         progress: bool = False,
         labels=None,
-        final_denoise: bool = True,
+        final_denoise: bool | None = None,
         callback: Callable | None = None,
         low_res: Tensor | None = None,
         aug_level: float = 0.0,
@@ -267,13 +267,14 @@ class Pipeline:
 
         Args:
             n: how many.
-            sampler: a sampler function (default ``samplers.DEFAULT_SAMPLER``, UniPC-3) or its name in
-                ``names.SAMPLERS`` ("ddpm", "heun", "dpmpp_2m", ...; ``torchdiffusion samplers`` lists them).
+            sampler: a sampler function or its name in ``names.SAMPLERS`` ("ddpm", "heun", "dpmpp_2m", ...;
+                ``torchdiffusion samplers`` lists them). Default, with no grid either: ``samplers.DEFAULT_SAMPLER``
+                (UniPC-3) on ``grid_optimized`` (stored few-step grids, no final denoise; ``core.optimized_grid``).
             steps: steps of the grid (default ``DEFAULT_STEPS`` = 20, for few-step ODE solvers; stochastic
                 samplers such as DDPM want hundreds). Not with a grid of times.
             grid: decreasing times (e.g. ``fit_grid(...).ts``), or a grid name in ``names.GRID_FUNCTIONS``;
-                default: the sampler's usual grid (``names.INFO[...].grid``; ``grid_lam`` for functions
-                outside that table).
+                default: ``grid_optimized`` for the default sampler, else the sampler's usual grid
+                (``names.INFO[...].grid``; ``grid_lam`` for functions outside that table).
             generator: the source of every random number (prior noise, then the sampler's noise), on
                 ``self.device``; None uses torch's global RNG.
             batch_size: samples drawn at once (default: all of them for points, 1000 for images). One seed
@@ -281,7 +282,8 @@ class Pipeline:
                 ones (``draw_samples``).
             progress: a tqdm bar over all steps.
             labels: class-conditional models only: one int or n ints (default: i mod K, every class).
-            final_denoise: end with x0_hat at the last time (the samplers' policy at the data end).
+            final_denoise: end with x0_hat at the last time (the samplers' policy at the data end); default:
+                yes, except on the optimized grid, which was fitted without it (``optimized_grid.FINAL_DENOISE``).
             callback: called with every step's info dict (``i``, ``t``, ``x``, ``x0_hat``, ``nfe``).
             low_res: super-resolution models only: the n (or 1) low-resolution images to upsample, (n, C, h, w)
                 with h = H / ``super_resolution`` (a base model's samples: ``cascade``).
@@ -290,6 +292,7 @@ class Pipeline:
                 input carries (Ho et al. 2022, Sec. 4.2); 0 (the default) adds none, > 0 adds that much noise.
             **options: the sampler's own options (``eta`` for ``sample_ddim``, ``n_steps_each`` for "ald").
         """
+        from ..core.optimized_grid import FINAL_DENOISE, grid_optimized
         from ..core.timesteps import check_grid
         from ..names import GRID_FUNCTIONS, get_sampler
         from ..samplers import DEFAULT_SAMPLER
@@ -310,7 +313,7 @@ class Pipeline:
             if options:
                 raise ValueError(f"the student's sampler ({own[0].__name__}) takes no options; got {sorted(options)}")
         elif sampler is None:
-            sampler = DEFAULT_SAMPLER
+            sampler, grid = DEFAULT_SAMPLER, "optimized" if grid is None else grid
         elif isinstance(sampler, str):
             sampler = get_sampler(sampler)
         elif not callable(sampler):
@@ -323,6 +326,8 @@ class Pipeline:
                 ts = GRID_FUNCTIONS[grid](self.process, steps)
             else:
                 raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRID_FUNCTIONS)} or give the times")
+            if final_denoise is None and GRID_FUNCTIONS.get(grid) is grid_optimized:
+                final_denoise = FINAL_DENOISE
         elif steps is not None:
             raise ValueError("give steps or a grid of times, not both (a grid of n + 1 times has n steps)")
         else:
@@ -331,6 +336,7 @@ class Pipeline:
         batch_size = batch_size or (IMAGE_BATCH if len(self.shape) == 3 else n)
         if "class_labels" in options:
             raise ValueError("pass class labels as labels=..., not class_labels=...")
+        final_denoise = True if final_denoise is None else bool(final_denoise)
         conditions = self._low_res(n, low_res, aug_level, generator)
         if generator is not None and generator.device.type != self.device.type:
             raise ValueError(

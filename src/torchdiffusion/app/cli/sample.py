@@ -8,6 +8,7 @@ import click
 import numpy as np
 import torch
 
+from ...core.optimized_grid import FINAL_DENOISE
 from ...names import GRIDS, SAMPLERS
 from ._sampling import _class_labels, _draw
 from ._shared import _device, _fail, _writable, threads_option
@@ -57,7 +58,8 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     "--sampler",
     type=click.Choice(sorted(SAMPLERS)),
     default=None,
-    help="Sampling algorithm (default: ddpm; a distilled student: its own, consistency or DDIM on its grid).",
+    help="Sampling algorithm (default: ddpm with 250 steps; with --steps N: unipc_3 on the optimized few-step grid; "
+    "a distilled student: its own, consistency or DDIM on its grid).",
 )
 @click.option(
     "--steps",
@@ -71,6 +73,7 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     type=click.Choice(GRIDS),
     default="auto",
     help="Time grid (auto: the sampler's usual one, see `torchdiffusion samplers`; discrete: integer DDPM steps; "
+    "optimized: stored grids optimized offline for 5-10 steps, run without the final denoise; "
     "fit: fitted to this model first, for deterministic samplers, see --fit-pilot).",
 )
 @click.option(
@@ -222,6 +225,8 @@ def sample(
                 raise ValueError(f"{ckpt} is a {pipe.objective!r} model with its own sampler: drop --sampler / --grid")
             sampler, ts, steps = own
         else:
+            if sampler is None and steps is not None and grid == "auto":  # the few-step default (Pipeline.sample's)
+                sampler, grid = "unipc_3", "optimized"
             sampler, steps = sampler or "ddpm", steps or 250
             grid = INFO[sampler].grid if grid == "auto" else grid
             if grid == "fit" and INFO[sampler].stochastic:
@@ -236,6 +241,8 @@ def sample(
     if how:
         click.echo(f"class-conditional model: {how}")
     kwargs = {"n_steps_each": n_steps_each} if sampler == "ald" else {}
+    if grid == "optimized":  # fitted without the final x0_hat (core.optimized_grid)
+        kwargs["final_denoise"] = FINAL_DENOISE
     name = sampler if isinstance(sampler, str) else sampler.__name__.removeprefix("sample_")
     gen = torch.Generator(device).manual_seed(seed)
     if ts is None:
