@@ -17,7 +17,12 @@ least disturbed by other processes. OMP_WAIT_POLICY defaults to PASSIVE here: wi
 spin-waiting, two threads on a busy 2-core machine stall ~8 ms at every parallel op (a 128-element
 ``exp`` took 8 ms instead of 8 us), which measures the machine's load, not the code.
 
-Run: ``python benchmarks/bench_unet.py [--quick] [--json out.json]``.
+``--levers``: a row per lever of ours (``LEVERS``: layout, bf16 autocast, fused AdamW, torch.compile with its
+compile time, and the library's defaults), each against diffusers' float32 default in the same run. With
+PASSIVE threads, bf16 training at two or more threads stalls in the AMX backward convolutions on the VM it was
+measured on (README, "U-Net speed"); ``--threads 1`` shows what bf16 gains there.
+
+Run: ``python benchmarks/bench_unet.py [--quick] [--levers] [--threads N] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import statistics
 import time
 
 import torch
-from _machine import cpu_name
+from _machine import bf16_capability, cpu_name
 
 T, NFE = 1000, 50
 HEAD = 32  # channels per attention head, both libraries
@@ -47,11 +52,60 @@ CONFIGS = {
 BATCH = {"digits": 128, "cifar": 16}
 
 
-def ours(name):
+def ours(name, layout=None):
+    """Our U-Net; ``layout`` "cl" (channels-last) or "nchw" (contiguous) overrides the library's choice."""
     from torchdiffusion.nets.unet import UNet
 
     torch.manual_seed(0)
-    return UNet(**CONFIGS[name], head_channels=HEAD, dropout=0.1, scale_shift=True)
+    net = UNet(**CONFIGS[name], head_channels=HEAD, dropout=0.1, scale_shift=True)
+    if layout is not None:
+        net.to(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
+    return net
+
+
+# Levers of our U-Net, each a row of ``--levers`` (measured alone, against diffusers' fp32 default):
+# layout "nchw" / "cl" (channels-last; None: the library's choice), precision "fp32" / "bf16" (torch.autocast,
+# as ``torchdiffusion train --precision bf16``), fused (AdamW's fused kernel; training only), compile
+# (torch.compile of the network), and "default": what ``torchdiffusion train`` (training rows) or ``sample``
+# (sampling rows) does with no options.
+LEVERS = {
+    "fp32, NCHW": dict(layout="nchw", precision="fp32"),
+    "fp32, channels-last": dict(layout="cl", precision="fp32"),
+    "bf16 autocast, NCHW": dict(layout="nchw", precision="bf16"),
+    "bf16 autocast, channels-last": dict(layout="cl", precision="bf16"),
+    "fused AdamW (fp32, NCHW)": dict(layout="nchw", precision="fp32", fused=True),
+    "torch.compile (fp32)": dict(layout=None, precision="fp32", compile=True),
+    "library default": dict(default=True),
+}
+
+
+def _lever(lever, training):
+    """(layout, precision, compile, fused) of a lever; "default" resolves as the library does on this machine."""
+    lever = LEVERS[lever] if isinstance(lever, str) else (lever or {"default": True})
+    if lever.get("default"):
+        if not training:  # sampling: float32 and the library's layout (bf16 is an explicit option there)
+            return None, "fp32", False, False
+        from torchdiffusion.training.distributed import resolve_precision, unet_layout
+
+        precision = resolve_precision("auto", torch.device("cpu"), "unet")
+        fmt = unet_layout(precision, torch.device("cpu"))
+        return (None if fmt is None else "nchw"), precision, False, True  # fused AdamW: training.loop's
+    return lever.get("layout"), lever.get("precision", "fp32"), lever.get("compile", False), lever.get("fused", False)
+
+
+def _wrap(net, precision, compile_):
+    """The network under autocast (the library's own ``Autocast``, as training uses it) and / or torch.compile;
+    returns (module, compile status): "eager", "compiled", or "fallback: <why>" when compilation is unavailable."""
+    from torchdiffusion.training.step import Autocast
+
+    if precision != "fp32":
+        net = Autocast(net, "cpu", {"bf16": torch.bfloat16}[precision])
+    if not compile_:
+        return net, "eager"
+    try:
+        return torch.compile(net), "compiled"
+    except Exception as e:  # noqa: BLE001 - any failure to compile falls back to eager, and says why
+        return net, f"fallback: {type(e).__name__}: {e}"[:120]
 
 
 def theirs(name):
@@ -81,9 +135,13 @@ def _data(name, n=512):
     return torch.randn(n, cfg["in_channels"], cfg["image_size"], cfg["image_size"], generator=g).clamp(-1, 1)
 
 
-def _times(fn, warmup, reps):
-    for _ in range(warmup):
+def _times(fn, warmup, reps, first=None):
+    """Timed repetitions of fn after ``warmup`` calls; ``first``: a list that receives the first call's time."""
+    for k in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        if k == 0 and first is not None:
+            first.append(time.perf_counter() - t0)
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -92,13 +150,24 @@ def _times(fn, warmup, reps):
     return out
 
 
-def train_ours(name, warmup, reps):
+def _compiled(r, status, first, times):
+    """The compile status, and its time: the first (compiling) call less a steady one."""
+    r["compile"] = status
+    if status == "compiled":
+        r["compile_s"] = first[0] - min(times)
+    return r
+
+
+def train_ours(name, warmup, reps, lever=None):
     from torchdiffusion import Discrete, Preconditioned, beta_linear
     from torchdiffusion.objectives.denoising import denoising_loss
 
+    layout, precision, compile_, fused = _lever(lever, training=True)
     process = Discrete.from_schedule(beta_linear, T)
-    model = Preconditioned(ours(name), process)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    net = ours(name, layout)
+    inner, status = _wrap(net, precision, compile_)
+    model = Preconditioned(inner, process)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused or None)
     data, gen, B = _data(name), torch.Generator().manual_seed(0), BATCH[name]
 
     def step():
@@ -108,7 +177,10 @@ def train_ours(name, warmup, reps):
         loss.backward()
         opt.step()
 
-    return {"times": _times(step, warmup, reps), "per": B, "params": model.net.num_parameters()}
+    first = []
+    times = _times(step, warmup, reps, first)
+    r = {"times": times, "per": B, "params": net.num_parameters(), "precision": precision, "layout": layout}
+    return _compiled(r, status, first, times)
 
 
 def train_diffusers(name, warmup, reps):
@@ -138,19 +210,21 @@ class _Zero(torch.nn.Module):
         return torch.zeros_like(x)
 
 
-def sample_ours(name, warmup, reps, trivial=False):
+def sample_ours(name, warmup, reps, trivial=False, lever=None):
     from torchdiffusion import Discrete, Preconditioned, as_denoiser, beta_linear, count_nfe, grid_discrete
     from torchdiffusion.samplers import sample_ddim
 
+    layout, precision, compile_, _ = _lever(lever, training=False)
     process = Discrete.from_schedule(beta_linear, T)
-    net = _Zero() if trivial else ours(name).eval()
+    net, status = (_Zero(), "eager") if trivial else _wrap(ours(name, layout).eval(), precision, compile_)
     den = count_nfe(as_denoiser(Preconditioned(net, process), process))
     ts = grid_discrete(process, NFE)  # NFE - 1 steps and the final denoising step: NFE evaluations
     x = process.prior_sample((BATCH[name], *_data(name, 1).shape[1:]), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        out = _times(lambda: sample_ddim(den, process, x, ts), warmup, reps)
+    first = []
+    with torch.no_grad():  # as Pipeline and ``torchdiffusion sample`` run
+        out = _times(lambda: sample_ddim(den, process, x, ts), warmup, reps, first)
     assert den.nfe == NFE * (warmup + reps), den.nfe
-    return {"times": out, "per": NFE}
+    return _compiled({"times": out, "per": NFE, "precision": precision, "layout": layout}, status, first, out)
 
 
 def sample_diffusers(name, warmup, reps, trivial=False):
@@ -220,7 +294,17 @@ def run_case(case, *args, threads=2):
 def machine(threads) -> str:
     cpu = cpu_name()
     omp = os.environ.get("OMP_WAIT_POLICY", "default")
-    return f"{cpu}, {mp.cpu_count()} cores, torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY {omp}"
+    return (
+        f"{cpu}, {mp.cpu_count()} cores, {bf16_capability()}, torch {torch.__version__}, {threads} threads, "
+        f"OMP_WAIT_POLICY {omp}"
+    )
+
+
+def _summary(r):
+    best, med = min(r["times"]), statistics.median(r["times"])
+    out = {"best_s": best, "median_s": med, "rate": r["per"] / best, "rate_median": r["per"] / med}
+    keep = ("peak_mib", "hwm_mib", "import_mib", "precision", "layout", "compile", "compile_s")
+    return out | {k: r[k] for k in keep if k in r} | ({"params": r["params"]} if "params" in r else {})
 
 
 def main():
@@ -229,36 +313,55 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--configs", default="digits,cifar", help="comma-separated subset of " + ",".join(CONFIGS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--levers", action="store_true", help="a row per lever of ours (LEVERS), each against diffusers")
+    ap.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="include the torch.compile rows with --levers (default: yes, but not with --quick: ~1-2 min each)",
+    )  # fmt: skip
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     have_diffusers = importlib.util.find_spec("diffusers") is not None  # not imported here: see _peak_mib
     train_reps, sample_reps = (5, 1) if args.quick else (20, 3)
+    levers = ["library default"]
+    if args.levers:
+        with_compile = not args.quick if args.compile is None else args.compile
+        levers = [k for k in LEVERS if with_compile or not LEVERS[k].get("compile")]
     rows, params, load = [], {}, [os.getloadavg()[0]]
 
+    def run(case, name, case_args, lever=None):
+        r = run_case(case, name, *case_args, *(() if lever is None else (lever,)), threads=args.threads)
+        if "params" in r:
+            params.setdefault(name, {})[case.rsplit("_", 1)[1]] = r["params"]
+        return _summary(r)
+
     for name in args.configs.split(","):
-
-        def add(what, unit, case, case_args, name=name):
-            row = {"config": name, "what": what, "unit": unit}
-            for lib in ("ours", "diffusers") if have_diffusers else ("ours",):
-                r = run_case(f"{case}_{lib}", name, *case_args, threads=args.threads)
-                best, med = min(r["times"]), statistics.median(r["times"])
-                row[lib] = {"best_s": best, "median_s": med, "rate": r["per"] / best, "peak_mib": r["peak_mib"]}
-                row[lib] |= {"hwm_mib": r["hwm_mib"], "import_mib": r["import_mib"], "rate_median": r["per"] / med}
-                if "params" in r:
-                    params.setdefault(name, {})[lib] = r["params"]
-            if have_diffusers:
-                row["speed_ratio"] = row["diffusers"]["best_s"] / row["ours"]["best_s"]
-            rows.append(row)
-            return row
-
         B = BATCH[name]
-        add(f"training step, batch {B}", "img/s", "train", (3, train_reps))
-        net = add(f"DDIM {NFE} NFE, batch {B}: network", "NFE/s", "sample", (1, sample_reps))
-        zero = add(f"DDIM {NFE} NFE, batch {B}: zero net", "NFE/s", "sample", (1, sample_reps, True))
+        benches = [
+            (f"training step, batch {B}", "img/s", "train", (3, train_reps), lambda lev: (lev,)),
+            (f"DDIM {NFE} NFE, batch {B}: network", "NFE/s", "sample", (1, sample_reps), lambda lev: (False, lev)),
+        ]
+        for what, unit, case, case_args, extra in benches:
+            # diffusers first, then every lever of ours: interleaved per benchmark, so load drifts hit both
+            theirs_row = run(f"{case}_diffusers", name, case_args) if have_diffusers else None
+            for lever in levers if case == "train" else [k for k in levers if not LEVERS[k].get("fused")]:
+                row = {"config": name, "what": what, "unit": unit, "lever": lever}
+                row["ours"] = run(f"{case}_ours", name, (*case_args, *extra(lever)))
+                if theirs_row is not None:
+                    row["diffusers"] = theirs_row
+                    row["speed_ratio"] = theirs_row["best_s"] / row["ours"]["best_s"]
+                rows.append(row)
+        zero = {"config": name, "what": f"DDIM {NFE} NFE, batch {B}: zero net", "unit": "NFE/s", "lever": "-"}
+        zero["ours"] = run("sample_ours", name, (1, sample_reps * 3, True))
+        if have_diffusers:
+            zero["diffusers"] = run("sample_diffusers", name, (1, sample_reps * 3, True))
+            zero["speed_ratio"] = zero["diffusers"]["best_s"] / zero["ours"]["best_s"]
+        rows.append(zero)
         # per-NFE split: network time = (with network - with zero network) / NFE; overhead = zero / NFE
         for lib in ("ours", "diffusers") if have_diffusers else ("ours",):
-            net[lib]["net_ms_per_nfe"] = 1e3 * (net[lib]["best_s"] - zero[lib]["best_s"]) / NFE
             zero[lib]["overhead_ms_per_nfe"] = 1e3 * zero[lib]["best_s"] / NFE
+            for r in rows:
+                if r["config"] == name and r["what"].endswith("network"):
+                    r[lib]["net_ms_per_nfe"] = 1e3 * (r[lib]["best_s"] - zero[lib]["best_s"]) / NFE
     load.append(os.getloadavg()[0])
 
     print(f"machine: {machine(args.threads)}; load average {load[0]:.1f} at start, {load[1]:.1f} at end")
@@ -266,23 +369,35 @@ def main():
         theirs_n = f", diffusers {p['diffusers']:,}" if "diffusers" in p else ""
         print(f"parameters {name}: ours {p['ours']:,}{theirs_n}")
     mem_head = "peak MiB (imports) ours / theirs"
-    print(f"{'config':<7} {'benchmark':<34} {'ours':>10} {'diffusers':>10} {'unit':<6} {'ratio':>6} {mem_head:>32}")
+    print(
+        f"{'config':<7} {'benchmark':<34} {'ours: lever':<29} {'ours':>9} {'diffusers':>10} {'unit':<6} "
+        f"{'ratio':>6} {'compile s':>9} {mem_head:>32}"
+    )
     for r in rows:
         o, d = r["ours"], r.get("diffusers")
         th = f"{d['rate']:>10.1f}" if d else f"{'n/a':>10}"
         ratio = f"{r['speed_ratio']:.2f}x" if d else "n/a"
+        comp = o.get("compile", "eager")
+        comp = f"{o['compile_s']:.0f}" if "compile_s" in o else ("-" if comp == "eager" else comp[:9])
         mem = f"{o['peak_mib']:.0f} ({o['import_mib']:.0f}) / " + (
             f"{d['peak_mib']:.0f} ({d['import_mib']:.0f})" if d else "n/a"
         )
-        print(f"{r['config']:<7} {r['what']:<34} {o['rate']:>10.1f} {th} {r['unit']:<6} {ratio:>6} {mem:>32}")
+        print(
+            f"{r['config']:<7} {r['what']:<34} {r['lever']:<29} {o['rate']:>9.1f} {th} {r['unit']:<6} {ratio:>6} "
+            f"{comp:>9} {mem:>32}"
+        )
     for r in rows:
         for key, label in (("net_ms_per_nfe", "network"), ("overhead_ms_per_nfe", "sampler overhead")):
             if key in r["ours"]:
                 d = r.get("diffusers")
                 th = f"{d[key]:>10.2f}" if d else f"{'n/a':>10}"
                 ratio = f"{d[key] / r['ours'][key]:.2f}x" if d else "n/a"
-                print(f"{r['config']:<7} {label + ' per NFE':<34} {r['ours'][key]:>10.2f} {th} {'ms':<6} {ratio:>6}")
-    print("ratio = diffusers time / our time (higher: ours faster); best of the timed repetitions.")
+                print(
+                    f"{r['config']:<7} {label + ' per NFE':<34} {r['lever']:<29} {r['ours'][key]:>9.2f} {th} "
+                    f"{'ms':<6} {ratio:>6}"
+                )
+    print("ratio = diffusers time / our time (higher: ours faster); best of the timed repetitions; diffusers in")
+    print("float32 as its users run it. compile s: the first (compiling) call less a steady one.")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine(args.threads), "load": load, "params": params, "rows": rows}, fh, indent=2)

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistInfo", "process_group", "resolve_device"]
+__all__ = ["DistInfo", "process_group", "resolve_device", "native_bf16", "resolve_precision", "unet_layout"]
 
 
 @dataclass(frozen=True)
@@ -150,3 +150,45 @@ if __name__ == "__main__":
     from torchdiffusion.training.distributed import main as _main
 
     _main()
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return set(next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 autocast can outrun float32 on ``device``: CUDA with bf16 support (compute capability 8.0+),
+    or a CPU with AMX-BF16 (Intel Sapphire Rapids and later), whose tile units oneDNN's bf16 convolutions use. With
+    AVX512_BF16 alone (no AMX) bf16 was slower than float32 here: the digits U-Net trained at 737 against 936
+    images/s (oneDNN limited to AVX512_CORE_BF16, 1 thread)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and "amx_bf16" in _cpu_flags()
+
+
+def resolve_precision(precision: str, device: torch.device, net: str) -> str:
+    """The precision a run uses: ``precision`` itself, or for "auto" bf16 autocast where it was measured to win at
+    no loss of quality per step, and fp32 otherwise (``benchmarks/bench_unet.py --levers``, ``bench_unet_quality.py``;
+    README, "U-Net speed"). bf16 where: the U-Net (``net`` "unet"; the MLPs of 2-D data are dominated by
+    per-operation overhead that bf16 does not reduce) on CUDA with bf16, or on a CPU with AMX running one intra-op
+    thread: there training ran 1.29x (digits) and 2.0x (CIFAR-size) diffusers' float32 images per second. With two
+    threads, the AMX backward convolutions stalled for ~1 s a call whenever a thread had slept between operations
+    (OMP_WAIT_POLICY=PASSIVE or OpenMP's default after its spin; an Intel Xeon VM, torch 2.13), 0.4-0.7x float32."""
+    if precision != "auto":
+        return precision
+    if net != "unet" or not native_bf16(device):
+        return "fp32"
+    return "bf16" if device.type != "cpu" or torch.get_num_threads() == 1 else "fp32"
+
+
+def unet_layout(precision: str, device: torch.device) -> torch.memory_format | None:
+    """The activation layout for the U-Net: None (the net's own choice, channels-last with >= 2 channels per
+    GroupNorm group) except under bf16 autocast on the CPU, where it is NCHW: PyTorch's channels-last GroupNorm
+    backward in bfloat16 is 5-10x slower than in NCHW (torch 2.13), more than oneDNN's channels-last
+    convolutions gain."""
+    return torch.contiguous_format if precision == "bf16" and device.type == "cpu" else None

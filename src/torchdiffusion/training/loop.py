@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import math
 import os
 import shutil
@@ -48,7 +49,7 @@ from tqdm.auto import tqdm
 from ..names import PRECISIONS, build_net, build_process
 from .checkpoint import find_checkpoint, load_checkpoint, load_denoiser, remove_stale_temp_dirs, save_checkpoint
 from .config import _MAY_CHANGE_ON_RESUME, TrainConfig, config_diff
-from .distributed import DistInfo, process_group, resolve_device
+from .distributed import DistInfo, process_group, resolve_device, resolve_precision, unet_layout
 from .ema import ema_decay_at, ema_update
 from .logfile import read_log
 from .objective import DISTILLATIONS, TrainingObjective
@@ -164,6 +165,11 @@ def _train(
     # Every random draw of the run happens inside fork_rng: the caller's global RNG is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         ckpt = load_checkpoint(existing) if existing is not None and resume else None
+        if cfg.precision == "auto":  # a resume keeps the precision its run resolved to, wherever it runs now
+            stored = ckpt.config.get("precision") if ckpt is not None else None
+            precision = stored if stored in PRECISIONS else resolve_precision("auto", device, cfg.net["name"])
+            cfg = dataclasses.replace(cfg, precision=precision)
+            resolved = cfg.to_dict()
         if ckpt is not None:
             diff = config_diff(ckpt.config, resolved)
             if diff:
@@ -224,7 +230,14 @@ class _Loop:
         self.data, self.labels, self.seeds, self.device = data, labels, seeds, data.device
         self.ema_net.requires_grad_(False)
         self.process = build_process(cfg.process)
-        self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        layout = unet_layout(cfg.precision, self.device) if hasattr(net, "memory_format") else None
+        if layout is not None:  # the U-Net's activations follow its weights' layout (bf16 on the CPU: NCHW)
+            net.to(memory_format=layout)
+            ema_net.to(memory_format=layout)
+        # fused: one kernel for all parameters instead of a dozen per-tensor passes (CPU and CUDA; 2.6 of ~115 ms
+        # per step on the digits U-Net); the same update up to rounding (~1 ulp from the foreach version)
+        fused = self.device.type in ("cpu", "cuda") or None
+        self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         dtype = PRECISIONS[cfg.precision]
         self.null_label = cfg.net.get("num_classes")  # the nets' unconditional label (label dropout)
         self.objective = TrainingObjective(cfg, self.process, teacher, net, len(data))

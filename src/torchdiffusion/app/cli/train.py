@@ -109,7 +109,12 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="Peak learning rate (AdamW).")
 @click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, help="EMA decay of the weights.")
-@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", help="Mixed precision.")
+@click.option(
+    "--precision", type=click.Choice(["auto", *PRECISIONS]), default="auto",
+    help="Mixed precision. auto: bf16 autocast for the U-Net on a CUDA GPU with bf16 or a CPU with AMX-BF16 and "
+    "--threads 1 (there 1.3-2x faster at the same loss per step, README 'U-Net speed'), else fp32; a resume keeps "
+    "its run's.",
+)  # fmt: skip
 @click.option("--flip", is_flag=True, help="Random left-right flips of image batches.")
 @click.option("--sample-every", type=click.IntRange(min=0), default=0, help="Steps between sample grids (images).")
 @click.option("--tensorboard", is_flag=True, help="Also log to TensorBoard (needs the tensorboard package).")
