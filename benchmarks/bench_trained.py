@@ -309,7 +309,7 @@ def bench_2d(name, config, args, budgets, notes) -> tuple[list, dict, dict]:
     x_T = process.prior_sample((args.n, 2), generator=torch.Generator().manual_seed(args.seed))
     z = x_T / float(process.sigma(torch.tensor(process.t_max, dtype=F64)))  # the standard normal draw behind x_T
     jobs = [("torchdiffusion", s, INFO[s].grid, Ours(s, process, args.seed).runs) for s in INFO]
-    jobs.append(("torchdiffusion", *DEFAULT, Ours(*DEFAULT, process, args.seed).runs))  # Pipeline.sample's default
+    jobs.append(("torchdiffusion", *DEFAULT, Ours(DEFAULT[0], process, args.seed, DEFAULT[1]).runs))  # the default
     if A.load_k_diffusion_sampling() is None:
         notes.append("k-diffusion not installed: its samplers skipped (make bench-samplers installs it)")
     else:
