@@ -72,10 +72,12 @@ def test_diffusers_eps_is_the_exact_eps():
     assert checked >= 40  # all but the ends of the two 25-step schedules lie inside the VP range
 
 
-@pytest.mark.parametrize("name", ["ddpm", "heun", "rk4", "dpm_solver_3", "pc", "ald"])
-def test_steps_for_takes_the_most_steps_within_the_budget(name):
+@pytest.mark.parametrize("name, grid", [(s, None) for s in ("ddpm", "heun", "rk4", "dpm_solver_3", "pc", "ald")]
+                         + [B.DEFAULT])  # fmt: skip
+def test_steps_for_takes_the_most_steps_within_the_budget(name, grid):
+    """(The default, UniPC-3 on the optimized grid without the final denoise, takes exactly the budget in steps.)"""
     vp = VP()
-    runner = B.Ours(name, vp, seed=0)
+    runner = B.Ours(name, vp, 0, grid)
     x = torch.randn(3, 2, dtype=F64)
 
     def nfe(n):  # counted on a real run with a real denoiser
@@ -89,6 +91,8 @@ def test_steps_for_takes_the_most_steps_within_the_budget(name):
             assert nfe(1) > budget
         else:
             assert nfe(n) <= budget < nfe(n + 1)
+        if (name, grid) == B.DEFAULT:
+            assert n == budget
 
 
 def test_held_out_metrics():
