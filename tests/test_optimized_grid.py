@@ -135,5 +135,6 @@ def test_the_command_line_default_for_steps_is_the_same(moons, tmp_path):
     args = ["sample", "--checkpoint", moons, "--steps", 5, "--n", 20, "--seed", 6, "--out", out, "--no-progress"]
     r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    assert "unipc_3 on the optimized 5-step grid" in r.output  # it says what it ran
     got = td.load(moons).sample(20, steps=5, generator=torch.Generator().manual_seed(6))
     assert np.array_equal(np.load(out), got.numpy())

@@ -227,6 +227,8 @@ def sample(
         else:
             if sampler is None and steps is not None and grid == "auto":  # the few-step default (Pipeline.sample's)
                 sampler, grid = "unipc_3", "optimized"
+                click.echo(f"sampler: unipc_3 on the optimized {steps}-step grid, no final denoise ({steps} network "
+                           "calls per sample; --sampler and --grid choose others)")  # fmt: skip
             sampler, steps = sampler or "ddpm", steps or 250
             grid = INFO[sampler].grid if grid == "auto" else grid
             if grid == "fit" and INFO[sampler].stochastic:
