@@ -32,7 +32,7 @@ from torchdiffusion import VP, GaussianMixture, grid_lam
 from torchdiffusion.core.optimized_grid import OPTIMIZED_LAM, grid_optimized
 from torchdiffusion.core.timesteps import grid_ends, lam_start
 from torchdiffusion.samplers import sample_dpm_solver_pp, sample_unipc
-from torchdiffusion.samplers.grid_fit import _times, lam_grid_from_params, logp_difference
+from torchdiffusion.samplers.grid_fit import SPREAD, _times, lam_grid_from_params, logp_difference
 
 F64 = torch.float64
 SAMPLERS = {"unipc-3": partial(sample_unipc, order=3), "unipc-2": partial(sample_unipc, order=2)}
@@ -101,7 +101,8 @@ def joint_fit(sampler, n: int, mixtures, process) -> np.ndarray:
             for den, x_T, teacher, scale, d in probs:
                 y = sampler(den, process, x_T, ts, final_denoise=False)
                 e = float((y - teacher).norm(dim=1).mean())
-                total += e / scale + 0.5 * abs(float(logp_difference(den, process, b, teacher, y, NODES).mean())) / d
+                gap = float(logp_difference(den, process, b, teacher, y, NODES).mean())
+                total += e / scale + SPREAD["logp_weight"] * abs(gap) / d  # fit_grid's J with SPREAD's weight
         except ValueError:  # two times that round to one
             return math.inf
         return total / len(probs) if math.isfinite(total) else math.inf
@@ -125,12 +126,6 @@ def held_out(ts, process) -> tuple[list[float], list[float]]:
     return sw2, gap
 
 
-def _times_of(process, lam) -> torch.Tensor:
-    ts = process.t_from_lam(torch.as_tensor(lam, dtype=F64))
-    ts[0] = process.t_max
-    return ts
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nfe", type=int, nargs="+", default=[5, 10])
@@ -146,13 +141,14 @@ def main():
             rows["stored"] = grid_optimized(process, n)
         if args.grids:
             with open(args.grids) as fh:
-                rows |= {k: _times_of(process, v) for k, v in json.load(fh).items() if len(v) == n + 1}
+                given = {k: np.asarray(v, dtype=np.float64) for k, v in json.load(fh).items() if len(v) == n + 1}
+            rows |= {k: _times(process, v, process.t_max) for k, v in given.items()}
         for name, sampler, seed, count, dims in [] if args.validate_only else CANDIDATES:
             t0 = time.perf_counter()
             mixtures = unit_family(seed, count) if dims is None else family(seed, count, dims)
             lam = joint_fit(SAMPLERS[sampler], n, mixtures, process)
             print(f"n = {n} {name}: fitted in {time.perf_counter() - t0:.0f} s: lam {np.round(lam, 3).tolist()}")
-            rows[name] = _times_of(process, lam)
+            rows[name] = _times(process, lam, process.t_max)
         for name, ts in rows.items():
             sw, gap = held_out(ts, process)
             report[f"{n}/{name}"] = {"lam": process.lam(ts).tolist(), "sw2": sw, "gap": gap}
