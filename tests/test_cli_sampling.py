@@ -175,13 +175,14 @@ def test_default_batch_is_the_single_draw_for_points(moons, tmp_path):
     ids=["default", "class", "list", "npy"],
 )
 def test_labels_reach_the_network(conditional, tmp_path, option, labels):
-    """The CLI's samples equal the Python call with the expected class_labels, bit for bit."""
+    """The CLI's samples equal the Python call with the expected class_labels, bit for bit (in float32: the
+    precision "auto" would choose depends on the CPU, tests/test_sampling_precision.py)."""
     if option == ["--labels", "npy"]:
         np.save(tmp_path / "labels.npy", labels.numpy())
         option = ["--labels", tmp_path / "labels.npy"]
     out = tmp_path / "s.npy"
     r = run("sample", "--checkpoint", conditional, "--sampler", "dpmpp_2m", "--steps", 3, "--grid", "lam",
-            "--n", 12, "--batch-size", 5, "--out", out, "--no-progress", *option)  # fmt: skip
+            "--n", 12, "--batch-size", 5, "--out", out, "--no-progress", "--precision", "fp32", *option)  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "class-conditional model" in r.output
     denoiser, process, _ = load_denoiser(conditional)

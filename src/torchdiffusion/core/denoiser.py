@@ -15,7 +15,15 @@ from torch import Tensor, nn
 from .predictions import EPS, X0, Prediction
 from .process import NoiseProcess, batch_time
 
-__all__ = ["Denoiser", "Preconditioned", "as_denoiser", "count_nfe", "CountingDenoiser", "network_inputs"]
+__all__ = [
+    "Denoiser",
+    "Preconditioned",
+    "as_denoiser",
+    "count_nfe",
+    "CountingDenoiser",
+    "AutocastDenoiser",
+    "network_inputs",
+]
 
 
 def _check(predicts) -> None:
@@ -170,3 +178,19 @@ class CountingDenoiser:
 def count_nfe(denoiser) -> CountingDenoiser:
     """``d = count_nfe(denoiser); sample_xxx(d, ...); d.nfe`` is the number of evaluations used."""
     return CountingDenoiser(denoiser)
+
+
+class AutocastDenoiser:
+    """A denoiser evaluated under ``torch.autocast(device_type, dtype)`` (mixed precision, e.g. bfloat16).
+
+    Autocast lowers only the network's matrix products and convolutions; its output comes back in x's dtype,
+    so the sampler's own arithmetic (the steps, the multistep coefficients) stays in x's precision, which is
+    why the whole sampling call is not simply run under autocast (a sampler's small ``matmul`` would drop too).
+    """
+
+    def __init__(self, denoiser, device_type: str, dtype: torch.dtype):
+        self.denoiser, self.device_type, self.dtype = denoiser, device_type, dtype
+
+    def __call__(self, x: Tensor, t: Tensor, **cond) -> Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.denoiser(x, t, **cond).to(x.dtype)

@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..names import PRECISIONS
+
 __all__ = ["DistInfo", "process_group", "resolve_device", "native_bf16", "resolve_precision", "unet_layout"]
 
 
@@ -171,19 +173,24 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and "amx_bf16" in _cpu_flags()
 
 
-def resolve_precision(precision: str, device: torch.device, net: str) -> str:
+def resolve_precision(precision: str, device: torch.device, net: str, *, backward: bool = True) -> str:
     """The precision a run uses: ``precision`` itself, or for "auto" bf16 autocast where it was measured to win at
-    no loss of quality per step, and fp32 otherwise (``benchmarks/bench_unet.py --levers``, ``bench_unet_quality.py``;
+    no loss of quality, and fp32 otherwise (``benchmarks/bench_unet.py --levers``, ``bench_unet_quality.py``;
     README, "U-Net speed"). bf16 where: the U-Net (``net`` "unet"; the MLPs of 2-D data are dominated by
-    per-operation overhead that bf16 does not reduce) on CUDA with bf16, or on a CPU with AMX running one intra-op
-    thread: there training ran 1.29x (digits) and 2.0x (CIFAR-size) diffusers' float32 images per second. With two
-    threads, the AMX backward convolutions stalled for ~1 s a call whenever a thread had slept between operations
-    (OMP_WAIT_POLICY=PASSIVE or OpenMP's default after its spin; an Intel Xeon VM, torch 2.13), 0.4-0.7x float32."""
+    per-operation overhead that bf16 does not reduce) on CUDA with bf16, or on a CPU with AMX. Training
+    (``backward``) on such a CPU needs one intra-op thread too: there it ran 1.37x (digits) and 2.1x (CIFAR-size)
+    diffusers' float32 images per second, but with two threads the AMX backward convolutions stalled for ~1 s a call
+    whenever a thread had slept between operations (OMP_WAIT_POLICY=PASSIVE or OpenMP's default after its spin; an
+    Intel Xeon VM, torch 2.13), 0.4-0.7x float32. Sampling (forward only, ``backward=False``) never stalled: 1.4x
+    (digits) and 2.1-2.2x (CIFAR-size) diffusers' float32 at one or two threads, and the digits model's FID at 5-250
+    steps moved by less than between two seeds (README, "U-Net speed")."""
     if precision != "auto":
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose auto or one of {', '.join(PRECISIONS)}")
         return precision
     if net != "unet" or not native_bf16(device):
         return "fp32"
-    return "bf16" if device.type != "cpu" or torch.get_num_threads() == 1 else "fp32"
+    return "bf16" if device.type != "cpu" or not backward or torch.get_num_threads() == 1 else "fp32"
 
 
 def unet_layout(precision: str, device: torch.device) -> torch.memory_format | None:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ...core.optimized_grid import FINAL_DENOISE
-from ...names import GRIDS, SAMPLERS
+from ...names import GRIDS, PRECISIONS, SAMPLERS
 from ._sampling import _class_labels, _draw
 from ._shared import _device, _fail, _writable, threads_option
 from .group import main
@@ -147,6 +147,14 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     help="Also draw the reverse process (PNG): snapshots and trajectories of 2-D points, or x_t of the first "
     "images at six moments (from the first batch).",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", *PRECISIONS]),
+    default="auto",
+    show_default=True,
+    help="The network's arithmetic (torch.autocast; the sampler's stays float32). auto: bf16 for a U-Net on a CPU "
+    "with AMX-BF16 or a CUDA GPU with bf16 (2-3x faster, samples differ from fp32's by bf16's rounding), else fp32.",
+)
 @threads_option
 def sample(
     ckpt,
@@ -174,6 +182,7 @@ def sample(
     device,
     no_progress,
     figure,
+    precision,
 ):
     """Draw samples from a trained checkpoint; write them as .npy and a PNG."""
     from ...names import GRID_FUNCTIONS, INFO
@@ -195,7 +204,7 @@ def sample(
         if any(v not in (None, False) for v in extras.values()):
             raise click.UsageError(f"--cascade takes --sampler, --steps, --n, --seed, --batch-size; not {extras}")
         return _sample_cascade(cascade, aug_level, sampler, steps, n, batch_size, seed, no_ema, device, no_progress,
-                               out, png)  # fmt: skip
+                               out, png, precision)  # fmt: skip
     try:
         pipe = load(ckpt, ema=not no_ema, device=device)
         if pipe.autoencoder is not None and figure:
@@ -217,7 +226,10 @@ def sample(
             pipe = pipe.guided(guidance, interval=interval, rescale=guidance_rescale)
         elif guidance_interval is not None or guidance_rescale:
             raise ValueError("--guidance-interval and --guidance-rescale shape --guidance: give --guidance W too")
-        denoiser, process = pipe.denoiser, pipe.process
+        denoiser, precision = pipe.sampling_denoiser(precision)
+        process = pipe.process
+        if precision != "fp32":
+            click.echo(f"network in {precision} autocast (--precision fp32 for float32)")
         chosen = sampler is not None or grid != "auto"
         own = None if chosen and pipe.objective == "reflow" else pipe.own_sampler(steps)  # reflow: any sampler too
         if own is not None:  # a distilled student: its own sampler on its own times
@@ -287,7 +299,9 @@ def sample(
     click.echo(f"wrote {n} samples to {out} and a picture to {png}")
 
 
-def _sample_cascade(cascade, aug_level, sampler, steps, n, batch_size, seed, no_ema, device, no_progress, out, png):
+def _sample_cascade(
+    cascade, aug_level, sampler, steps, n, batch_size, seed, no_ema, device, no_progress, out, png, precision
+):
     """``--cascade BASE,UP1,...``: ``pipeline.cascade`` of the runs, written as ``sample`` writes samples."""
     from ...utils.image_grid import save_image_grid
     from ...utils.io import atomic_write
@@ -299,7 +313,7 @@ def _sample_cascade(cascade, aug_level, sampler, steps, n, batch_size, seed, no_
         pipes = [load(r, ema=not no_ema, device=device) for r in runs]
         gen = torch.Generator(device).manual_seed(seed)
         xs = run_cascade(pipes, n, steps=steps, aug_level=aug_level, sampler=sampler, generator=gen,
-                         batch_size=batch_size, progress=not no_progress)  # fmt: skip
+                         batch_size=batch_size, progress=not no_progress, precision=precision)  # fmt: skip
     except (ValueError, OSError) as e:
         _fail(e)
     atomic_write(out, lambda p: np.save(p, xs.numpy()))
