@@ -13,14 +13,15 @@ small 32x32 CIFAR-size net (3 channels).
 Each case runs in a fresh (spawned) process, so its peak resident memory (ru_maxrss) is its own; it
 includes the imports (printed in brackets: torchdiffusion's or diffusers', with torch's). Times are the
 best of the timed repetitions (the JSON also has medians): on a shared machine the best is the estimate
-least disturbed by other processes. OMP_WAIT_POLICY defaults to PASSIVE here: with OpenMP's default
-spin-waiting, two threads on a busy 2-core machine stall ~8 ms at every parallel op (a 128-element
-``exp`` took 8 ms instead of 8 us), which measures the machine's load, not the code.
+least disturbed by other processes. Both libraries run under torchdiffusion's OpenMP wait policy
+(``torchdiffusion._openmp``: a short spin, GOMP_SPINCOUNT=3000, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set):
+with OpenMP's default spin-waiting, two threads on a busy 2-core machine stall ~8 ms at every parallel op (a
+128-element ``exp`` took 8 ms instead of 8 us), which measures the machine's load, not the code.
 
 ``--levers``: a row per lever of ours (``LEVERS``: layout, bf16 autocast, fused AdamW, torch.compile with its
 compile time, and the library's defaults), each against diffusers' float32 default in the same run. With
-PASSIVE threads, bf16 training at two or more threads stalls in the AMX backward convolutions on the VM it was
-measured on (README, "U-Net speed"); ``--threads 1`` shows what bf16 gains there.
+threads that slept at once (OMP_WAIT_POLICY=PASSIVE), bf16 training at two threads stalled in the AMX backward
+convolutions on the VM it was measured on in issue #15 (README, "U-Net speed").
 
 Run: ``python benchmarks/bench_unet.py [--quick] [--levers] [--threads N] [--json out.json]``.
 """
@@ -36,8 +37,13 @@ import resource
 import statistics
 import time
 
+import torchdiffusion  # noqa: F401 - first: the package sets its OpenMP wait policy before torch loads
+
+# isort: split
 import torch
 from _machine import bf16_capability, cpu_name
+
+from torchdiffusion._openmp import openmp_defaults
 
 T, NFE = 1000, 50
 HEAD = 32  # channels per attention head, both libraries
@@ -66,8 +72,8 @@ def ours(name, layout=None):
 # Levers of our U-Net, each a row of ``--levers`` (measured alone, against diffusers' fp32 default):
 # layout "nchw" / "cl" (channels-last; None: the library's choice), precision "fp32" / "bf16" (torch.autocast,
 # as ``torchdiffusion train --precision bf16``), fused (AdamW's fused kernel; training only), compile
-# (torch.compile of the network), and "default": what ``torchdiffusion train`` (training rows) or ``sample``
-# (sampling rows) does with no options.
+# (torch.compile of the network), and "default": what ``torchdiffusion train`` (training rows) or ``sample`` /
+# ``Pipeline.sample`` (sampling rows: precision "auto", bf16 on a CPU with AMX) does with no options.
 LEVERS = {
     "fp32, NCHW": dict(layout="nchw", precision="fp32"),
     "fp32, channels-last": dict(layout="cl", precision="fp32"),
@@ -83,11 +89,11 @@ def _lever(lever, training):
     """(layout, precision, compile, fused) of a lever; "default" resolves as the library does on this machine."""
     lever = LEVERS[lever] if isinstance(lever, str) else (lever or {"default": True})
     if lever.get("default"):
-        if not training:  # sampling: float32 and the library's layout (bf16 is an explicit option there)
-            return None, "fp32", False, False
         from torchdiffusion.training.distributed import resolve_precision, unet_layout
 
-        precision = resolve_precision("auto", torch.device("cpu"), "unet")
+        precision = resolve_precision("auto", torch.device("cpu"), "unet")  # training's and Pipeline.sample's
+        if not training:  # sampling: the net's own layout
+            return None, precision, False, False
         fmt = unet_layout(precision, torch.device("cpu"))
         return (None if fmt is None else "nchw"), precision, False, True  # fused AdamW: training.loop's
     return lever.get("layout"), lever.get("precision", "fp32"), lever.get("compile", False), lever.get("fused", False)
@@ -293,10 +299,10 @@ def run_case(case, *args, threads=2):
 
 def machine(threads) -> str:
     cpu = cpu_name()
-    omp = os.environ.get("OMP_WAIT_POLICY", "default")
+    omp = " ".join(f"{k} {os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
     return (
         f"{cpu}, {mp.cpu_count()} cores, {bf16_capability()}, torch {torch.__version__}, {threads} threads, "
-        f"OMP_WAIT_POLICY {omp}"
+        f"{omp or 'OpenMP default wait policy'}"
     )
 
 
@@ -308,7 +314,7 @@ def _summary(r):
 
 
 def main():
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by the spawned children's OpenMP at start-up
+    openmp_defaults()  # the library's wait policy, read by the spawned children's OpenMP at start-up
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--configs", default="digits,cifar", help="comma-separated subset of " + ",".join(CONFIGS))

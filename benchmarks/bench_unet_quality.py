@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_unet.py: spinning threads stall on shared machines
+import torchdiffusion  # noqa: F401 - first: the package sets its OpenMP wait policy before torch loads
 
-import torch  # noqa: E402
-from bench_unet import ours, theirs  # noqa: E402
+# isort: split
+import torch
+from bench_unet import ours, theirs
 
 from torchdiffusion.core.processes import beta_linear
 

@@ -365,13 +365,13 @@ def test_threads_sets_torch_threads(moons, tmp_path, monkeypatch):
     assert run("sample", "--checkpoint", moons, "--threads", 0).exit_code == 2
 
 
-@pytest.mark.parametrize("preset", [None, "ACTIVE"])
-def test_importing_the_library_first_makes_openmp_threads_sleep(preset):
-    """libgomp reads OMP_WAIT_POLICY when torch loads it: the package sets PASSIVE before that, unless the user
-    chose a policy."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if preset:
-        env["OMP_WAIT_POLICY"] = preset
-    code = "import os, torchdiffusion; print(os.environ['OMP_WAIT_POLICY'])"
+@pytest.mark.parametrize("preset", [None, {"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "5"}])
+def test_importing_the_library_first_makes_openmp_threads_spin_briefly(preset):
+    """libgomp reads its wait policy when torch loads it: the package sets a short spin (GOMP_SPINCOUNT=3000) before
+    that, and KMP_BLOCKTIME=0 for LLVM's / Intel's OpenMP, unless the user chose a policy or a spin count."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    env.update(preset or {})
+    code = "import os, torchdiffusion; print([os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == (preset or "PASSIVE")
+    expected = [None, "3000"] if preset is None else [preset.get("OMP_WAIT_POLICY"), preset.get("GOMP_SPINCOUNT")]
+    assert out.strip() == str(expected)

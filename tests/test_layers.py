@@ -2,7 +2,7 @@
 
 Layers, bottom to top (docs/architecture.md draws them):
 
-    0  utils                          atomic writes, PNG grids
+    0  utils, _openmp                 atomic writes, PNG grids; OpenMP's wait policy, set before torch loads
     1  core, nets, data               process, predictions, denoiser, grids, mixture; backbones; data sets
     2  samplers, objectives, likelihood, guidance   the algorithms, on objects of core
     3  inverse                        posterior samplers for inverse problems (built on samplers)
@@ -25,6 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "torchdiffusion"
 
 LAYERS = {
     "utils": 0,
+    "_openmp": 0,
     "core": 1,
     "nets": 1,
     "data": 1,

@@ -52,18 +52,16 @@ def seeded(seed=0):
 
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_auto_samples_in_bf16_on_native_bf16_at_any_thread_count(monkeypatch, native, threads):
-    """Forward-only work never met the two-thread AMX stall of training, so sampling drops the one-thread rule."""
+def test_auto_is_bf16_for_the_unet_on_native_bf16_at_any_thread_count(monkeypatch, native, threads):
     monkeypatch.setattr(dist_mod, "native_bf16", lambda device: native)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert resolve_precision("auto", CPU, "unet", backward=False) == ("bf16" if native else "fp32")
-    assert resolve_precision("auto", CPU, "unet") == ("bf16" if native and threads == 1 else "fp32")
-    assert resolve_precision("auto", CPU, "mlp", backward=False) == "fp32"
+    assert resolve_precision("auto", CPU, "unet") == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", CPU, "mlp") == "fp32"
 
 
 def test_an_unknown_precision_names_the_choices():
     with pytest.raises(ValueError, match="unknown precision 'fp8'.*auto.*fp32.*bf16.*fp16"):
-        resolve_precision("fp8", CPU, "unet", backward=False)
+        resolve_precision("fp8", CPU, "unet")
 
 
 # -- AutocastDenoiser ---------------------------------------------------------------------------------------------

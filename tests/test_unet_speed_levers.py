@@ -44,12 +44,10 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch, flags, expected):
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_auto_is_bf16_for_the_unet_on_native_bf16_with_one_cpu_thread(monkeypatch, native, threads):
+def test_auto_is_bf16_for_the_unet_on_native_bf16(monkeypatch, native):
     monkeypatch.setattr(dist_mod, "native_bf16", lambda device: native)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert resolve_precision("auto", CPU, "unet") == ("bf16" if native and threads == 1 else "fp32")
-    assert resolve_precision("auto", torch.device("cuda"), "unet") == ("bf16" if native else "fp32")  # any threads
+    assert resolve_precision("auto", CPU, "unet") == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", torch.device("cuda"), "unet") == ("bf16" if native else "fp32")
     assert resolve_precision("auto", CPU, "mlp") == "fp32"  # measured: the MLP gains nothing from bf16
     for explicit in ("fp32", "bf16", "fp16"):  # an explicit choice is kept whatever the device
         assert resolve_precision(explicit, CPU, "unet") == explicit
@@ -68,7 +66,6 @@ def test_config_defaults_to_auto_and_names_the_choices():
 
 def test_auto_trains_in_bf16_with_a_finite_loss_and_a_resume_keeps_it(tmp_path, monkeypatch):
     monkeypatch.setattr(dist_mod, "native_bf16", lambda device: True)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     seen = []
     first = train(tiny(steps=2), tmp_path, progress=False, callback=lambda s, i: seen.append(i["loss"]))
     assert len(seen) == 2 and all(math.isfinite(v) and v > 0 for v in seen)

@@ -9,15 +9,15 @@ Notation (one table for the whole library; seed 003 and DESIGN.md):
     x0_hat      denoiser output E[x0|x_t]  eps_hat      (x - alpha x0_hat) / sigma
 """
 
-import os as _os
 import sys as _sys
 
-# OpenMP worker threads that spin-wait between parallel regions made training ~10x slower on a CPU shared
-# with other jobs (issue #10, item 6). libgomp reads OMP_WAIT_POLICY once, when `import torch` loads it, so
-# the default is set here, before torch is first imported (the command line always is); a policy the user
-# set wins, and a program that imported torch first keeps the OpenMP default.
+# How idle OpenMP threads wait (a short spin, GOMP_SPINCOUNT=3000: _openmp.py), set before torch is first
+# imported, which is when libgomp reads it; a policy the user set wins, and a program that imported torch first
+# keeps the OpenMP default.
 if "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from ._openmp import openmp_defaults as _openmp_defaults
+
+    _openmp_defaults()
 
 from .app.export import export_diffusers
 from .app.pipeline import Pipeline, load

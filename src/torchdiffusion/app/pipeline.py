@@ -215,15 +215,15 @@ class Pipeline:
 
         "fp32" is ``self.denoiser``; "bf16" / "fp16" wrap it in ``AutocastDenoiser`` (the network under
         ``torch.autocast``, its output back in float32); "auto" is bf16 for a U-Net where bf16 autocast was measured
-        to outrun float32 (a CPU with AMX-BF16, a CUDA GPU with bf16: ``training.distributed.resolve_precision``
-        with ``backward=False``), else fp32. On the digits U-Net, bf16 sampled 2.4-2.9x faster at the same FID
-        (README, "U-Net speed"); samples then differ from float32's by about bf16's rounding (mean |dx| ~ 5e-3 for
-        pixels in [-1, 1]), which depends on the CPU: ask for "fp32" to reproduce float32 samples.
+        to outrun float32 (a CPU with AMX-BF16, a CUDA GPU with bf16: ``training.distributed.resolve_precision``),
+        else fp32. On the digits U-Net bf16 sampled faster at the same FID (README, "U-Net speed"); samples then
+        differ from float32's by about bf16's rounding (mean |dx| ~ 5e-3 for pixels in [-1, 1]), which depends on
+        the CPU: ask for "fp32" to reproduce float32 samples.
         """
         from ..names import PRECISIONS
         from ..training.distributed import resolve_precision
 
-        precision = resolve_precision(precision, self.device, self.config["net"].get("name", ""), backward=False)
+        precision = resolve_precision(precision, self.device, self.config["net"].get("name", ""))
         if precision == "fp32":
             return self.denoiser, precision
         return AutocastDenoiser(self.denoiser, self.device.type, PRECISIONS[precision]), precision

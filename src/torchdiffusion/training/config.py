@@ -50,8 +50,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None or 0: no clipping
     ema_decay: float = 0.999  # EMA decay per step; 0: EMA equals the net
     # "auto", "fp32", "bf16" (autocast, CPU or CUDA) or "fp16" (autocast + GradScaler, CUDA). "auto": bf16 for the U-Net
-    # on CUDA with bf16 or on a CPU with AMX-BF16 and one thread, else fp32 (distributed.resolve_precision): where
-    # measured 1.3-2x the images per second at the same held-out loss per step (README, "U-Net speed"). A run's
+    # on CUDA with bf16 or on a CPU with AMX-BF16, else fp32 (distributed.resolve_precision): where measured
+    # 1.3-2x the images per second at the same held-out loss per step (README, "U-Net speed"). A run's
     # checkpoint records the precision it resolved to, so a resume keeps it on any machine.
     precision: str = "auto"
     seed: int = 0  # seeds data, init, batch order and noise

@@ -173,24 +173,20 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and "amx_bf16" in _cpu_flags()
 
 
-def resolve_precision(precision: str, device: torch.device, net: str, *, backward: bool = True) -> str:
-    """The precision a run uses: ``precision`` itself, or for "auto" bf16 autocast where it was measured to win at
-    no loss of quality, and fp32 otherwise (``benchmarks/bench_unet.py --levers``, ``bench_unet_quality.py``;
-    README, "U-Net speed"). bf16 where: the U-Net (``net`` "unet"; the MLPs of 2-D data are dominated by
-    per-operation overhead that bf16 does not reduce) on CUDA with bf16, or on a CPU with AMX. Training
-    (``backward``) on such a CPU needs one intra-op thread too: there it ran 1.37x (digits) and 2.1x (CIFAR-size)
-    diffusers' float32 images per second, but with two threads the AMX backward convolutions stalled for ~1 s a call
-    whenever a thread had slept between operations (OMP_WAIT_POLICY=PASSIVE or OpenMP's default after its spin; an
-    Intel Xeon VM, torch 2.13), 0.4-0.7x float32. Sampling (forward only, ``backward=False``) never stalled: 1.4x
-    (digits) and 2.1-2.2x (CIFAR-size) diffusers' float32 at one or two threads, and the digits model's FID at 5-250
-    steps moved by less than between two seeds (README, "U-Net speed")."""
+def resolve_precision(precision: str, device: torch.device, net: str) -> str:
+    """The precision a run (training or sampling) uses: ``precision`` itself, or for "auto" bf16 autocast where it
+    was measured to win at no loss of quality, and fp32 otherwise (``benchmarks/bench_unet.py --levers``,
+    ``bench_unet_quality.py``; README, "U-Net speed"). bf16 where: the U-Net (``net`` "unet"; the MLPs of 2-D data
+    are dominated by per-operation overhead that bf16 does not reduce) on CUDA with bf16, or on a CPU with AMX. On
+    the 2-core AMX Xeon, against diffusers' float32: training 1.3-1.7x (digits, CIFAR-size) at two threads and
+    1.4-2.0x at one; sampling 1.25-2.2x and 1.4-2.25x, with the digits model's FID within seed noise. On a CPU that
+    other jobs keep busy, bf16 training at two threads ran 1.3-2.2x slower than float32 (threads preempted inside
+    the AMX convolutions); one thread (``--threads 1``) was fastest there, in bf16."""
     if precision != "auto":
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose auto or one of {', '.join(PRECISIONS)}")
         return precision
-    if net != "unet" or not native_bf16(device):
-        return "fp32"
-    return "bf16" if device.type != "cpu" or not backward or torch.get_num_threads() == 1 else "fp32"
+    return "bf16" if net == "unet" and native_bf16(device) else "fp32"
 
 
 def unet_layout(precision: str, device: torch.device) -> torch.memory_format | None:

@@ -6,8 +6,8 @@ Names given on the command line become objects through ``torchdiffusion.names`` 
 samplers, targets, weightings, grids), whose keys are also the ``--help`` choice lists; everything else is the
 Python API. Errors are reported as one clear line, found
 before the work where they can be (devices, outputs, shapes, labels), and never leave a
-half-written file behind. OpenMP threads sleep when idle (``OMP_WAIT_POLICY=PASSIVE``, set in
-``torchdiffusion/__init__.py`` before torch loads); ``--threads`` sets torch's thread count.
+half-written file behind. Idle OpenMP threads spin briefly, then sleep (``GOMP_SPINCOUNT=3000``, set by
+``torchdiffusion/_openmp.py`` before torch loads); ``--threads`` sets torch's thread count.
 
 One module per command (``train``, ``sample``, ``likelihood``, ``evaluate``, ``demo``, ``samplers``,
 ``train_classifier``, ``train_autoencoder``; ``restore`` holds inpaint / outpaint / colorize / upscale, ``edit``

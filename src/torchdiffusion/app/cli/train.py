@@ -111,9 +111,9 @@ def _remove_what_a_failed_run_left(out: Path, before: set[Path], first_missing: 
 @click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, help="EMA decay of the weights.")
 @click.option(
     "--precision", type=click.Choice(["auto", *PRECISIONS]), default="auto",
-    help="Mixed precision. auto: bf16 autocast for the U-Net on a CUDA GPU with bf16 or a CPU with AMX-BF16 and "
-    "--threads 1 (there 1.3-2x faster at the same loss per step, README 'U-Net speed'), else fp32; a resume keeps "
-    "its run's.",
+    help="Mixed precision. auto: bf16 autocast for the U-Net on a CUDA GPU with bf16 or a CPU with AMX-BF16 "
+    "(there 1.3-2x faster at the same loss per step, README 'U-Net speed'), else fp32; a resume keeps its run's. "
+    "On a CPU busy with other jobs, use --threads 1 or fp32.",
 )  # fmt: skip
 @click.option("--flip", is_flag=True, help="Random left-right flips of image batches.")
 @click.option("--sample-every", type=click.IntRange(min=0), default=0, help="Steps between sample grids (images).")
