@@ -147,3 +147,28 @@ def test_the_command_line_equals_python_and_says_bf16(unet_run, tmp_path, precis
     assert r.exit_code == 0, r.output
     assert ("network in bf16 autocast" in r.output) is (precision == "bf16")
     assert np.array_equal(np.load(out), _draw(unet_run, precision).numpy())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluate_samples_in_the_precision_sample_uses(unet_run, monkeypatch, precision):
+    """``evaluate`` measures what ``sample`` draws: the same ``at_precision`` wrap (its feature net and metrics are
+    stubbed out here; the sampling call is where the denoiser is seen)."""
+    import torchdiffusion.app.cli.evaluate as evaluate_mod
+    import torchdiffusion.evaluation.features as features_mod
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(sampler, denoiser, *args, **kwargs):
+        seen.append(denoiser)
+        raise Stop
+
+    monkeypatch.setattr(features_mod, "feature_net_for", lambda *a, **k: torch.nn.Identity())
+    monkeypatch.setattr(evaluate_mod, "_draw", spy)
+    args = ["evaluate", "--checkpoint", unet_run, "--data", "digits", "--n", 4, "--steps", 2, "--precision", precision]
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert isinstance(r.exception, Stop), r.output
+    assert isinstance(seen[0], AutocastDenoiser) is (precision == "bf16")
+    assert ("network in bf16 autocast" in r.output) is (precision == "bf16")

@@ -63,6 +63,19 @@ def default_grid(sampler: Callable, process: NoiseProcess, steps: int) -> Tensor
     return GRID_FUNCTIONS[INFO[name].grid if name is not None else "lam"](process, steps)
 
 
+def at_precision(denoiser, precision: str, device: torch.device, net: str):
+    """``(denoiser, precision)``: ``denoiser`` as it samples in ``precision`` ("auto", "fp32", "bf16", "fp16"), "auto"
+    resolved for the network kind ``net`` on ``device`` (``training.distributed.resolve_precision``); fp32 is the
+    denoiser itself, the others its ``AutocastDenoiser`` (``Pipeline.sampling_denoiser``, ``evaluate``)."""
+    from ..names import PRECISIONS
+    from ..training.distributed import resolve_precision
+
+    precision = resolve_precision(precision, device, net)
+    if precision == "fp32":
+        return denoiser, precision
+    return AutocastDenoiser(denoiser, device.type, PRECISIONS[precision]), precision
+
+
 def draw_samples(
     sampler: Callable,
     denoiser,
@@ -220,13 +233,7 @@ class Pipeline:
         differ from float32's by about bf16's rounding (mean |dx| ~ 5e-3 for pixels in [-1, 1]), which depends on
         the CPU: ask for "fp32" to reproduce float32 samples.
         """
-        from ..names import PRECISIONS
-        from ..training.distributed import resolve_precision
-
-        precision = resolve_precision(precision, self.device, self.config["net"].get("name", ""))
-        if precision == "fp32":
-            return self.denoiser, precision
-        return AutocastDenoiser(self.denoiser, self.device.type, PRECISIONS[precision]), precision
+        return at_precision(self.denoiser, precision, self.device, self.config["net"].get("name", ""))
 
     def __repr__(self) -> str:
         classes = f", num_classes={self.num_classes}" if self.num_classes else ""

@@ -8,7 +8,7 @@ import click
 import torch
 
 from ...data.images import IMAGE_DATASETS
-from ...names import SAMPLERS
+from ...names import PRECISIONS, SAMPLERS
 from ._sampling import _class_labels, _draw
 from ._shared import _device, _example_shape, _fail, _writable, threads_option
 from .group import main
@@ -47,9 +47,13 @@ from .group import main
 @click.option("--device", default="cpu", help="torch device.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option(
+    "--precision", type=click.Choice(["auto", *PRECISIONS]), default="auto", show_default=True,
+    help="The network's arithmetic while sampling, as in `sample` (auto: bf16 for a U-Net where native, else fp32).",
+)  # fmt: skip
 @threads_option
 def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, pr_k, seed, batch_size, klass, labels,
-             device, out, no_progress):  # fmt: skip
+             device, out, no_progress, precision):  # fmt: skip
     """FID, KID and precision/recall of a checkpoint's samples against image DATA."""
     import json
 
@@ -59,7 +63,7 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
     from ...names import GRID_FUNCTIONS, INFO
     from ...training.objective import kind_sampler
     from ...utils.io import atomic_write
-    from ..pipeline import latent_codec, load_model
+    from ..pipeline import at_precision, latent_codec, load_model
 
     _writable(out, "--out")  # before the sampling, not after it
     device = _device(device)
@@ -108,6 +112,9 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
         sampler, ts, steps = own[0], own[1], own[2]
     else:
         ts = GRID_FUNCTIONS[INFO[sampler].grid](process, steps)
+    denoiser, precision = at_precision(denoiser, precision, device, cfg["net"].get("name", ""))  # as `sample`
+    if precision != "fp32":
+        click.echo(f"network in {precision} autocast (--precision fp32 for float32)")
     fake = _draw(sampler, denoiser, process, latent_shape, n, batch_size, ts, gen, device, class_labels, no_progress,
                  {}, None)  # fmt: skip
     if codec is not None:  # a latent model: FID of the decoded images
