@@ -52,6 +52,7 @@ OURS = [  # label, function in torchdiffusion.samplers, knobs, in --quick
     ("dpm_solver_pp-2", "sample_dpm_solver_pp", {"order": 2}, True),
     ("dpm_solver_pp-3", "sample_dpm_solver_pp", {"order": 3}, True),
     ("dpm_solver_pp_sde", "sample_dpm_solver_pp_sde", {}, False),
+    ("dpm_solver_pp_2s_a", "sample_dpm_solver_pp_2s_ancestral", {}, False),
     ("unipc-2", "sample_unipc", {"order": 2}, True),
     ("unipc-3", "sample_unipc", {"order": 3}, False),
     ("reverse_sde", "sample_reverse_sde", {}, False),

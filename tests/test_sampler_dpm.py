@@ -25,7 +25,12 @@ from torchdiffusion.core.processes import beta_linear
 from torchdiffusion.core.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
 from torchdiffusion.samplers import count_nfe, sample_ddpm
 from torchdiffusion.samplers.ddim import sample_ddim
-from torchdiffusion.samplers.dpm_solver import sample_dpm_solver, sample_dpm_solver_pp, sample_dpm_solver_pp_sde
+from torchdiffusion.samplers.dpm_solver import (
+    sample_dpm_solver,
+    sample_dpm_solver_pp,
+    sample_dpm_solver_pp_2s_ancestral,
+    sample_dpm_solver_pp_sde,
+)
 from torchdiffusion.samplers.unipc import sample_unipc
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -47,6 +52,8 @@ SAMPLERS = {
     "pp2m": (_with(sample_dpm_solver_pp, order=2), 1, False),
     "pp3m": (_with(sample_dpm_solver_pp, order=3), 1, False),
     "pp2m-sde": (_with(sample_dpm_solver_pp_sde), 1, True),
+    "pp2s": (_with(sample_dpm_solver_pp_2s_ancestral, eta=0.0), 2, False),
+    "pp2s-a": (_with(sample_dpm_solver_pp_2s_ancestral), 2, True),
     "unipc1": (_with(sample_unipc, order=1), 1, False),
     "unipc2": (_with(sample_unipc, order=2), 1, False),
     "unipc3": (_with(sample_unipc, order=3), 1, False),
@@ -99,10 +106,10 @@ ORDER_PROCESSES = {
     "Flow": Flow(),
     "Discrete": Discrete.from_schedule(beta_linear, 1000),
 }
-# Global orders: DDIM / DPM-Solver-k: k (Lu et al. 2022, Thm. 3.2); DPM-Solver++(2M): 2 (Lu et al. 2023,
-# Algorithm 2); 3M: 2 on a uniform grid, from its first-order first step (3 with a resolved start,
-# below); UniPC-p: p + 1 (Zhao et al. 2023, Thm. 3.1), but UniPC-3's warm-up (UniC-1, local O(h^3))
-# caps it at 3 on a uniform grid, with 4 approached (below).
+# Global orders: DDIM / DPM-Solver-k: k (Lu et al. 2022, Thm. 3.2); DPM-Solver++(2M) and (2S): 2 (Lu et al.
+# 2023, Algorithms 1-2; 2S is the ancestral sampler at eta = 0); 3M: 2 on a uniform grid, from its first-order
+# first step (3 with a resolved start, below); UniPC-p: p + 1 (Zhao et al. 2023, Thm. 3.1), but UniPC-3's
+# warm-up (UniC-1, local O(h^3)) caps it at 3 on a uniform grid, with 4 approached (below).
 EXPECTED_ORDER = {
     "ddim": 1,
     "dpm1": 1,
@@ -110,6 +117,7 @@ EXPECTED_ORDER = {
     "dpm3": 3,
     "pp2m": 2,
     "pp3m": 2,
+    "pp2s": 2,
     "unipc1": 2,
     "unipc2": 3,
     "unipc3": 3,
@@ -482,3 +490,40 @@ def test_dpm_solver_pp_sde_matches_k_diffusion():
     ref = ks.sample_dpmpp_2m_sde(d, x, sigmas, eta=1.0, noise_sampler=noise, disable=True)
     out = sample_dpm_solver_pp_sde(d, p, x, ts, eta=1.0, generator=gen(22))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_dpm_solver_pp_2s_ancestral_matches_k_diffusion(eta):
+    """DPM-Solver++(2S) with ancestral noise equals k-diffusion's ``sample_dpmpp_2s_ancestral`` on EDM (t = sigma)
+    when both draw the same standard normals (one per step, from one generator); k-diffusion's sigma = 0 at the end
+    is our landing step."""
+    ks = _k_sampling()
+    p = EDM()
+    ts = grid_karras(p, 12)
+    x = _exact_start(p, GM2, 32, seed=31)
+    d = GM2.denoiser(p)
+    g = gen(32)
+    noise = lambda sigma, sigma_next: torch.randn(x.shape, generator=g, dtype=F64)  # noqa: E731
+    sigmas = torch.cat([ts, torch.zeros(1, dtype=F64)])
+    ref = ks.sample_dpmpp_2s_ancestral(d, x, sigmas, eta=eta, noise_sampler=noise, disable=True)
+    out = sample_dpm_solver_pp_2s_ancestral(d, p, x, sigmas, eta=eta, generator=gen(32))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_dpm_solver_pp_2s_ancestral_from_alpha_zero_is_finite_and_first_order():
+    """From Flow's t = 1 (alpha = 0, lam = -inf) the first step has h' infinite: one call, the DDIM step to lam_d
+    (at eta = 1 the DDPM posterior draw x_s = alpha_s x0_hat + sigma_s z), and no infinity anywhere."""
+    p = Flow()
+    ts = torch.tensor([1.0, 0.6, 0.3, 0.0], dtype=F64)
+    x = _exact_start(p, GM2, 16, seed=5)
+    d = count_nfe(GM2.denoiser(p))
+    for eta in (1.0, 0.0):
+        d.nfe = 0
+        out = sample_dpm_solver_pp_2s_ancestral(d, p, x, ts, eta=eta, generator=gen(6))
+        assert torch.isfinite(out).all() and d.nfe == 1 + 2 + 1  # first order, 2S, landing
+    s = ts[1]
+    first = sample_dpm_solver_pp_2s_ancestral(GM2.denoiser(p), p, x, ts[:2], eta=1.0, generator=gen(7),
+                                              final_denoise=False)  # fmt: skip
+    z = torch.randn(x.shape, generator=gen(7), dtype=F64)
+    x0_hat = GM2.denoiser(p)(x, torch.full((len(x),), 1.0, dtype=F64))
+    torch.testing.assert_close(first, p.alpha(s) * x0_hat + p.sigma(s) * z, rtol=1e-12, atol=1e-12)

@@ -76,6 +76,7 @@ SPECS = {
     "dpmpp_2m": Spec(stochastic=False),  # Lu et al. 2023, Algorithm 2: 1 call per step
     "dpmpp_3m": Spec(stochastic=False),  # 1 call per step
     "dpmpp_2m_sde": Spec(),  # SDE-DPM-Solver++(2M): 1 call, 1 noise draw per step
+    "dpmpp_2s_ancestral": Spec(nfe=lambda n_ts, kw: 2 * (n_ts - 1)),  # 2S (2 calls) + 1 noise draw per step
     "unipc_2": Spec(stochastic=False),  # Zhao et al. 2023: 1 call per step (corrector reuses it)
     "unipc_3": Spec(stochastic=False),
     "ode_adaptive": Spec(steps=lambda n_ts: 1, nfe=None, stochastic=False, batch_independent=False),  # dopri5

@@ -52,6 +52,7 @@ from .samplers import (
     sample_ddpm,
     sample_dpm_solver,
     sample_dpm_solver_pp,
+    sample_dpm_solver_pp_2s_ancestral,
     sample_dpm_solver_pp_sde,
     sample_euler,
     sample_heun,
@@ -137,6 +138,9 @@ INFO: dict[str, SamplerInfo] = {
         False,
     ),
     "dpmpp_2m_sde": SamplerInfo(sample_dpm_solver_pp_sde, "weak 1", "1", "Lu et al. 2023, SDE-DPM-Solver++(2M)", True),
+    "dpmpp_2s_ancestral": SamplerInfo(
+        sample_dpm_solver_pp_2s_ancestral, "weak 1", "2", "Lu et al. 2023, Algorithm 1 (2S) + ancestral noise", True
+    ),
     "unipc_2": SamplerInfo(_bind(sample_unipc, order=2), "3", "1", "Zhao et al. 2023, UniP-2 + UniC (bh2)", False),
     "unipc_3": SamplerInfo(DEFAULT_SAMPLER, "4", "1", "Zhao et al. 2023, UniP-3 + UniC (bh2)", False),
 }

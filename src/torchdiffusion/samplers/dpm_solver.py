@@ -22,7 +22,7 @@ from ..core.predictions import eps_from
 from ..core.process import NoiseProcess, batch_time
 from . import _common
 
-__all__ = ["sample_dpm_solver", "sample_dpm_solver_pp", "sample_dpm_solver_pp_sde"]
+__all__ = ["sample_dpm_solver", "sample_dpm_solver_pp", "sample_dpm_solver_pp_sde", "sample_dpm_solver_pp_2s_ancestral"]
 
 # Intermediate points of the single-step solvers at lam_t + r h (Lu et al. 2022, Algorithms 1 and 2).
 _R = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}
@@ -238,4 +238,63 @@ def sample_dpm_solver_pp_sde(
             if std > 0:
                 x = torch.add(x, _common.noise_like(x, generator), alpha=std)
         _common.report(callback, i, g, x, m[0], i + 1)
+    return _common.finish(denoiser, g, x, final_denoise, cond)
+
+
+def sample_dpm_solver_pp_2s_ancestral(
+    denoiser,
+    process: NoiseProcess,
+    x: Tensor,
+    ts,
+    *,
+    eta: float = 1.0,
+    final_denoise: bool = True,
+    generator: torch.Generator | None = None,
+    callback=None,
+    **cond,
+) -> Tensor:
+    """DPM-Solver++(2S) with ancestral noise ("DPM++ 2S a"): each step a deterministic single-step DPM-Solver++(2S)
+    (Lu et al. 2023, Algorithm 1, r = 1/2) down to a level below the target, then fresh noise up to the target, as
+    DDPM's ancestral step splits its variance (Ho et al. 2020, Eq. 7; the split of k-diffusion's
+    ``sample_dpmpp_2s_ancestral``, Crowson 2022), written for any process in lam.
+
+    Per step t -> s with h = lam_s - lam_t and sigma-tilde = sigma / alpha = e^{-lam}: the noise carries the share
+    q = min(1, eta^2 (1 - e^{-2h})) of sigma-tilde_s^2, so the deterministic part ends at lam_d = lam_s -
+    log(1 - q) / 2, h' = lam_d - lam_t, e^{-h'} = e^{-h} sqrt(1 - q):
+
+        x_u = sigma_u/sigma_t x_t + alpha_u (1 - e^{-h'/2}) x0_hat(x_t, t),        lam_u = lam_t + h'/2
+        x_s = sigma_s/sigma_t sqrt(1 - q) x_t + alpha_s (1 - e^{-h'}) x0_hat(x_u, u) + sigma_s sqrt(q) z.
+
+    eta = 1 takes the noise of DDPM's posterior (q = 1 - e^{-2h}: the deterministic part lands at lam_d = 2 lam_s
+    - lam_t); eta = 0 is the deterministic DPM-Solver++(2S), second order. Where q = 1 or alpha_t = 0 (h' is
+    infinite: e^{-h'} = 0) the step is first order, x_s = sigma_s/sigma_t sqrt(1 - q) x_t + alpha_s x0_hat(x_t, t)
+    + sigma_s sqrt(q) z (one call).
+    NFE = 2 per step (1 on such steps and on a step landing on sigma = 0, which returns x0_hat), plus 1 for the final
+    denoising step; noise only from ``generator``, one draw per step not landing on the data.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    x, g = _common.setup(process, x, ts)
+    nfe = 0
+    for i in range(g.n):
+        x0_hat, nfe = denoiser(x, g.time(i, x), **cond), nfe + 1
+        if g.lands[i]:
+            x = x0_hat
+        else:
+            s, h, em = i + 1, g.h[i], g.em[i]
+            q = min(1.0, eta**2 * _common.one_minus_exp(2.0, h, em))  # noise share of sigma-tilde_s^2
+            keep = math.sqrt(1.0 - q)  # sigma-tilde_d / sigma-tilde_s
+            em_d = em * keep  # e^{-h'}
+            if em_d == 0.0:  # h' infinite: first order (DDIM's step to lam_d), its x0_hat term weighs alpha_s
+                x = _common.combine(g.sigma[s] / g.sigma[i] * keep, x, [g.alpha[s]], [x0_hat])
+            else:
+                h_d = h - 0.5 * math.log1p(-q)  # h' = lam_d - lam_t
+                u = process.t_from_lam(torch.tensor(g.lam[i] + 0.5 * h_d, dtype=torch.float64))
+                a_u, s_u = float(process.alpha(u)), float(process.sigma(u))
+                x_u = _common.combine(s_u / g.sigma[i], x, [a_u * -math.expm1(-0.5 * h_d)], [x0_hat])
+                m_u, nfe = denoiser(x_u, batch_time(u.to(g.ts.device), x, x.dtype), **cond), nfe + 1
+                x = _common.combine(g.sigma[s] / g.sigma[i] * keep, x, [g.alpha[s] * -math.expm1(-h_d)], [m_u])
+            if q > 0:
+                x = torch.add(x, _common.noise_like(x, generator), alpha=g.sigma[s] * math.sqrt(q))
+        _common.report(callback, i, g, x, x0_hat, nfe)
     return _common.finish(denoiser, g, x, final_denoise, cond)

@@ -153,7 +153,7 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     default="auto",
     show_default=True,
     help="The network's arithmetic (torch.autocast; the sampler's stays float32). auto: bf16 for a U-Net on a CPU "
-    "with AMX-BF16 or a CUDA GPU with bf16 (2-3x faster, samples differ from fp32's by bf16's rounding), else fp32.",
+    "with AMX-BF16 or a CUDA GPU with bf16 (1.3-2.5x faster; samples differ from fp32's by bf16 rounding), else fp32.",
 )
 @threads_option
 def sample(
