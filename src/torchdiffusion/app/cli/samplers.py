@@ -13,10 +13,11 @@ def samplers():
     from ...names import DEFAULT_SAMPLER_NAME as DEFAULT_SAMPLER
     from ...names import INFO
 
-    click.echo(f"{'name':<14} {'order':<11} {'NFE/step':<24} {'grid':<7} {'noise':<6} paper")
+    w = max(map(len, INFO)) + 1  # the name column fits the longest name
+    click.echo(f"{'name':<{w}} {'order':<11} {'NFE/step':<24} {'grid':<7} {'noise':<6} paper")
     for name, info in INFO.items():
         noise = "yes" if info.stochastic else "no"
-        click.echo(f"{name:<14} {info.order:<11} {info.nfe:<24} {info.grid:<7} {noise:<6} {info.paper}")
+        click.echo(f"{name:<{w}} {info.order:<11} {info.nfe:<24} {info.grid:<7} {noise:<6} {info.paper}")
     click.echo(
         f"\nFor few steps: {DEFAULT_SAMPLER} (torchdiffusion.DEFAULT_SAMPLER) on a grid fitted to the model, "
         f"`sample --sampler {DEFAULT_SAMPLER} --grid fit` (docs/bench/samplers.md)."
