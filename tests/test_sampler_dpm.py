@@ -476,38 +476,34 @@ def test_dpm_solver_pp_2m_matches_k_diffusion(n):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_dpm_solver_pp_sde_matches_k_diffusion():
-    """SDE-DPM-Solver++(2M) (Lu et al. 2023, App.; "midpoint") equals k-diffusion's ``sample_dpmpp_2m_sde``
-    with eta = 1 when both draw the same standard normals (one per step, from one generator)."""
-    ks = _k_sampling()
+def _stochastic_parity(k_sampler, ours, n_steps, seed, eta, land):
+    """k-diffusion's stochastic ``k_sampler`` against ``ours`` on EDM (t = sigma) with GM2's exact denoiser, both
+    drawing the same standard normals (one per step, from one generator of ``seed``). k-diffusion ends at sigma = 0:
+    ours takes that time too where ``land`` (its landing step), else it ends with its final denoising step."""
     p = EDM()
-    ts = grid_karras(p, 15)
-    x = _exact_start(p, GM2, 32, seed=21)
+    ts = grid_karras(p, n_steps)
+    x = _exact_start(p, GM2, 32, seed=seed - 1)
     d = GM2.denoiser(p)
-    g = gen(22)
+    g = gen(seed)
     noise = lambda sigma, sigma_next: torch.randn(x.shape, generator=g, dtype=F64)  # noqa: E731
     sigmas = torch.cat([ts, torch.zeros(1, dtype=F64)])
-    ref = ks.sample_dpmpp_2m_sde(d, x, sigmas, eta=1.0, noise_sampler=noise, disable=True)
-    out = sample_dpm_solver_pp_sde(d, p, x, ts, eta=1.0, generator=gen(22))
+    ref = k_sampler(d, x, sigmas, eta=eta, noise_sampler=noise, disable=True)
+    out = ours(d, p, x, sigmas if land else ts, eta=eta, generator=gen(seed))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_dpm_solver_pp_sde_matches_k_diffusion():
+    """SDE-DPM-Solver++(2M) (Lu et al. 2023, App.; "midpoint") equals k-diffusion's ``sample_dpmpp_2m_sde``
+    with eta = 1 when both draw the same standard normals."""
+    _stochastic_parity(_k_sampling().sample_dpmpp_2m_sde, sample_dpm_solver_pp_sde, 15, 22, 1.0, land=False)
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.5])
 def test_dpm_solver_pp_2s_ancestral_matches_k_diffusion(eta):
-    """DPM-Solver++(2S) with ancestral noise equals k-diffusion's ``sample_dpmpp_2s_ancestral`` on EDM (t = sigma)
-    when both draw the same standard normals (one per step, from one generator); k-diffusion's sigma = 0 at the end
-    is our landing step."""
+    """DPM-Solver++(2S) with ancestral noise equals k-diffusion's ``sample_dpmpp_2s_ancestral`` when both draw the
+    same standard normals."""
     ks = _k_sampling()
-    p = EDM()
-    ts = grid_karras(p, 12)
-    x = _exact_start(p, GM2, 32, seed=31)
-    d = GM2.denoiser(p)
-    g = gen(32)
-    noise = lambda sigma, sigma_next: torch.randn(x.shape, generator=g, dtype=F64)  # noqa: E731
-    sigmas = torch.cat([ts, torch.zeros(1, dtype=F64)])
-    ref = ks.sample_dpmpp_2s_ancestral(d, x, sigmas, eta=eta, noise_sampler=noise, disable=True)
-    out = sample_dpm_solver_pp_2s_ancestral(d, p, x, sigmas, eta=eta, generator=gen(32))
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    _stochastic_parity(ks.sample_dpmpp_2s_ancestral, sample_dpm_solver_pp_2s_ancestral, 12, 32, eta, land=True)
 
 
 def test_dpm_solver_pp_2s_ancestral_from_alpha_zero_is_finite_and_first_order():
