@@ -1,6 +1,7 @@
 """Quality per training step: our U-Net next to diffusers' UNet2DModel of the same size.
 
-Both train on the bundled 8x8 digits (the first 1500; the other 297 are held out) with the same
+Both train on the bundled 8x8 digits (the first 1500; the other 297 are held out), or with ``--config cifar`` the
+CIFAR-size nets on the built-in 32x32 RGB shapes (``shapes32``: the first 4096, 512 held out), with the same
 DDPM process (linear betas, T = 1000), optimizer (AdamW, lr 1e-3), batches, times and noise, on
 the eps-MSE loss of Ho et al. 2020 (Eq. 14). Each library is used as its users would: ours
 through ``Preconditioned`` (unit-scale input, c_noise = -lam/4), diffusers' net called on
@@ -11,7 +12,8 @@ Ours is trained twice more on the same batches from the same initial weights: un
 other dropout masks, whose gap to the float32 run is the run-to-run noise that a bf16 gap is judged against.
 Every column is evaluated in float32; "bf16 eval" is the bf16-trained net evaluated under bf16 autocast too.
 
-Run: ``python benchmarks/bench_unet_quality.py [--steps 600] [--json out.json]``.
+Run: ``python benchmarks/bench_unet_quality.py [--config digits|cifar] [--steps 600] [--batch B] [--json out.json]``
+(batch default: 128 for digits, 16 for cifar, as ``bench_unet.py``).
 """
 
 from __future__ import annotations
@@ -23,37 +25,40 @@ import torchdiffusion  # noqa: F401 - first: the package sets its OpenMP wait po
 
 # isort: split
 import torch
-from bench_unet import ours, theirs
+from bench_unet import BATCH, ours, theirs
 
 from torchdiffusion.core.processes import beta_linear
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=["digits", "cifar"], default="digits")
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None, help="default: bench_unet.BATCH of the config")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from torchdiffusion import Discrete, Preconditioned
-    from torchdiffusion.data import load_digits
+    from torchdiffusion.data import load_images
     from torchdiffusion.training.step import Autocast
 
+    name = args.config
+    args.batch = args.batch or BATCH[name]
     process = Discrete.from_schedule(beta_linear, 1000)
-    x, _ = load_digits()
-    train, held = x[:1500], x[1500:]
+    x, _ = load_images("digits" if name == "digits" else "shapes32")
+    train, held = (x[:1500], x[1500:]) if name == "digits" else (x[:4096], x[4096 : 4096 + 512])
     g = torch.Generator().manual_seed(1)
     t_held = torch.randint(1, 1001, (len(held),), generator=g).double()
     eps_held = torch.randn(held.shape, generator=g)
     xt_held = process.perturb(held, t_held, eps_held)
 
-    raw = {k: ours("digits", layout="nchw" if k == "bf16" else None) for k in ("fp32", "bf16", "fp32 other masks")}
+    raw = {k: ours(name, layout="nchw" if k == "bf16" else None) for k in ("fp32", "bf16", "fp32 other masks")}
     nets = {
         "ours fp32": Preconditioned(raw["fp32"], process),
         "ours bf16": Preconditioned(Autocast(raw["bf16"], "cpu", torch.bfloat16), process),
         "ours fp32 other masks": Preconditioned(raw["fp32 other masks"], process),
-        "diffusers fp32": theirs("digits"),
+        "diffusers fp32": theirs(name),
     }
     evals = dict(nets) | {"ours bf16, bf16 eval": nets["ours bf16"]}
     evals["ours bf16"] = Preconditioned(raw["bf16"], process)  # the bf16-trained weights, evaluated in float32
@@ -66,7 +71,8 @@ def main():
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in nets.items()}
     gen = torch.Generator().manual_seed(0)
     stages = sorted({args.steps // 4, args.steps // 2, args.steps})
-    print(f"held-out eps-MSE on digits after each stage ({args.threads} threads, batch {args.batch})")
+    data = "digits" if name == "digits" else "shapes32"
+    print(f"held-out eps-MSE on {data} after each stage ({name} nets, {args.threads} threads, batch {args.batch})")
     print(f"{'step':>6} " + " ".join(f"{k:>22}" for k in evals))
     out = []
     for step in range(1, args.steps + 1):
@@ -91,7 +97,8 @@ def main():
             print(f"{step:>6} " + " ".join(f"{row[k]:>22.4f}" for k in evals), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"steps": args.steps, "batch": args.batch, "threads": args.threads, "rows": out}, fh, indent=2)
+            record = {"config": name, "steps": args.steps, "batch": args.batch, "threads": args.threads, "rows": out}
+            json.dump(record, fh, indent=2)
 
 
 if __name__ == "__main__":
