@@ -336,7 +336,7 @@ def _best_text(r) -> str:
 TARGET_TEXT = {
     "i": "best torchdiffusion error <= 0.7 x best anchor's, or inside the noise band (value: ours / anchor's)",
     "ii": "default sampler's logp gap inside the noise band (value: gap)",
-    "ii*": "the same on the default's fixed grid (VP/lam), for information (value: gap)",
+    "ii*": "the same on VP/lam, a fixed grid without a fit, for information (value: gap)",
     "iii": "our per-step overhead <= anchors' (value: ratio to the fastest anchor)",
     "i-fixed": "our default on its stored grid (no fit), SW2 <= 0.7 x the best anchor's, or inside the noise band "
     "(value: ours / anchor's)",
