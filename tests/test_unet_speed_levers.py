@@ -140,6 +140,20 @@ def test_a_new_time_or_sigma_data_is_not_served_from_the_memo():
     assert not torch.equal(a, b) and torch.equal(b, c) and not torch.equal(b, d)
 
 
+def test_another_process_is_not_served_from_the_memo():
+    """The memo belongs to the process it was filled for: after ``.process`` is replaced, the coefficients are the
+    new process's (the memo held the old one's id once, and an id can be reused after the old object is freed)."""
+    den, process = _denoiser()
+    pre, x = den.model, torch.randn(3, 1, 8, 8)
+    t = torch.full((3,), 300.0, dtype=torch.float64)
+    key = (300.0, 3, 4, x.dtype, False)
+    first = pre.coefficients(t, x, key)
+    pre.process = Discrete.from_schedule(beta_linear, 500)  # another schedule: other alpha, sigma at t = 300
+    second, fresh = pre.coefficients(t, x, key), pre.coefficients(t, x)
+    assert all(torch.equal(a, b) for a, b in zip(second, fresh, strict=True))
+    assert not torch.equal(first[0], second[0])
+
+
 def test_inference_mode_coefficients_do_not_leak_into_a_gradient():
     """Guidance differentiates the denoiser in x after sampling in inference mode: tensors made in inference mode
     cannot be saved for backward, so the memo keeps the two apart."""

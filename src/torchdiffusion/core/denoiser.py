@@ -93,8 +93,11 @@ class Preconditioned(nn.Module):
         if key is None:
             alpha, sigma = self.process.at(t, x)
             return alpha, sigma, *network_inputs(alpha, sigma, self.sigma_data)
-        key = (*key, id(self.process), self.sigma_data)
+        key = (*key, self.sigma_data)
         memo = self.__dict__.setdefault("_memo", {})  # not a buffer: no state_dict entry; rebuilt after a copy
+        if self.__dict__.get("_memo_process") is not self.process:  # held, not its id(): an id can be reused
+            memo.clear()
+            self.__dict__["_memo_process"] = self.process
         hit = memo.get(key)
         if hit is None:
             if len(memo) >= 4096:  # bounded: a long run over many grids starts afresh
