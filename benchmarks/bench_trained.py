@@ -308,19 +308,8 @@ def bench_2d(name, config, args, budgets, notes) -> tuple[list, dict, dict]:
     floor = held.floor(args.floor_reps)
     x_T = process.prior_sample((args.n, 2), generator=torch.Generator().manual_seed(args.seed))
     z = x_T / float(process.sigma(torch.tensor(process.t_max, dtype=F64)))  # the standard normal draw behind x_T
-    jobs = [("torchdiffusion", s, INFO[s].grid, Ours(s, process, args.seed).runs) for s in INFO]
-    jobs.append(("torchdiffusion", *DEFAULT, Ours(DEFAULT[0], process, args.seed, DEFAULT[1]).runs))  # the default
-    if A.load_k_diffusion_sampling() is None:
-        notes.append("k-diffusion not installed: its samplers skipped (make bench-samplers installs it)")
-    else:
-        jobs += [("k-diffusion", s, "karras", _bind(kdiff_runs, s, process, args.seed)) for s in A.KDIFF_SAMPLERS]
-    if importlib.util.find_spec("diffusers") is None:
-        notes.append("diffusers not installed: its schedulers skipped (make bench-samplers installs it)")
-    else:
-        jobs += [
-            ("diffusers", s, "default", _bind(diffusers_runs, s, process, args.seed)) for s in A.DIFFUSERS_SCHEDULERS
-        ]
     rows = []
+    jobs = jobs_2d(process, args.seed, notes)
     for lib, sampler, grid, runs in jobs:
         for clip, d in dens.items():
             t0 = time.perf_counter()
@@ -336,6 +325,22 @@ def bench_2d(name, config, args, budgets, notes) -> tuple[list, dict, dict]:
     info = {"run": str(run), "train_seconds": train_s, "data_box": cfg["data_box"], "train_steps": cfg["steps"]}
     info["floor_reps"] = args.floor_reps
     return rows, floor, info
+
+
+def jobs_2d(process, seed: int, notes: list) -> list[tuple]:
+    """(library, sampler, grid, runs) for every sampler of the three libraries that is installed; ``runs(denoiser,
+    x, budgets)`` takes x_T for ours and the standard normal draw z behind it for the anchors (``bench_2d``)."""
+    jobs = [("torchdiffusion", s, INFO[s].grid, Ours(s, process, seed).runs) for s in INFO]
+    jobs.append(("torchdiffusion", *DEFAULT, Ours(DEFAULT[0], process, seed, DEFAULT[1]).runs))  # the default
+    if A.load_k_diffusion_sampling() is None:
+        notes.append("k-diffusion not installed: its samplers skipped (make bench-samplers installs it)")
+    else:
+        jobs += [("k-diffusion", s, "karras", _bind(kdiff_runs, s, process, seed)) for s in A.KDIFF_SAMPLERS]
+    if importlib.util.find_spec("diffusers") is None:
+        notes.append("diffusers not installed: its schedulers skipped (make bench-samplers installs it)")
+    else:
+        jobs += [("diffusers", s, "default", _bind(diffusers_runs, s, process, seed)) for s in A.DIFFUSERS_SCHEDULERS]
+    return jobs
 
 
 def _bind(fn, sampler, process, seed):

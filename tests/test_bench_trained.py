@@ -107,3 +107,23 @@ def test_held_out_metrics():
     assert held.outlier_fraction(far) == 50 / 200
     m = held(far)
     assert math.isnan(m["sw2"]) and m["max_norm"] == math.inf
+
+
+def test_every_job_of_the_2d_benchmark_runs_within_its_budget():
+    """``jobs_2d`` drives every sampler of the three libraries (those installed) with the arguments bench_2d gives
+    them: each returns finite samples of the prior draw's shape within its NFE budget (a wrong argument order in
+    this list once crashed a full run)."""
+    vp, gm = VP(), _mixture()
+    den = gm.denoiser(vp)
+    x_T = vp.prior_sample((64, 2), generator=torch.Generator().manual_seed(0))
+    z = x_T / float(vp.sigma(torch.tensor(vp.t_max, dtype=F64)))
+    notes, ran = [], set()
+    for lib, sampler, _, runs in B.jobs_2d(vp, 0, notes):
+        with torch.no_grad():
+            x, nfe, _ = runs(den, z if lib != "torchdiffusion" else x_T, [10]).get(10, (None, None, None))
+        if x is not None:
+            assert x.shape == (64, 2) and bool(torch.isfinite(x).all()), (lib, sampler)
+            assert nfe <= 10, (lib, sampler, nfe)
+            ran.add(lib)
+    installed = {"torchdiffusion"} | {lib for lib in ("k-diffusion", "diffusers") if not any(lib in n for n in notes)}
+    assert ran == installed
