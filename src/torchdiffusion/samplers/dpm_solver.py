@@ -285,15 +285,16 @@ def sample_dpm_solver_pp_2s_ancestral(
             q = min(1.0, eta**2 * _common.one_minus_exp(2.0, h, em))  # noise share of sigma-tilde_s^2
             keep = math.sqrt(1.0 - q)  # sigma-tilde_d / sigma-tilde_s
             em_d = em * keep  # e^{-h'}
-            if em_d == 0.0:  # h' infinite: first order (DDIM's step to lam_d), its x0_hat term weighs alpha_s
-                x = _common.combine(g.sigma[s] / g.sigma[i] * keep, x, [g.alpha[s]], [x0_hat])
-            else:
-                h_d = h - 0.5 * math.log1p(-q)  # h' = lam_d - lam_t
+            h_d = h - 0.5 * math.log1p(-q) if q < 1.0 else math.inf  # h' = lam_d - lam_t
+            D = x0_hat  # h' infinite (em_d = 0): first order, DDIM's step to lam_d
+            if em_d > 0.0:  # the midpoint u at lam_t + h'/2, and x0_hat there
                 u = process.t_from_lam(torch.tensor(g.lam[i] + 0.5 * h_d, dtype=torch.float64))
                 a_u, s_u = float(process.alpha(u)), float(process.sigma(u))
-                x_u = _common.combine(s_u / g.sigma[i], x, [a_u * -math.expm1(-0.5 * h_d)], [x0_hat])
-                m_u, nfe = denoiser(x_u, batch_time(u.to(g.ts.device), x, x.dtype), **cond), nfe + 1
-                x = _common.combine(g.sigma[s] / g.sigma[i] * keep, x, [g.alpha[s] * -math.expm1(-h_d)], [m_u])
+                x_u = _common.combine(s_u / g.sigma[i], x, [a_u * _common.one_minus_exp(0.5, h_d, em_d)], [x0_hat])
+                D, nfe = denoiser(x_u, batch_time(u.to(g.ts.device), x, x.dtype), **cond), nfe + 1
+            x = _common.combine(
+                g.sigma[s] / g.sigma[i] * keep, x, [g.alpha[s] * _common.one_minus_exp(1.0, h_d, em_d)], [D]
+            )
             if q > 0:
                 x = torch.add(x, _common.noise_like(x, generator), alpha=g.sigma[s] * math.sqrt(q))
         _common.report(callback, i, g, x, x0_hat, nfe)
