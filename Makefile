@@ -73,11 +73,13 @@ $(COMPARE): $(STAMP) $(COMPARE_LOCK)
 bench: $(COMPARE)
 	$(BIN)/python benchmarks/bench_2d.py
 
-# Sample quality per NFE against exact Gaussian mixtures, next to diffusers and k-diffusion; then every sampler on
+# Sample quality per NFE against exact Gaussian mixtures, next to diffusers and k-diffusion (three mixtures, then the
+# default on 50 random ones); then every sampler on
 # trained models (2-D and digits, trained once into bench-output/models) against held-out data, with and without
 # the data-box clip (TRAINED_ARGS=--no-digits skips the digits U-Net, ~10-30 minutes to train the first time).
 bench-samplers: $(COMPARE)
 	$(BIN)/python benchmarks/bench_samplers.py --out bench-output
+	$(BIN)/python benchmarks/bench_family.py --out bench-output
 	$(BIN)/python benchmarks/bench_trained.py --out bench-output $(TRAINED_ARGS)
 
 # Posterior samplers against exact posteriors (Gaussian-mixture priors), next to azula, deepinv and diffusers'

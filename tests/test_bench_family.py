@@ -1,0 +1,65 @@
+"""benchmarks/bench_family.py: target (i-fixed)'s rule applied per random mixture, and one mixture scored end to end.
+
+The rule: ours at most 0.7x that mixture's best anchor (the lowest finite SW2 of the anchors), or inside the noise
+band. Checked on hand-made rows whose verdicts are known, including an anchor that failed (NaN) and the two ways
+of holding; then one small mixture runs through every sampler of the benchmark (compare extra only), where ours
+must be finite and scored against the same exact reference as the anchors.
+"""
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # its siblings import each other
+B = importlib.import_module("bench_family")
+
+
+def _rows():
+    nan = math.nan
+    return [
+        {"dim": 2, "band": 0.05, 5: {"ours": 0.06, "lib/a": 0.10, "lib/b": 0.20}},  # 0.06 <= 0.7 x 0.10
+        {"dim": 4, "band": 0.095, 5: {"ours": 0.09, "lib/a": 0.10, "lib/b": 0.095}},  # in the band only
+        {"dim": 8, "band": 0.10, 5: {"ours": 0.20, "lib/a": 0.10, "lib/b": nan}},  # neither: a miss
+    ]
+
+
+def test_verdicts_apply_the_rule_per_mixture():
+    v = B.verdicts(_rows(), 5)
+    assert (v["holds"], v["ratio_ok"], v["band_ok"]) == (2, 1, 1)
+    assert len(v["misses"]) == 1 and v["misses"][0].startswith("#2 (8-D)")
+    assert v["means"]["lib/a"] == pytest.approx(0.10) and v["means"]["lib/b"] == pytest.approx((0.20 + 0.095) / 2)
+    assert v["best_anchor_on_average"] == "lib/a"  # the NaN is left out of b's mean, not counted as 0
+    assert v["worst_ratio"] == pytest.approx(2.0)  # 0.20 against a's 0.10: the failed b is not the best
+
+
+def test_report_counts_every_family():
+    text = B.report({99: {"budgets": [5], "mixtures": _rows()}}, 100, 1.0)
+    assert "| seed 99 (3) | 5 | 2 / 3 | 1 | 1 |" in text
+    assert "#2 (8-D): 0.200 against 0.100" in text
+
+
+def test_one_mixture_end_to_end():
+    pytest.importorskip("diffusers")
+    pytest.importorskip("torchsde")
+    from torchdiffusion import GaussianMixture
+
+    gm = GaussianMixture([0.6, 0.4], [[-0.8, 0.2], [0.7, -0.5]], [[0.04, 0.09], [0.09, 0.04]])
+    row = B.score_mixture(gm, 0, 200, [5])
+    assert row["dim"] == 2 and row["band"] > 0
+    assert {"diffusers/DPMSolverMultistepScheduler", "k-diffusion/sample_dpmpp_2m"} <= set(row[5])
+    # ours: the default sampler (UniPC-3) on the stored grid, 5 calls; the noise band is what exact sets score
+    from torchdiffusion import VP, grid_optimized
+    from torchdiffusion.samplers import count_nfe, sample_unipc
+
+    vp, den = VP(), count_nfe(gm.denoiser(VP()))
+    x = vp.prior_sample((200, 2), generator=torch.Generator().manual_seed(7))
+    y = sample_unipc(den, vp, x, grid_optimized(vp, 5).float(), order=3, final_denoise=False)
+    scale = float(gm.covariance().diagonal().mean().sqrt())
+    assert den.nfe == 5
+    assert row[5]["ours"] == pytest.approx(B.Reference(gm, 200, 5)(y.double())["sw2"] / scale, rel=1e-12)  # same ops
