@@ -30,10 +30,16 @@ def main(argv=None):
     ap.add_argument("--data", default="digits16")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--nfe", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="picks the images")
+    ap.add_argument("--noise-seed", type=int, default=None, help="draws the noise [default: seed + 1]")
+    ap.add_argument("--precision", default="auto", help="the network's, as `inpaint --precision` (auto, fp32, bf16)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save", help="write each method's samples to SAVE_<method>.pt (to compare runs)")
+    ap.add_argument("--methods", nargs="+", default=list(INVERSE), choices=list(INVERSE))
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     pipe = td.load(a.checkpoint)
+    denoiser, precision = pipe.sampling_denoiser(a.precision)
     x, _ = load_images(a.data)
     g = torch.Generator().manual_seed(a.seed)
     truth = x[torch.randperm(len(x), generator=g)[: a.images]]
@@ -43,25 +49,29 @@ def main(argv=None):
     op = Mask(keep, shape=pipe.shape)
     meas = Measurement(op, op(truth.to(torch.float64)), 0.0)  # one observation per image
     hole = keep == 0
+    noise_seed = a.seed + 1 if a.noise_seed is None else a.noise_seed
+    print(f"network in {precision}, {a.threads} thread(s), noise seed {noise_seed}")
     print(f"| method | observed RMS | hole RMS error | off [-1, 1] | seconds ({a.images} images, {a.nfe} calls) |")
     print("|---|---|---|---|---|")
-    for name in INVERSE:
+    for name in a.methods:
         info = get_inverse(name)
         plan = info.knobs(a.nfe)
         steps, P = plan.pop("steps"), plan.get("particles", 1)
         if name == "smc":  # y[i] goes with the i-th group of P particles
             plan["sigma_data"] = pipe.sigma_data
-        gen = torch.Generator().manual_seed(a.seed + 1)
+        gen = torch.Generator().manual_seed(noise_seed)
         x0 = pipe.process.prior_sample((a.images * P, *pipe.shape), generator=gen)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = info.fn(pipe.denoiser, pipe.process, x0, grid_lam(pipe.process, steps), meas, generator=gen, **plan)
+            out = info.fn(denoiser, pipe.process, x0, grid_lam(pipe.process, steps), meas, generator=gen, **plan)
         sec = time.perf_counter() - t0
         out = out.to(torch.float64)
         obs = (op(out) - meas.y).pow(2).sum((1, 2, 3)).div(keep.sum()).sqrt().mean()
         err = (out - truth.to(torch.float64))[:, hole].pow(2).mean().sqrt()
         off = ((out[:, hole].abs() > 1.05).any(1)).to(torch.float64).mean()
-        print(f"| {name} | {float(obs):.4f} | {float(err):.3f} | {float(off):.2f} | {sec:.1f} |")
+        print(f"| {name} | {float(obs):.4f} | {float(err):.3f} | {float(off):.2f} | {sec:.1f} |", flush=True)
+        if a.save:
+            torch.save(out, f"{a.save}_{name}.pt")
 
 
 if __name__ == "__main__":

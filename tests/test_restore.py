@@ -239,3 +239,77 @@ def test_a_class_conditional_model_conditions_on_the_picture_through_its_null_cl
     seen.clear()
     solve(pipe, m, 2, nfe=3, labels=4)
     assert all(bool((lab == 4).all()) for lab in seen) and seen
+
+
+# -- precision (issue #15: the inverse commands run the network as `sample` does) --------------------------------
+
+
+@pytest.mark.parametrize("method", ["ddrm", "dps"])  # one without and one with gradients through the network
+def test_solve_runs_the_network_in_the_precision_asked(digits, method):
+    """fp32 is the loaded denoiser itself; bf16 its ``AutocastDenoiser`` wrap, with the same noise: the same call
+    as the method's own with that wrap, bit for bit, and not fp32's (the network did run in bf16)."""
+    from torchdiffusion.core.denoiser import AutocastDenoiser
+    from torchdiffusion.core.timesteps import grid_lam
+    from torchdiffusion.names import get_inverse
+
+    pipe = td.load(digits / "run")
+    m = inpainting(read_image(digits / "a.png", 1), read_mask(digits / "mask.png"))
+
+    def by_solve(precision):
+        return solve(pipe, m, 2, method=method, nfe=6, generator=torch.Generator().manual_seed(1), precision=precision)
+
+    def by_hand(denoiser):
+        g = torch.Generator().manual_seed(1)
+        x = pipe.process.prior_sample((2, *pipe.shape), generator=g)
+        with torch.no_grad():
+            return get_inverse(method).fn(denoiser, pipe.process, x, grid_lam(pipe.process, 5), m, generator=g)
+
+    a, b = by_solve("fp32"), by_solve("bf16")
+    assert torch.equal(a, by_hand(pipe.denoiser))
+    assert torch.equal(b, by_hand(AutocastDenoiser(pipe.denoiser, "cpu", torch.bfloat16)))
+    assert b.dtype == torch.float32 and torch.isfinite(b).all() and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_follows_the_rule_of_sample(digits, monkeypatch, native):
+    import torchdiffusion.training.distributed as dist_mod
+
+    monkeypatch.setattr(dist_mod, "native_bf16", lambda device: native)
+    pipe = td.load(digits / "run")
+    m = inpainting(read_image(digits / "a.png", 1), read_mask(digits / "mask.png"))
+
+    def draw(precision):
+        return solve(pipe, m, 2, nfe=5, generator=torch.Generator().manual_seed(2), precision=precision)
+
+    assert torch.equal(draw("auto"), draw("bf16" if native else "fp32"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_commands_pass_their_precision(digits, tmp_path, monkeypatch, precision):
+    """inpaint draws what ``solve`` draws in that precision; edit and interpolate hand the wrapped denoiser on."""
+    import torchdiffusion.inverse.editing as editing
+    from torchdiffusion.core.denoiser import AutocastDenoiser
+
+    r = run("inpaint", "--checkpoint", digits / "run", "--image", digits / "a.png", "--box", "2,2,3,3", "--n", 2,
+            "--steps", 6, "--out", tmp_path / "o", "--no-progress", "--precision", precision)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    hole = torch.zeros(8, 8, dtype=torch.bool)
+    hole[2:5, 2:5] = True
+    m = inpainting(read_image(digits / "a.png", 1), hole)
+    expect = solve(td.load(digits / "run"), m, 2, nfe=6, generator=torch.Generator().manual_seed(0),
+                   precision=precision)  # fmt: skip
+    assert np.array_equal(np.load(tmp_path / "o" / "samples.npy"), expect.numpy())
+    for command, fn, extra in (
+        ("edit", "sdedit", ["--image", digits / "a.png", "--steps", 2]),
+        ("interpolate", "ddim_interpolate", ["--image", digits / "a.png", "--image2", digits / "b.png", "--steps", 2]),
+    ):
+        seen, real = [], getattr(editing, fn)
+
+        def spy(denoiser, *args, real=real, seen=seen, **kwargs):
+            seen.append(denoiser)
+            return real(denoiser, *args, **kwargs)
+
+        monkeypatch.setattr(editing, fn, spy)
+        r = run(command, "--checkpoint", digits / "run", *extra, "--out", tmp_path / command, "--precision", precision)
+        assert r.exit_code == 0, r.output
+        assert isinstance(seen[0], AutocastDenoiser) is (precision == "bf16")

@@ -27,6 +27,16 @@ threads_option = click.option(
 )
 
 
+def precision_option(help_text: str):
+    """``--precision`` (auto, fp32, bf16, fp16): the network's arithmetic under torch.autocast, the sampler's own
+    staying float32 (``app.pipeline.at_precision``)."""
+    from ...names import PRECISIONS
+
+    return click.option(
+        "--precision", type=click.Choice(["auto", *PRECISIONS]), default="auto", show_default=True, help=help_text
+    )
+
+
 def _available_devices() -> list[str]:
     found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     mps = getattr(torch.backends, "mps", None)

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import click
 
-from ._shared import _device, _fail, threads_option
+from ._shared import _device, _fail, precision_option, threads_option
 from .group import main
+
+PRECISION_HELP = (
+    "The network's arithmetic, as in `sample` (auto: bf16 for a U-Net on a CPU with AMX-BF16 or a CUDA GPU with "
+    "bf16, else fp32). On the digits model bf16 halved the time; DDIM's round trip (100 steps) erred by 0.028 RMS "
+    "against fp32's 0.027."
+)
 
 
 def _shared(fn):
@@ -25,6 +31,7 @@ def _shared(fn):
             click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs."),
             click.option("--no-ema", is_flag=True, help="Use the raw weights instead of their EMA."),
             click.option("--device", default="cpu", help="torch device."),
+            precision_option(PRECISION_HELP),
             threads_option,
         ]
     ):
@@ -80,7 +87,7 @@ def _write(folder, first, xs, name):
 @click.option("--steps", type=click.IntRange(min=1), default=100, help="Reverse steps from t0 (DDPM's ancestral).")
 @click.option("--n", "n", type=click.IntRange(min=1), default=8, help="Edits.")
 @click.option("--seed", type=int, default=0, help="Seed of the noise.")
-def edit(ckpt, klass, out, no_ema, device, image, strength, steps, n, seed):
+def edit(ckpt, klass, out, no_ema, device, precision, image, strength, steps, n, seed):
     """SDEdit: noise the guide to --strength and sample back, giving realistic images near it."""
     import torch
 
@@ -88,9 +95,10 @@ def edit(ckpt, klass, out, no_ema, device, image, strength, steps, n, seed):
 
     try:
         pipe, (guide,), cond = _setup(ckpt, no_ema, device, [image], klass, n)
+        denoiser, _ = pipe.sampling_denoiser(precision)
         gen = torch.Generator(pipe.device).manual_seed(seed)
         with torch.no_grad():
-            xs = sdedit(pipe.denoiser, pipe.process, guide.expand(n, *guide.shape), strength, steps=steps,
+            xs = sdedit(denoiser, pipe.process, guide.expand(n, *guide.shape), strength, steps=steps,
                         generator=gen, **cond)  # fmt: skip
     except (ValueError, OSError) as e:
         _fail(e)
@@ -104,7 +112,7 @@ def edit(ckpt, klass, out, no_ema, device, image, strength, steps, n, seed):
 @click.option("--image2", required=True, type=click.Path(dir_okay=False), help="The last picture.")
 @click.option("--frames", type=click.IntRange(min=2), default=8, help="Frames, both ends included.")
 @click.option("--steps", type=click.IntRange(min=1), default=50, help="DDIM steps (inversion and decoding).")
-def interpolate(ckpt, klass, out, no_ema, device, image, image2, frames, steps):
+def interpolate(ckpt, klass, out, no_ema, device, precision, image, image2, frames, steps):
     """Invert two pictures with DDIM, slerp their latents, decode: frames from one to the other."""
     import torch
 
@@ -113,11 +121,12 @@ def interpolate(ckpt, klass, out, no_ema, device, image, image2, frames, steps):
 
     try:
         pipe, (a, b), cond = _setup(ckpt, no_ema, device, [image, image2], klass, 2)
+        denoiser, _ = pipe.sampling_denoiser(precision)
         ts = grid_lam(pipe.process, steps)
         if cond:  # one class for the pair; (1,) broadcasts over the inversion's 2 and the decoding's --frames
             cond = {"class_labels": cond["class_labels"][:1]}
         with torch.no_grad():
-            xs = ddim_interpolate(pipe.denoiser, pipe.process, a, b, frames, ts, final_denoise=True, **cond)
+            xs = ddim_interpolate(denoiser, pipe.process, a, b, frames, ts, final_denoise=True, **cond)
     except (ValueError, OSError) as e:
         _fail(e)
     path = _write(out, None, xs, "frames")

@@ -8,9 +8,9 @@ import click
 import torch
 
 from ...data.images import IMAGE_DATASETS
-from ...names import PRECISIONS, SAMPLERS
+from ...names import SAMPLERS
 from ._sampling import _class_labels, _draw
-from ._shared import _device, _example_shape, _fail, _writable, threads_option
+from ._shared import _device, _example_shape, _fail, _writable, precision_option, threads_option
 from .group import main
 
 
@@ -47,10 +47,9 @@ from .group import main
 @click.option("--device", default="cpu", help="torch device.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@click.option(
-    "--precision", type=click.Choice(["auto", *PRECISIONS]), default="auto", show_default=True,
-    help="The network's arithmetic while sampling, as in `sample` (auto: bf16 for a U-Net where native, else fp32).",
-)  # fmt: skip
+@precision_option(
+    "The network's arithmetic while sampling, as in `sample` (auto: bf16 for a U-Net where native, else fp32)."
+)
 @threads_option
 def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, pr_k, seed, batch_size, klass, labels,
              device, out, no_progress, precision):  # fmt: skip

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from ...core.optimized_grid import FINAL_DENOISE
-from ...names import GRIDS, PRECISIONS, SAMPLERS
+from ...names import GRIDS, SAMPLERS
 from ._sampling import _class_labels, _draw
-from ._shared import _device, _fail, _writable, threads_option
+from ._shared import _device, _fail, _writable, precision_option, threads_option
 from .group import main
 
 
@@ -147,13 +147,9 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     help="Also draw the reverse process (PNG): snapshots and trajectories of 2-D points, or x_t of the first "
     "images at six moments (from the first batch).",
 )
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", *PRECISIONS]),
-    default="auto",
-    show_default=True,
-    help="The network's arithmetic (torch.autocast; the sampler's stays float32). auto: bf16 for a U-Net on a CPU "
-    "with AMX-BF16 or a CUDA GPU with bf16 (1.3-2.5x faster; samples differ from fp32's by bf16 rounding), else fp32.",
+@precision_option(
+    "The network's arithmetic (torch.autocast; the sampler's stays float32). auto: bf16 for a U-Net on a CPU "
+    "with AMX-BF16 or a CUDA GPU with bf16 (1.3-2.5x faster; samples differ from fp32's by bf16 rounding), else fp32."
 )
 @threads_option
 def sample(
