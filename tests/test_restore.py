@@ -293,6 +293,7 @@ def test_the_commands_pass_their_precision(digits, tmp_path, monkeypatch, precis
     r = run("inpaint", "--checkpoint", digits / "run", "--image", digits / "a.png", "--box", "2,2,3,3", "--n", 2,
             "--steps", 6, "--out", tmp_path / "o", "--no-progress", "--precision", precision)  # fmt: skip
     assert r.exit_code == 0, r.output
+    assert ("network in bf16 autocast" in r.output) is (precision == "bf16")  # said, as `sample` says it
     hole = torch.zeros(8, 8, dtype=torch.bool)
     hole[2:5, 2:5] = True
     m = inpainting(read_image(digits / "a.png", 1), hole)
@@ -313,3 +314,4 @@ def test_the_commands_pass_their_precision(digits, tmp_path, monkeypatch, precis
         r = run(command, "--checkpoint", digits / "run", *extra, "--out", tmp_path / command, "--precision", precision)
         assert r.exit_code == 0, r.output
         assert isinstance(seen[0], AutocastDenoiser) is (precision == "bf16")
+        assert ("network in bf16 autocast" in r.output) is (precision == "bf16")

@@ -37,6 +37,12 @@ def precision_option(help_text: str):
     )
 
 
+def _say_precision(precision: str) -> None:
+    """One line when the network runs in reduced precision (what `sample` and `evaluate` print too)."""
+    if precision != "fp32":
+        click.echo(f"network in {precision} autocast (--precision fp32 for float32)")
+
+
 def _available_devices() -> list[str]:
     found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     mps = getattr(torch.backends, "mps", None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._shared import _device, _fail, precision_option, threads_option
+from ._shared import _device, _fail, _say_precision, precision_option, threads_option
 from .group import main
 
 PRECISION_HELP = (
@@ -95,7 +95,8 @@ def edit(ckpt, klass, out, no_ema, device, precision, image, strength, steps, n,
 
     try:
         pipe, (guide,), cond = _setup(ckpt, no_ema, device, [image], klass, n)
-        denoiser, _ = pipe.sampling_denoiser(precision)
+        denoiser, resolved = pipe.sampling_denoiser(precision)
+        _say_precision(resolved)
         gen = torch.Generator(pipe.device).manual_seed(seed)
         with torch.no_grad():
             xs = sdedit(denoiser, pipe.process, guide.expand(n, *guide.shape), strength, steps=steps,
@@ -121,7 +122,8 @@ def interpolate(ckpt, klass, out, no_ema, device, precision, image, image2, fram
 
     try:
         pipe, (a, b), cond = _setup(ckpt, no_ema, device, [image, image2], klass, 2)
-        denoiser, _ = pipe.sampling_denoiser(precision)
+        denoiser, resolved = pipe.sampling_denoiser(precision)
+        _say_precision(resolved)
         ts = grid_lam(pipe.process, steps)
         if cond:  # one class for the pair; (1,) broadcasts over the inversion's 2 and the decoding's --frames
             cond = {"class_labels": cond["class_labels"][:1]}

@@ -10,7 +10,7 @@ import torch
 from ...data.images import IMAGE_DATASETS
 from ...names import SAMPLERS
 from ._sampling import _class_labels, _draw
-from ._shared import _device, _example_shape, _fail, _writable, precision_option, threads_option
+from ._shared import _device, _example_shape, _fail, _say_precision, _writable, precision_option, threads_option
 from .group import main
 
 
@@ -112,8 +112,7 @@ def evaluate(ckpt, data, n, sampler, steps, inception, cache_dir, kid_subsets, p
     else:
         ts = GRID_FUNCTIONS[INFO[sampler].grid](process, steps)
     denoiser, precision = at_precision(denoiser, precision, device, cfg["net"].get("name", ""))  # as `sample`
-    if precision != "fp32":
-        click.echo(f"network in {precision} autocast (--precision fp32 for float32)")
+    _say_precision(precision)
     fake = _draw(sampler, denoiser, process, latent_shape, n, batch_size, ts, gen, device, class_labels, no_progress,
                  {}, None)  # fmt: skip
     if codec is not None:  # a latent model: FID of the decoded images

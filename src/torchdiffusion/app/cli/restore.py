@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from ...names import INVERSE
-from ._shared import _device, _fail, precision_option, threads_option
+from ._shared import _device, _fail, _say_precision, precision_option, threads_option
 from .group import main
 
 PRECISION_HELP = (
@@ -102,6 +102,7 @@ def _run(task: str, ckpt, image, method, steps, n, seed, klass, out, no_ema, dev
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator(pipe.device).manual_seed(seed)
+        _say_precision(pipe.sampling_denoiser(precision)[1])
         xs = solve(pipe, measurement, n, method=method, nfe=steps, generator=gen, labels=klass,
                    progress=not no_progress, precision=precision)  # fmt: skip
     except (ValueError, OSError) as e:

@@ -11,7 +11,7 @@ import torch
 from ...core.optimized_grid import FINAL_DENOISE
 from ...names import GRIDS, SAMPLERS
 from ._sampling import _class_labels, _draw
-from ._shared import _device, _fail, _writable, precision_option, threads_option
+from ._shared import _device, _fail, _say_precision, _writable, precision_option, threads_option
 from .group import main
 
 
@@ -224,8 +224,7 @@ def sample(
             raise ValueError("--guidance-interval and --guidance-rescale shape --guidance: give --guidance W too")
         denoiser, precision = pipe.sampling_denoiser(precision)
         process = pipe.process
-        if precision != "fp32":
-            click.echo(f"network in {precision} autocast (--precision fp32 for float32)")
+        _say_precision(precision)
         chosen = sampler is not None or grid != "auto"
         own = None if chosen and pipe.objective == "reflow" else pipe.own_sampler(steps)  # reflow: any sampler too
         if own is not None:  # a distilled student: its own sampler on its own times
