@@ -162,7 +162,7 @@ def test_cifar10_config_builds_ho_et_al_35_7m_unet():
 def test_cuda_or_fp16_without_cuda_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available"):
         train(tiny(device="cuda"), tmp_path / "a", progress=False)
-    with pytest.raises(ValueError, match="precision='fp16' needs CUDA"):
+    with pytest.raises(ValueError, match=r"precision=.fp16. \(autocast \+ GradScaler\) is for CUDA"):
         train(tiny(precision="fp16"), tmp_path / "b", progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     with pytest.raises(ValueError, match="precision='fp8'"):

@@ -164,7 +164,7 @@ class ScaledStep:
         inner = self.ddp or net
         inner = inner if dtype is None else Autocast(inner, device.type, dtype)
         self.model = objective.wrap(inner)
-        self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     def backward(
         self, data: Tensor, labels: Tensor | None, batch: Batch, *, step: int = 0, null_label: int | None = None
