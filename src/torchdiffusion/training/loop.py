@@ -152,8 +152,9 @@ def _train(
     log_path, device = run_dir / "log.csv", resolve_device(config.device, info)
     if config.precision == "fp16" and device.type != "cuda":  # the loss scaling itself runs anywhere (its tests)
         raise ValueError(
-            f"precision='fp16' (autocast + GradScaler) is for CUDA; device is {device}, and fp16 autocast ran the "
-            "digits U-Net about 70x slower than fp32 on the CPU: use bf16 (fast on CPUs with AMX) or fp32"
+            f"precision='fp16' (autocast + GradScaler) is for CUDA; device is {device}, and fp16 autocast made a "
+            "digits U-Net training step about 70x slower than fp32 on the CPU (its backward): use bf16 (fast on "
+            "CPUs with AMX) or fp32"
         )
     existing = find_checkpoint(run_dir)
     if not resume and (existing is not None or log_path.exists()):
