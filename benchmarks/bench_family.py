@@ -18,7 +18,7 @@ rule: ours at most 0.7x that mixture's best anchor, or inside the band.
 
 Families: seed 99 (20 mixtures) is the held-out family that chose the stored grids (``optimize_grids.HELD_OUT``);
 seed 9001 (30 mixtures) was never used for any choice. Run: ``python benchmarks/bench_family.py --out bench-output``
-(about 10 minutes on one core at the default n = 2000); writes family.md and family.json.
+(3.4 minutes on one core at the default n = 2000); writes family.md and family.json.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The rule: ours at most 0.7x that mixture's best anchor (the lowest finite SW2 of the anchors), or inside the noise
 band. Checked on hand-made rows whose verdicts are known, including an anchor that failed (NaN) and the two ways
-of holding; then one small mixture runs through every sampler of the benchmark (compare extra only), where ours
-must be finite and scored against the same exact reference as the anchors.
+of holding; then one small mixture runs through every sampler of the benchmark (compare extra only): the
+anchors' rows are there, and ours is the library's default (UniPC-3 on the stored grid, exactly 5 calls) scored
+against the same exact reference, the same arithmetic as a direct call.
 """
 
 import importlib

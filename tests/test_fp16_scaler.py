@@ -1,14 +1,16 @@
 """fp16 training's loss scaling (``training.step.ScaledStep`` with a ``GradScaler``), run on the CPU.
 
-fp16 training is meant for CUDA (``train`` refuses it on a CPU: there fp16 autocast ran the digits U-Net ~70x
-slower than fp32), so no test had ever run its loss scaling. ``ScaledStep`` makes its ``GradScaler`` for the
-device it trains on, and torch's CPU autocast and GradScaler implement fp16, so the scaling logic runs here on a
+fp16 training is meant for CUDA (``train`` refuses it on a CPU: there fp16 autocast made a digits U-Net training
+step ~70x slower than fp32), so no test had ever run its loss scaling. ``ScaledStep`` makes its ``GradScaler`` for
+the device it trains on, and torch's CPU autocast and GradScaler implement fp16, so the scaling logic runs here on a
 small MLP (the CUDA kernels themselves still need a GPU):
 
-- after ``backward`` the gradients are unscaled: they equal the fp32 step's up to fp16 rounding. Each product in the
-  forward and backward pass rounds its inputs to fp16 (unit roundoff u = 2^-11); a 3-layer MLP has 6 such products
-  (3 forward, 3 backward) plus the output's cast, each adding at most a few u of relative error per element, and the
-  scale 2^16 is a power of two (exact); 64 u bounds the gradient norm's relative error with room for the sums.
+- after ``backward`` the gradients are unscaled: they equal the fp32 step's up to fp16 rounding. Autocast rounds the
+  inputs of every matrix product to fp16 (unit roundoff u = 2^-11; LayerNorm and the loss stay fp32). The MLP's
+  deepest path has 6 Linear layers (input, two residual blocks of two, output), so a gradient passes through at
+  most 6 forward and 12 backward products (input and weight gradients), each adding at most 2 u of relative error
+  (two rounded operands): about 36 u if every one added up in the same direction. 64 u bounds the gradient norm's
+  relative error with room for the fp32 sums; the scale 2^16 is a power of two, so scaling and unscaling are exact.
 - a step whose scaled gradients overflow is skipped (the weights stay as they were) and the scale is halved
   (``backoff_factor`` 0.5); a finite step moves the weights and keeps the scale (it grows only after 2000 steps).
 """
