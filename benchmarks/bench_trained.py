@@ -66,7 +66,8 @@ MODELS_2D = {
     "moons": TrainConfig(data="moons", process={"name": "vp"}, target="eps", steps=4000),
 }
 IMAGE_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "unipc_3")
-DEFAULT = ("unipc_3", "optimized")  # Pipeline.sample's default (sampler, grid); issue #15 item 2
+DEFAULT = ("optimized", "optimized")  # Pipeline.sample's default (sampler, grid); issue #15 item 2
+BEFORE = ("unipc_3", "optimized")  # the default until the 5-step weights were stored: what they change
 KNOBS = {"ald": {"n_steps_each": 1}}
 LIBS = ("torchdiffusion", "k-diffusion", "diffusers")
 
@@ -331,7 +332,8 @@ def jobs_2d(process, seed: int, notes: list) -> list[tuple]:
     """(library, sampler, grid, runs) for every sampler of the three libraries that is installed; ``runs(denoiser,
     x, budgets)`` takes x_T for ours and the standard normal draw z behind it for the anchors (``bench_2d``)."""
     jobs = [("torchdiffusion", s, INFO[s].grid, Ours(s, process, seed).runs) for s in INFO]
-    jobs.append(("torchdiffusion", *DEFAULT, Ours(DEFAULT[0], process, seed, DEFAULT[1]).runs))  # the default
+    for sampler, grid in [j for j in (BEFORE, DEFAULT) if j not in {(s, INFO[s].grid) for s in INFO}]:
+        jobs.append(("torchdiffusion", sampler, grid, Ours(sampler, process, seed, grid).runs))
     if A.load_k_diffusion_sampling() is None:
         notes.append("k-diffusion not installed: its samplers skipped (make bench-samplers installs it)")
     else:
@@ -379,7 +381,7 @@ def bench_digits(args, budgets, notes) -> dict:
     n = args.digits_n or half
     x_T = process.prior_sample((n, *real.shape[1:]), generator=torch.Generator().manual_seed(args.seed))
     rows = []
-    for sampler, grid in [(s, INFO[s].grid) for s in IMAGE_SAMPLERS] + [DEFAULT]:
+    for sampler, grid in [(s, INFO[s].grid) for s in IMAGE_SAMPLERS] + [BEFORE, DEFAULT]:
         for clip, d in dens.items():
             t0 = time.perf_counter()
             with torch.no_grad():

@@ -75,7 +75,8 @@ def test_diffusers_eps_is_the_exact_eps():
 @pytest.mark.parametrize("name, grid", [(s, None) for s in ("ddpm", "heun", "rk4", "dpm_solver_3", "pc", "ald")]
                          + [B.DEFAULT])  # fmt: skip
 def test_steps_for_takes_the_most_steps_within_the_budget(name, grid):
-    """(The default, UniPC-3 on the optimized grid without the final denoise, takes exactly the budget in steps.)"""
+    """(The default, sample_optimized on the optimized grid without the final denoise, takes exactly the budget in
+    steps.)"""
     vp = VP()
     runner = B.Ours(name, vp, 0, grid)
     x = torch.randn(3, 2, dtype=F64)

@@ -156,7 +156,8 @@ def test_samplers_lists_the_registry():
     assert r.exit_code == 0
     for name in SAMPLERS:
         assert name in r.output
-    assert f"For few steps: {DEFAULT_SAMPLER_NAME}" in r.output
+    assert "without a fit: `sample --steps N` runs optimized" in r.output  # Pipeline.sample's few-step default
+    assert f"With a fit: {DEFAULT_SAMPLER_NAME}" in r.output
 
 
 def test_sample_draws_the_reverse_process(trained, tmp_path):

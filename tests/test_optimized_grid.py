@@ -23,7 +23,7 @@ from torchdiffusion import VE, VP, count_nfe
 from torchdiffusion.app.cli import main
 from torchdiffusion.core.optimized_grid import FINAL_DENOISE, OPTIMIZED_LAM, ROUNDING, grid_optimized
 from torchdiffusion.names import GRID_FUNCTIONS
-from torchdiffusion.samplers import DEFAULT_SAMPLER
+from torchdiffusion.samplers import sample_optimized
 from torchdiffusion.training.config import TrainConfig
 from torchdiffusion.training.loop import train
 
@@ -113,14 +113,14 @@ def moons(tmp_path_factory):
 
 
 @pytest.mark.parametrize("steps", [5, 10, 7])
-def test_the_default_is_unipc3_on_the_optimized_grid_without_final_denoise(moons, steps):
+def test_the_default_is_the_optimized_solver_on_its_grid_without_final_denoise(moons, steps):
     pipe = td.load(moons)
     ts = grid_optimized(pipe.process, steps)
     gen = torch.Generator().manual_seed(3)
     x = pipe.process.prior_sample((11, 2), generator=gen)
     counted = count_nfe(pipe.denoiser)
     with torch.no_grad():
-        expected = DEFAULT_SAMPLER(counted, pipe.process, x, ts, generator=gen, final_denoise=FINAL_DENOISE)
+        expected = sample_optimized(counted, pipe.process, x, ts, generator=gen, final_denoise=FINAL_DENOISE)
     assert counted.nfe == steps  # FINAL_DENOISE is False: the budget is the steps, no extra call
     got = pipe.sample(11, steps=steps, generator=torch.Generator().manual_seed(3))
     assert torch.equal(got, expected)
@@ -135,6 +135,6 @@ def test_the_command_line_default_for_steps_is_the_same(moons, tmp_path):
     args = ["sample", "--checkpoint", moons, "--steps", 5, "--n", 20, "--seed", 6, "--out", out, "--no-progress"]
     r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert "unipc_3 on the optimized 5-step grid" in r.output  # it says what it ran
+    assert "optimized (UniPC-3, with stored weights where they exist) on the optimized 5-step grid" in r.output
     got = td.load(moons).sample(20, steps=5, generator=torch.Generator().manual_seed(6))
     assert np.array_equal(np.load(out), got.numpy())

@@ -19,6 +19,7 @@ import torch
 from conftest import Z, gen
 from mixture_checks import check_mixture
 from torchdiffusion import EDM, VE, VP, Cosine, Discrete, Flow, GaussianMixture
+from torchdiffusion.core.optimized_grid import grid_optimized
 from torchdiffusion.core.processes import beta_cosine, beta_linear
 from torchdiffusion.core.timesteps import grid_discrete, grid_karras, grid_lam, grid_t
 from torchdiffusion.names import SAMPLERS
@@ -79,6 +80,7 @@ SPECS = {
     "dpmpp_2s_ancestral": Spec(nfe=lambda n_ts, kw: 2 * (n_ts - 1)),  # 2S (2 calls) + 1 noise draw per step
     "unipc_2": Spec(stochastic=False),  # Zhao et al. 2023: 1 call per step (corrector reuses it)
     "unipc_3": Spec(stochastic=False),
+    "optimized": Spec(stochastic=False),  # UniPC-3, or the stored weights on grid_optimized (the "VP-opt5" case)
     "ode_adaptive": Spec(steps=lambda n_ts: 1, nfe=None, stochastic=False, batch_independent=False),  # dopri5
 }
 NAMES = sorted(SAMPLERS)
@@ -103,6 +105,7 @@ CASES = {
     "VP-lam": (VP(), lambda p: grid_lam(p, 6)),
     "VE-lam": (VE(), lambda p: grid_lam(p, 6)),
     "Discrete50": (Discrete.from_schedule(beta_linear, 50), lambda p: grid_discrete(p, 8)),
+    "VP-opt5": (VP(), lambda p: grid_optimized(p, 5)),  # where sample_optimized uses its stored weights
 }
 
 

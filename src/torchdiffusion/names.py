@@ -57,6 +57,7 @@ from .samplers import (
     sample_euler,
     sample_heun,
     sample_ode_adaptive,
+    sample_optimized,
     sample_pc,
     sample_reverse_sde,
     sample_rk4,
@@ -143,6 +144,14 @@ INFO: dict[str, SamplerInfo] = {
     ),
     "unipc_2": SamplerInfo(_bind(sample_unipc, order=2), "3", "1", "Zhao et al. 2023, UniP-2 + UniC (bh2)", False),
     "unipc_3": SamplerInfo(DEFAULT_SAMPLER, "4", "1", "Zhao et al. 2023, UniP-3 + UniC (bh2)", False),
+    "optimized": SamplerInfo(  # order: UniPC-3's off the stored grids; on them, weights fitted to error, not order
+        sample_optimized,
+        "4 off grid",
+        "1",
+        "UniPC-3; weights optimized offline with the stored 5-step grid",
+        False,
+        "optimized",
+    ),  # fmt: skip
 }
 
 SAMPLERS: dict[str, Callable] = {name: info.fn for name, info in INFO.items()}

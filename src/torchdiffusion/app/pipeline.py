@@ -57,10 +57,17 @@ def _sampler_name(fn: Callable) -> str | None:
 def default_grid(sampler: Callable, process: NoiseProcess, steps: int) -> Tensor:
     """The time grid ``sampler`` is usually run on (``names.INFO[...].grid``, as ``torchdiffusion samplers``
     lists), with ``steps`` steps; ``grid_lam`` for a function outside that table (the default sampler's grid)."""
-    from ..names import GRID_FUNCTIONS, INFO
+    from ..names import GRID_FUNCTIONS
+
+    return GRID_FUNCTIONS[default_grid_name(sampler)](process, steps)
+
+
+def default_grid_name(sampler: Callable) -> str:
+    """The name of ``default_grid``'s grid for ``sampler``."""
+    from ..names import INFO
 
     name = _sampler_name(sampler)
-    return GRID_FUNCTIONS[INFO[name].grid if name is not None else "lam"](process, steps)
+    return INFO[name].grid if name is not None else "lam"
 
 
 def at_precision(denoiser, precision: str, device: torch.device, net: str):
@@ -295,8 +302,10 @@ class Pipeline:
         Args:
             n: how many.
             sampler: a sampler function or its name in ``names.SAMPLERS`` ("ddpm", "heun", "dpmpp_2m", ...;
-                ``torchdiffusion samplers`` lists them). Default, with no grid either: ``samplers.DEFAULT_SAMPLER``
-                (UniPC-3) on ``grid_optimized`` (stored few-step grids, no final denoise; ``core.optimized_grid``).
+                ``torchdiffusion samplers`` lists them). Default, with no grid either: ``sample_optimized`` on
+                ``grid_optimized`` (a solver and grids optimized offline for few steps, no final denoise;
+                ``core.optimized_grid``); on any other grid ``sample_optimized`` is UniPC-3
+                (``samplers.DEFAULT_SAMPLER``).
             steps: steps of the grid (default ``DEFAULT_STEPS`` = 20, for few-step ODE solvers; stochastic
                 samplers such as DDPM want hundreds). Not with a grid of times.
             grid: decreasing times (e.g. ``fit_grid(...).ts``), or a grid name in ``names.GRID_FUNCTIONS``;
@@ -325,7 +334,7 @@ class Pipeline:
         from ..core.optimized_grid import FINAL_DENOISE, grid_optimized
         from ..core.timesteps import check_grid
         from ..names import GRID_FUNCTIONS, get_sampler
-        from ..samplers import DEFAULT_SAMPLER
+        from ..samplers import sample_optimized
 
         n = _count("n", n, "the number of samples")
         if steps is not None:
@@ -342,17 +351,16 @@ class Pipeline:
             sampler, grid, steps = own[0], own[1], None
             if options:
                 raise ValueError(f"the student's sampler ({own[0].__name__}) takes no options; got {sorted(options)}")
-        elif sampler is None:
-            sampler, grid = DEFAULT_SAMPLER, "optimized" if grid is None else grid
+        elif sampler is None:  # the few-step default; on a grid other than the stored ones it is UniPC-3
+            sampler, grid = sample_optimized, "optimized" if grid is None else grid
         elif isinstance(sampler, str):
             sampler = get_sampler(sampler)
         elif not callable(sampler):
             raise ValueError(f"sampler must be a sampler function or a name in names.SAMPLERS, got {sampler!r}")
         if grid is None or isinstance(grid, str):
             steps = DEFAULT_STEPS if steps is None else steps
-            if grid is None:
-                ts = default_grid(sampler, self.process, steps)
-            elif grid in GRID_FUNCTIONS:
+            grid = default_grid_name(sampler) if grid is None else grid
+            if grid in GRID_FUNCTIONS:
                 ts = GRID_FUNCTIONS[grid](self.process, steps)
             else:
                 raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRID_FUNCTIONS)} or give the times")

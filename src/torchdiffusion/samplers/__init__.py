@@ -17,6 +17,7 @@ from .ddim import *  # noqa: F403
 from .dpm_solver import *  # noqa: F403
 from .langevin import *  # noqa: F403
 from .ode import *  # noqa: F403
+from .optimized import *  # noqa: F403
 from .sde import *  # noqa: F403
 from .unipc import *  # noqa: F403
 

@@ -58,7 +58,8 @@ def _fit_grid(sampler, denoiser, process, steps, pilot_shape, seed, device, no_p
     "--sampler",
     type=click.Choice(sorted(SAMPLERS)),
     default=None,
-    help="Sampling algorithm (default: ddpm with 250 steps; with --steps N: unipc_3 on the optimized few-step grid; "
+    help="Sampling algorithm (default: ddpm with 250 steps; with --steps N: optimized, UniPC-3 with weights "
+    "optimized offline with its grid, on the optimized few-step grid; "
     "a distilled student: its own, consistency or DDIM on its grid).",
 )
 @click.option(
@@ -233,9 +234,10 @@ def sample(
             sampler, ts, steps = own
         else:
             if sampler is None and steps is not None and grid == "auto":  # the few-step default (Pipeline.sample's)
-                sampler, grid = "unipc_3", "optimized"
-                click.echo(f"sampler: unipc_3 on the optimized {steps}-step grid, no final denoise ({steps} network "
-                           "calls per sample; --sampler and --grid choose others)")  # fmt: skip
+                sampler, grid = "optimized", "optimized"
+                click.echo(f"sampler: optimized (UniPC-3, with stored weights where they exist) on the optimized "
+                           f"{steps}-step grid, no final denoise ({steps} network calls per sample; --sampler and "
+                           "--grid choose others)")  # fmt: skip
             sampler, steps = sampler or "ddpm", steps or 250
             grid = INFO[sampler].grid if grid == "auto" else grid
             if grid == "fit" and INFO[sampler].stochastic:

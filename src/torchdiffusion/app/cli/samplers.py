@@ -14,11 +14,13 @@ def samplers():
     from ...names import INFO
 
     w = max(map(len, INFO)) + 1  # the name column fits the longest name
-    click.echo(f"{'name':<{w}} {'order':<11} {'NFE/step':<24} {'grid':<7} {'noise':<6} paper")
+    click.echo(f"{'name':<{w}} {'order':<11} {'NFE/step':<24} {'grid':<9} {'noise':<6} paper")
     for name, info in INFO.items():
         noise = "yes" if info.stochastic else "no"
-        click.echo(f"{name:<{w}} {info.order:<11} {info.nfe:<24} {info.grid:<7} {noise:<6} {info.paper}")
+        click.echo(f"{name:<{w}} {info.order:<11} {info.nfe:<24} {info.grid:<9} {noise:<6} {info.paper}")
     click.echo(
-        f"\nFor few steps: {DEFAULT_SAMPLER} (torchdiffusion.DEFAULT_SAMPLER) on a grid fitted to the model, "
+        "\nFor few steps without a fit: `sample --steps N` runs optimized on the optimized grid (UniPC-3 with weights "
+        "stored for 5 steps). With a fit: "
+        f"{DEFAULT_SAMPLER} (torchdiffusion.DEFAULT_SAMPLER) on a grid fitted to the model, "
         f"`sample --sampler {DEFAULT_SAMPLER} --grid fit` (docs/bench/samplers.md)."
     )

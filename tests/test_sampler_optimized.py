@@ -1,0 +1,97 @@
+"""sample_optimized (samplers/optimized.py): the general data-prediction multistep form it runs, against UniPC-3
+written in that form, a point mass's exact solution, and its fallback off the stored grid."""
+
+import math
+
+import pytest
+import torch
+
+from torchdiffusion import EDM, VP, Flow, GaussianMixture, grid_lam
+from torchdiffusion.core import optimized_grid
+from torchdiffusion.core.optimized_grid import OPTIMIZED_LAM, OPTIMIZED_WEIGHTS, ROUNDING, grid_optimized
+from torchdiffusion.samplers import count_nfe, sample_optimized, sample_unipc
+
+F64 = torch.float64
+GM = GaussianMixture([0.3, 0.7], [[-2.0, 1.0, 0.0], [1.5, -0.5, 1.0]], [[0.1, 0.4, 0.2], [0.3, 0.05, 0.5]])
+PROCESSES = [VP(), EDM(), Flow()]
+
+
+def unipc3_weights(process, ts):
+    """UniPC-3's w_jk on ts, read off by running it on basis vectors from x_T = 0: its j-th evaluation point is
+    alpha_j (1 - e^{-(lam_j - lam_0)}) sum_k w_jk e_k."""
+    n, calls = len(ts) - 1, []
+
+    def basis(x, t):
+        e = torch.zeros_like(x)
+        e[:, len(calls)] = 1.0
+        calls.append(x.clone())
+        return e
+
+    y = sample_unipc(basis, process, torch.zeros(1, n, dtype=F64), ts, order=3, final_denoise=False)
+    lam, alpha = process.lam(ts).tolist(), process.alpha(ts).tolist()
+    points = [c[0] for c in calls[1:]] + [y[0]]
+    span = [-math.expm1(lam[0] - lam[j]) for j in range(n + 1)]
+    return tuple(tuple((p[:j] / (alpha[j] * span[j])).tolist()) for j, p in enumerate(points, 1))
+
+
+def test_stored_tables_are_well_formed():
+    assert set(OPTIMIZED_WEIGHTS) <= set(OPTIMIZED_LAM)
+    for n, rows in OPTIMIZED_WEIGHTS.items():
+        assert [len(r) for r in rows] == list(range(1, n + 1))  # row j weighs the j values computed before it
+        for r in rows:  # each row sums to 1 up to the rounding of its entries
+            assert abs(sum(r) - 1.0) <= ROUNDING / 2 * len(r) + 1e-12
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=repr)
+def test_with_unipc3s_own_weights_it_is_unipc3(process, monkeypatch):
+    """The form holds every explicit data-prediction multistep solver: given UniPC-3's weights (its corrector
+    folded in), it reproduces UniPC-3 to float64 rounding on the stored 5-step grid."""
+    ts = grid_optimized(process, 5).to(F64)
+    monkeypatch.setitem(optimized_grid.OPTIMIZED_WEIGHTS, 5, unipc3_weights(process, ts))
+    x = process.prior_sample((64, 3), generator=torch.Generator().manual_seed(0), dtype=F64)
+    den = GM.denoiser(process)
+    got = sample_optimized(den, process, x, ts, final_denoise=False)
+    want = sample_unipc(den, process, x, ts, order=3, final_denoise=False)
+    # a sum of <= 5 terms of size ~|x| per point, each rounded: a few ulps of the data scale
+    assert torch.allclose(got, want, rtol=0, atol=1e3 * torch.finfo(F64).eps * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=repr)
+def test_a_point_mass_is_exact(process):
+    """Weights that sum to 1 keep a constant x0_hat = c exact: x_n = sigma_n / sigma_0 x_T + alpha_n (1 -
+    e^{-(lam_n - lam_0)}) c, the probability-flow solution for data at c (Lu et al. 2022b, Eq. 9)."""
+    ts = grid_optimized(process, 5).to(F64)
+    c = torch.tensor([0.7, -1.3], dtype=F64)
+    x = process.prior_sample((16, 2), generator=torch.Generator().manual_seed(1), dtype=F64)
+    got = sample_optimized(lambda z, t: c.expand_as(z), process, x, ts, final_denoise=False)
+    lam, alpha, sigma = process.lam(ts), process.alpha(ts), process.sigma(ts)
+    want = sigma[-1] / sigma[0] * x + alpha[-1] * -torch.expm1(lam[0] - lam[-1]) * c
+    assert torch.allclose(got, want, rtol=0, atol=64 * torch.finfo(F64).eps * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("n", sorted(OPTIMIZED_WEIGHTS))
+def test_stored_weights_change_the_samples_and_cost_one_call_per_step(n):
+    process = VP()
+    ts = grid_optimized(process, n)
+    x = process.prior_sample((32, 3), generator=torch.Generator().manual_seed(2))
+    den, seen = count_nfe(GM.denoiser(process)), []
+    got = sample_optimized(den, process, x, ts, final_denoise=False, callback=seen.append)
+    assert den.nfe == n and [s["nfe"] for s in seen] == [*range(2, n + 1), n] and len(seen) == n
+    assert torch.allclose(seen[-1]["x"], got)
+    assert not torch.allclose(got, sample_unipc(GM.denoiser(process), process, x, ts, order=3, final_denoise=False))
+    den = count_nfe(GM.denoiser(process))
+    sample_optimized(den, process, x, ts, final_denoise=True)
+    assert den.nfe == n + 1  # the final x0_hat, when asked for
+
+
+@pytest.mark.parametrize(
+    "grid", [lambda p: grid_optimized(p, 7), lambda p: grid_optimized(p, 10), lambda p: grid_lam(p, 5)],
+    ids=["optimized-7", "optimized-10", "lam-5"],
+)  # fmt: skip
+def test_off_the_stored_grids_it_is_unipc3(grid):
+    process = EDM()
+    ts = grid(process)
+    assert len(ts) - 1 not in OPTIMIZED_WEIGHTS or not torch.equal(ts, grid_optimized(process, len(ts) - 1))
+    x = process.prior_sample((20, 3), generator=torch.Generator().manual_seed(3))
+    den = GM.denoiser(process)
+    assert torch.equal(sample_optimized(den, process, x, ts), sample_unipc(den, process, x, ts, order=3))
