@@ -4,8 +4,9 @@ once, kept as data (issue #15 item 2).
 ``samplers.sample_optimized`` writes every explicit data-prediction multistep solver as weights w_jk of the values
 x0_hat_k so far (its docstring has the form). One round of this script:
 
-1. starts from a grid and a solver's own weights on it (``solver_weights``: run the solver with a denoiser that
-   returns the k-th basis vector at its k-th call, from x_T = 0, and read the points it evaluates), or from the JSON
+1. starts from a grid and a solver's own weights on it (``unipc_weights``: run the solver with a denoiser that
+   returns the k-th basis vector at its k-th call, from x_T = 0, and read the points it evaluates, as
+   ``samplers.optimized.solver_weights`` does), or from the JSON
    of an earlier round (``--init``);
 2. minimizes by Powell's method the mean over a training family of random Gaussian mixtures (``optimize_grids.
    family``, seed 1: its first 20 are the family the stored grids were fitted on) of ``grid_fit``'s SPREAD
@@ -35,6 +36,7 @@ import argparse
 import json
 import math
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -46,6 +48,7 @@ from torchdiffusion import VP, grid_lam
 from torchdiffusion.core.timesteps import grid_ends
 from torchdiffusion.samplers import sample_dpm_solver_pp, sample_unipc
 from torchdiffusion.samplers.grid_fit import SPREAD, logp_difference
+from torchdiffusion.samplers.optimized import solver_weights
 
 F64 = torch.float64
 PILOT, TEACHER, NODES, TRAIN_SEED = 512, 400, 16, 1  # training family: optimize_grids' all-dims one (--size)
@@ -54,20 +57,10 @@ LAM_STEP, W_STEP = 0.3, 0.1  # Powell's unit per parameter: lam moves of 0.3, we
 START_LAM = {5: (-5.025, -2.033, -0.796, 0.751, 1.745, 4.538)}
 
 
-def solver_weights(process, ts, order: int = 3) -> np.ndarray:
-    """UniPC-``order``'s w_jk on ts (rows j = 1..n, padded with zeros), read off by running it on basis vectors."""
-    n, calls = len(ts) - 1, []
-
-    def basis(x, t):
-        e = torch.zeros_like(x)
-        e[:, len(calls)] = 1.0
-        calls.append(x.clone())
-        return e
-
-    y = sample_unipc(basis, process, torch.zeros(1, n, dtype=F64), ts.double(), order=order, final_denoise=False)
-    lam, alpha = process.lam(ts.double()), process.alpha(ts.double())
-    points = [c[0] for c in calls[1:]] + [y[0]]
-    return np.stack([(p / (alpha[j] * -torch.expm1(lam[0] - lam[j]))).numpy() for j, p in enumerate(points, 1)])
+def unipc_weights(process, ts, order: int = 3) -> np.ndarray:
+    """UniPC-``order``'s w_jk on ts (``samplers.optimized.solver_weights``) as an n x n array padded with zeros."""
+    rows = solver_weights(partial(sample_unipc, order=order), process, ts)
+    return np.array([r + [0.0] * (len(rows) - len(r)) for r in rows])
 
 
 def run(den, process, ts, W, x_T):
@@ -114,7 +107,7 @@ def main():
     ts0 = process.t_from_lam(torch.from_numpy(lam0))
     ts0[0] = grid_ends(process, None, None)[0]
     if not a.init:
-        W0 = solver_weights(process, ts0, int(a.start_solver[-1]))
+        W0 = unipc_weights(process, ts0, int(a.start_solver[-1]))
     t_a, t_b = grid_ends(process, None, None)
     lam_b = float(process.lam(torch.tensor(t_b, dtype=F64)))
     free = [(j, k) for j in range(1, n) for k in range(j)]  # row j's last weight is 1 - the others
@@ -158,8 +151,8 @@ def main():
     print(f"end: objective {res.fun:.4f} after {res.nfev} evaluations, {time.perf_counter() - t0:.0f} s")
     print("lam", np.round(lam, 3).tolist())
     print("W", np.round(W, 3).tolist())
-    judged = {"UniPC-3, start grid": (ts0, solver_weights(process, ts0)), "candidate": (ts, W)}
-    judged["UniPC-3, candidate grid"] = (ts, solver_weights(process, ts))
+    judged = {"UniPC-3, start grid": (ts0, unipc_weights(process, ts0)), "candidate": (ts, W)}
+    judged["UniPC-3, candidate grid"] = (ts, unipc_weights(process, ts))
     for name, (t, w) in judged.items():
         sw = {seed: held_out(process, t, w, family(seed, size)) for seed, size in ((99, 20), (9001, 30))}
         print(f"{name}: held-out SW2 / scale, seed 99 {np.mean(sw[99]):.4f}, seed 9001 {np.mean(sw[9001]):.4f}")

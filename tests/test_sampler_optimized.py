@@ -1,7 +1,7 @@
 """sample_optimized (samplers/optimized.py): the general data-prediction multistep form it runs, against UniPC-3
 written in that form, a point mass's exact solution, and its fallback off the stored grid."""
 
-import math
+from functools import partial
 
 import pytest
 import torch
@@ -10,28 +10,11 @@ from torchdiffusion import EDM, VP, Flow, GaussianMixture, grid_lam
 from torchdiffusion.core import optimized_grid
 from torchdiffusion.core.optimized_grid import OPTIMIZED_LAM, OPTIMIZED_WEIGHTS, ROUNDING, grid_optimized
 from torchdiffusion.samplers import count_nfe, sample_optimized, sample_unipc
+from torchdiffusion.samplers.optimized import solver_weights
 
 F64 = torch.float64
 GM = GaussianMixture([0.3, 0.7], [[-2.0, 1.0, 0.0], [1.5, -0.5, 1.0]], [[0.1, 0.4, 0.2], [0.3, 0.05, 0.5]])
 PROCESSES = [VP(), EDM(), Flow()]
-
-
-def unipc3_weights(process, ts):
-    """UniPC-3's w_jk on ts, read off by running it on basis vectors from x_T = 0: its j-th evaluation point is
-    alpha_j (1 - e^{-(lam_j - lam_0)}) sum_k w_jk e_k."""
-    n, calls = len(ts) - 1, []
-
-    def basis(x, t):
-        e = torch.zeros_like(x)
-        e[:, len(calls)] = 1.0
-        calls.append(x.clone())
-        return e
-
-    y = sample_unipc(basis, process, torch.zeros(1, n, dtype=F64), ts, order=3, final_denoise=False)
-    lam, alpha = process.lam(ts).tolist(), process.alpha(ts).tolist()
-    points = [c[0] for c in calls[1:]] + [y[0]]
-    span = [-math.expm1(lam[0] - lam[j]) for j in range(n + 1)]
-    return tuple(tuple((p[:j] / (alpha[j] * span[j])).tolist()) for j, p in enumerate(points, 1))
 
 
 def test_stored_tables_are_well_formed():
@@ -47,7 +30,8 @@ def test_with_unipc3s_own_weights_it_is_unipc3(process, monkeypatch):
     """The form holds every explicit data-prediction multistep solver: given UniPC-3's weights (its corrector
     folded in), it reproduces UniPC-3 to float64 rounding on the stored 5-step grid."""
     ts = grid_optimized(process, 5).to(F64)
-    monkeypatch.setitem(optimized_grid.OPTIMIZED_WEIGHTS, 5, unipc3_weights(process, ts))
+    weights = solver_weights(partial(sample_unipc, order=3), process, ts)  # read off with basis vectors
+    monkeypatch.setitem(optimized_grid.OPTIMIZED_WEIGHTS, 5, weights)
     x = process.prior_sample((64, 3), generator=torch.Generator().manual_seed(0), dtype=F64)
     den = GM.denoiser(process)
     got = sample_optimized(den, process, x, ts, final_denoise=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,28 @@ def stored_weights(process: NoiseProcess, g: _common.Grid) -> list[list[float]] 
     if not all(a == b or abs(a - b) <= ROUNDING for a, b in zip(stored, g.lam)):  # a == b: lam = -inf (Flow)
         return None
     return [[w / sum(row) for w in row] for row in OPTIMIZED_WEIGHTS[g.n]]
+
+
+def solver_weights(sampler, process: NoiseProcess, ts) -> list[list[float]]:
+    """The w_jk (rows j = 1..n, row j holding j values) of an explicit data-prediction multistep ``sampler`` (a
+    function like ``sample_unipc``, without a final denoise) on ts, in ``sample_optimized``'s form.
+
+    Read off by running it from x_T = 0 with a denoiser that returns the k-th basis vector at its k-th call: its
+    j-th evaluation point (and after n steps its output) is then alpha_j (1 - e^{-(lam_j - lam_0)}) sum_k w_jk e_k.
+    """
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    n, calls = len(ts) - 1, []
+
+    def basis(x, t):
+        e = torch.zeros_like(x)
+        e[:, len(calls)] = 1.0
+        calls.append(x.clone())
+        return e
+
+    y = sampler(basis, process, torch.zeros(1, n, dtype=torch.float64), ts, final_denoise=False)
+    lam, alpha = process.lam(ts).tolist(), process.alpha(ts).tolist()
+    points = [c[0] for c in calls[1:]] + [y[0]]
+    return [(p[:j] / (alpha[j] * -math.expm1(lam[0] - lam[j]))).tolist() for j, p in enumerate(points, 1)]
 
 
 def sample_optimized(
