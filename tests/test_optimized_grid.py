@@ -126,6 +126,9 @@ def test_the_default_is_the_optimized_solver_on_its_grid_without_final_denoise(m
     assert torch.equal(got, expected)
     # naming the grid gives the same; an explicit final_denoise=True is honoured (one more call, other samples)
     assert torch.equal(pipe.sample(11, steps=steps, grid="optimized", generator=torch.Generator().manual_seed(3)), got)
+    # naming the sampler too: its usual grid is the optimized one, also without the final denoise
+    by_name = pipe.sample(11, sampler="optimized", steps=steps, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(by_name, got)
     other = pipe.sample(11, steps=steps, final_denoise=True, generator=torch.Generator().manual_seed(3))
     assert not torch.equal(other, got)
 
