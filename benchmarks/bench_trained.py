@@ -67,7 +67,7 @@ MODELS_2D = {
 }
 IMAGE_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "unipc_3")
 DEFAULT = ("optimized", "optimized")  # Pipeline.sample's default (sampler, grid); issue #15 item 2
-BEFORE = ("unipc_3", "optimized")  # the default until the 5-step weights were stored: what they change
+BEFORE = ("unipc_3", "optimized")  # UniPC-3 on the default's grid: what the 5-step weights add to it
 KNOBS = {"ald": {"n_steps_each": 1}}
 LIBS = ("torchdiffusion", "k-diffusion", "diffusers")
 

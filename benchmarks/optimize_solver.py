@@ -48,7 +48,7 @@ from torchdiffusion import VP, grid_lam
 from torchdiffusion.core.timesteps import grid_ends
 from torchdiffusion.samplers import sample_dpm_solver_pp, sample_unipc
 from torchdiffusion.samplers.grid_fit import SPREAD, logp_difference
-from torchdiffusion.samplers.optimized import solver_weights
+from torchdiffusion.samplers.optimized import sample_weighted, solver_weights
 
 F64 = torch.float64
 PILOT, TEACHER, NODES, TRAIN_SEED = 512, 400, 16, 1  # training family: optimize_grids' all-dims one (--size)
@@ -64,16 +64,9 @@ def unipc_weights(process, ts, order: int = 3) -> np.ndarray:
 
 
 def run(den, process, ts, W, x_T):
-    """The solver of ``sample_optimized`` with weights W (rows j = 1..n), in float64."""
-    alpha, sigma, lam = process.alpha(ts), process.sigma(ts), process.lam(ts)
-    m = [den(x_T, ts[0].expand(x_T.shape[0]))]
-    for j in range(1, len(ts)):
-        x = (sigma[j] / sigma[0]) * x_T + alpha[j] * -torch.expm1(lam[0] - lam[j]) * sum(
-            float(W[j - 1, k]) * m[k] for k in range(j)
-        )
-        if j < len(ts) - 1:
-            m.append(den(x, ts[j].expand(x_T.shape[0])))
-    return x
+    """``samplers.optimized.sample_weighted`` with the n x n array W (rows j = 1..n, zero-padded), no final denoise."""
+    rows = [[float(w) for w in W[j, : j + 1]] for j in range(len(ts) - 1)]
+    return sample_weighted(den, process, x_T, ts, rows, final_denoise=False)
 
 
 def held_out(process, ts, W, mixtures) -> list[float]:

@@ -10,7 +10,7 @@ from torchdiffusion import EDM, VP, Flow, GaussianMixture, grid_lam
 from torchdiffusion.core import optimized_grid
 from torchdiffusion.core.optimized_grid import OPTIMIZED_LAM, OPTIMIZED_WEIGHTS, ROUNDING, grid_optimized
 from torchdiffusion.samplers import count_nfe, sample_optimized, sample_unipc
-from torchdiffusion.samplers.optimized import solver_weights
+from torchdiffusion.samplers.optimized import sample_weighted, solver_weights
 
 F64 = torch.float64
 GM = GaussianMixture([0.3, 0.7], [[-2.0, 1.0, 0.0], [1.5, -0.5, 1.0]], [[0.1, 0.4, 0.2], [0.3, 0.05, 0.5]])
@@ -51,6 +51,7 @@ def test_a_point_mass_is_exact(process):
     got = sample_optimized(lambda z, t: c.expand_as(z), process, x, ts, final_denoise=False)
     lam, alpha, sigma = process.lam(ts), process.alpha(ts), process.sigma(ts)
     want = sigma[-1] / sigma[0] * x + alpha[-1] * -torch.expm1(lam[0] - lam[-1]) * c
+    # two terms, each a product of a few rounded float64 factors, and weights renormalized to sum 1: tens of ulps
     assert torch.allclose(got, want, rtol=0, atol=64 * torch.finfo(F64).eps * float(want.abs().max()))
 
 
@@ -80,3 +81,11 @@ def test_off_the_stored_grids_it_is_unipc3(grid):
     x = process.prior_sample((20, 3), generator=torch.Generator().manual_seed(3))
     den = GM.denoiser(process)
     assert torch.equal(sample_optimized(den, process, x, ts), sample_unipc(den, process, x, ts, order=3))
+
+
+def test_weights_of_the_wrong_shape_are_refused():
+    process = VP()
+    ts = grid_lam(process, 3)
+    x = process.prior_sample((4, 3), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match=r"rows of 1\.\.3 values, got \[1, 2\]"):
+        sample_weighted(GM.denoiser(process), process, x, ts, [[1.0], [0.5, 0.5]])

@@ -58,7 +58,7 @@ OPTIMIZED_LAM: dict[int, tuple[float, ...]] = {
 }
 # steps -> the weights w_jk of samplers.sample_optimized, row j = 1..n holding j values (each row sums to 1 up to
 # ROUNDING; the sampler normalizes it), optimized once together with that step count's grid above
-# (benchmarks/optimize_solver.py, from UniPC-3's own weights on the earlier stored grid)
+# (benchmarks/optimize_solver.py, three rounds from UniPC's own weights; the module docstring's step 3)
 OPTIMIZED_WEIGHTS: dict[int, tuple[tuple[float, ...], ...]] = {
     5: (
         (1.0,),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -26,6 +24,11 @@ def stored_weights(process: NoiseProcess, g: _common.Grid) -> list[list[float]] 
     return [[w / sum(row) for w in row] for row in OPTIMIZED_WEIGHTS[g.n]]
 
 
+def _span(g: _common.Grid, j: int) -> float:
+    """1 - e^{-(lam_j - lam_0)}, the factor of the weighted x0_hat in x_j (1 where alpha_0 = 0: Flow at t = 1)."""
+    return _common.one_minus_exp(1.0, g.lam[j] - g.lam[0], g.alpha[0] * g.sigma[j] / (g.sigma[0] * g.alpha[j]))
+
+
 def solver_weights(sampler, process: NoiseProcess, ts) -> list[list[float]]:
     """The w_jk (rows j = 1..n, row j holding j values) of an explicit data-prediction multistep ``sampler`` (a
     function like ``sample_unipc``, without a final denoise) on ts, in ``sample_optimized``'s form.
@@ -33,8 +36,8 @@ def solver_weights(sampler, process: NoiseProcess, ts) -> list[list[float]]:
     Read off by running it from x_T = 0 with a denoiser that returns the k-th basis vector at its k-th call: its
     j-th evaluation point (and after n steps its output) is then alpha_j (1 - e^{-(lam_j - lam_0)}) sum_k w_jk e_k.
     """
-    ts = torch.as_tensor(ts, dtype=torch.float64)
-    n, calls = len(ts) - 1, []
+    x, g = _common.setup(process, torch.zeros(1, len(ts) - 1, dtype=torch.float64), ts)
+    calls = []
 
     def basis(x, t):
         e = torch.zeros_like(x)
@@ -42,10 +45,31 @@ def solver_weights(sampler, process: NoiseProcess, ts) -> list[list[float]]:
         calls.append(x.clone())
         return e
 
-    y = sampler(basis, process, torch.zeros(1, n, dtype=torch.float64), ts, final_denoise=False)
-    lam, alpha = process.lam(ts).tolist(), process.alpha(ts).tolist()
+    y = sampler(basis, process, x, g.ts, final_denoise=False)
     points = [c[0] for c in calls[1:]] + [y[0]]
-    return [(p[:j] / (alpha[j] * -math.expm1(lam[0] - lam[j]))).tolist() for j, p in enumerate(points, 1)]
+    return [(p[:j] / (g.alpha[j] * _span(g, j))).tolist() for j, p in enumerate(points, 1)]
+
+
+def sample_weighted(
+    denoiser, process: NoiseProcess, x: Tensor, ts, weights, *, final_denoise: bool = True, callback=None, **cond
+) -> Tensor:
+    """The general multistep form of ``sample_optimized`` with the given weights (rows j = 1..n, row j holding j
+    values that sum to 1) on ts: what the stored weights run in, and what ``benchmarks/optimize_solver.py`` searches
+    over. ts must stay at sigma > 0 (no step lands on the data)."""
+    x, g = _common.setup(process, x, ts)
+    if [len(r) for r in weights] != list(range(1, g.n + 1)):
+        raise ValueError(f"weights for {g.n} steps need rows of 1..{g.n} values, got {[len(r) for r in weights]}")
+    if g.lands[-1]:
+        raise ValueError("sample_weighted needs sigma > 0 at the last time (its form divides by no sigma, but a "
+                         "landing step is _common's x0_hat rule, not a weighted mean)")  # fmt: skip
+    x_T, m = x, [denoiser(x, g.time(0, x), **cond)]
+    for i in range(g.n):
+        j = i + 1
+        x = _common.combine(g.sigma[j] / g.sigma[0], x_T, [g.alpha[j] * _span(g, j) * w for w in weights[i]], m)
+        if j < g.n:
+            m.append(denoiser(x, g.time(j, x), **cond))
+        _common.report(callback, i, g, x, m[i], len(m))
+    return _common.finish(denoiser, g, x, final_denoise, cond)
 
 
 def sample_optimized(
@@ -88,13 +112,5 @@ def sample_optimized(
             denoiser, process, x, ts, order=3, final_denoise=final_denoise, generator=generator, callback=callback,
             **cond,
         )  # fmt: skip
-    # grid_optimized ends before the process's t_min, at sigma > 0: no step needs _common's landing rule
-    x_T, m = x, [denoiser(x, g.time(0, x), **cond)]
-    for i in range(g.n):
-        j = i + 1
-        span = _common.one_minus_exp(1.0, g.lam[j] - g.lam[0], g.alpha[0] * g.sigma[j] / (g.sigma[0] * g.alpha[j]))
-        x = _common.combine(g.sigma[j] / g.sigma[0], x_T, [g.alpha[j] * span * w for w in weights[i]], m)
-        if j < g.n:
-            m.append(denoiser(x, g.time(j, x), **cond))
-        _common.report(callback, i, g, x, m[i], len(m))
-    return _common.finish(denoiser, g, x, final_denoise, cond)
+    # grid_optimized ends before the process's t_min, at sigma > 0, as sample_weighted needs
+    return sample_weighted(denoiser, process, x, g.ts, weights, final_denoise=final_denoise, callback=callback, **cond)
